@@ -227,13 +227,14 @@ class Transformer(nn.Module):
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, max_len, batch, self.embed_tokens.weight.device, self.embed_tokens.weight.dtype)
 
-    def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None):
+    def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None, slots=None):
         """idx: (B, T) token ids. Three ways to call it:
         - model(idx): plain causal forward over positions 0..T-1.
         - model(idx, pos, mask): explicit positions (B, T) or (T,) and boolean mask (B, T, T) or
           (T, T), True = may attend. Training uses this for its MTP layout (distill.py).
         - model(idx, cache=cache): the next T tokens after cache.length; the cache advances by T.
-        Returns logits (B, T, vocab)."""
+        Returns logits (B, T, vocab), or (B, P, vocab) at the given slots (B, P) only: the output
+        layer is the costliest part of a step and training needs it at few slots."""
         B, T = idx.shape
         kv_start = None
         if cache is not None:
@@ -258,6 +259,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, kv)
         if cache is not None:
             cache.length += T
+        if slots is not None:
+            x = x.gather(1, slots[..., None].expand(-1, -1, x.size(-1)))
         return self.lm_head(self.norm(x))
 
     # -------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""The MTP self-distillation objective (METHOD.md, "Training"), readable next to the paper.
+
+One step, for a batch of token rows and a block size k:
+  1. layout: keep each row's ground truth once and append mask branches after it. A branch cut
+     after token x_i holds k-1 <MTP> slots at positions i+1 .. i+k-1, and sees only x_1..x_i and
+     the earlier slots of its own branch. Its k predictions are the logit at x_i and at its masks.
+  2. student forward (with grad) -> y'_j = argmax s_j (no grad).
+  3. teacher forward (frozen, no grad) on the same rows with slot j of every branch holding the
+     student's own y'_j: t_j is the teacher's next-token distribution after x_1..x_i, y'_1..y'_{j-1}.
+  4. loss: cross-entropy(s_j, argmax t_j) ("hard", the default) or KL(t_j || s_j) ("soft").
+This layout gives the logits of a plain causal forward over `x_1..x_i + (k-1) masks` at every
+branch (tests/test_distill.py checks exactly that), while the ground truth is read only once.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class MTPBatch:
+    idx: torch.Tensor    # (B, S) ground truth, then n_branches * (k-1) mask slots
+    pos: torch.Tensor    # (B, S) RoPE position of every slot
+    mask: torch.Tensor   # (B, S, S) True = query (row) may attend to key (column)
+    pred: torch.Tensor   # (B, P) slot of every prediction, P = n_branches * k
+    valid: torch.Tensor  # (B, P) False where a branch's targets would run past the end of the text
+    offset: torch.Tensor  # (P,) which token ahead each prediction is for: 1..k
+    fill: torch.Tensor   # (B, n_branches * (k-1)) the mask slots, in the order predictions 1..k-1 fill them
+    k: int
+
+
+def build_batch(tokens, lengths, k, mask_id, branch_every, start=None, generator=None) -> MTPBatch:
+    """tokens: (B, L) padded ground truth, lengths: (B,) real tokens per row (the last one EOS).
+    Branches are cut every `branch_every` tokens from a random offset (METHOD.md: the random offset
+    rolls the region boundaries each step); start: (B,) first allowed cut per row (e.g. the end of
+    the prompt), default 0. A branch is valid if its k targets x_{i+1}..x_{i+k} are all real tokens."""
+    B, L = tokens.shape
+    dev = tokens.device
+    m = k - 1  # mask slots per branch
+    offset0 = int(torch.randint(branch_every, (1,), generator=generator))
+    cuts = torch.arange(offset0, L, branch_every, device=dev)  # candidate x_i slots, same for all rows
+    nb = len(cuts)
+    S = L + nb * m
+    start = torch.zeros(B, dtype=torch.long, device=dev) if start is None else start
+    valid_branch = (cuts[None] >= start[:, None]) & (cuts[None] + k <= lengths[:, None] - 1)  # (B, nb)
+
+    # slot bookkeeping: ground truth in [0, L), branch b's masks in [L + b*m, L + (b+1)*m)
+    slot = torch.arange(S, device=dev)
+    is_gt = slot < L
+    branch = torch.where(is_gt, -1, (slot - L).div(m, rounding_mode="floor"))
+    within = torch.where(is_gt, 0, (slot - L) % m)  # 0..m-1 inside a branch
+    cut_of = cuts[branch.clamp(min=0)]
+    pos = torch.where(is_gt, slot, cut_of + 1 + within)
+    sees_upto = torch.where(is_gt, slot, cut_of)  # last ground-truth slot each query may see
+
+    q, kk = slot[:, None], slot[None, :]
+    gt_keys = is_gt[None, :] & (kk <= sees_upto[:, None])
+    own_branch = ~is_gt[:, None] & ~is_gt[None, :] & (branch[:, None] == branch[None, :]) & (kk <= q)
+    mask = (gt_keys | own_branch)[None].expand(B, S, S)
+
+    idx = torch.cat([tokens, torch.full((B, nb * m), mask_id, dtype=tokens.dtype, device=dev)], 1)
+    # predictions of branch b: the logit at x_i (offset 1), then at its masks (offsets 2..k)
+    branch_slots = L + torch.arange(nb * m, device=dev).view(nb, m)
+    pred = torch.cat([cuts[:, None], branch_slots], 1).view(-1)  # (nb * k,)
+    offset = torch.arange(1, k + 1, device=dev).repeat(nb)
+    valid = valid_branch.repeat_interleave(k, dim=1)
+    return MTPBatch(idx=idx, pos=pos[None].expand(B, S), mask=mask, pred=pred[None].expand(B, -1),
+                    valid=valid, offset=offset, fill=branch_slots.view(-1)[None].expand(B, -1), k=k)
+
+
+def mtp_loss(student, teacher, batch: MTPBatch, soft: bool = False, denom=None):
+    """Student-forced online distillation. Returns (loss, metrics). denom: how many predictions the
+    loss is averaged over (default: the valid ones here; train.py passes the global count so that
+    gradient accumulation and data parallelism average over the whole global batch)."""
+    k = batch.k
+    s = student(batch.idx, batch.pos, batch.mask, slots=batch.pred).float()  # (B, P, V)
+    # the student's own block: argmax at offsets 1..k-1 fills the k-1 slots of its branch
+    y = s.detach().argmax(-1).view(s.size(0), -1, k)[:, :, :k - 1].reshape(s.size(0), -1)
+    teacher_idx = batch.idx.scatter(1, batch.fill, y)
+    with torch.no_grad():
+        t = teacher(teacher_idx, batch.pos, batch.mask, slots=batch.pred).float()
+    target = t.argmax(-1)
+    v = batch.valid
+    if soft:
+        per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    else:
+        per = F.cross_entropy(s.transpose(1, 2), target, reduction="none")  # (B, P)
+    n = v.sum()
+    loss = (per * v).sum() / (denom if denom is not None else n.clamp(min=1))
+    with torch.no_grad():
+        agree = (s.argmax(-1) == target) & v
+        per_offset_n = torch.zeros(k, device=v.device).index_add_(0, batch.offset - 1, v.sum(0).float())
+        per_offset_hit = torch.zeros(k, device=v.device).index_add_(0, batch.offset - 1, agree.sum(0).float())
+    metrics = {"n": n.item(), "agree_n": per_offset_n, "agree_hit": per_offset_hit}
+    return loss, metrics

@@ -1,0 +1,116 @@
+"""distill.py: the MTP layout gives plain-forward logits; the teacher is student-forced and frozen."""
+import copy
+
+import torch
+import transformers
+
+from distill import build_batch, mtp_loss
+from model import Transformer
+
+TOL = 1e-4
+MASK = 299
+
+
+def tiny(tmp_path):
+    cfg = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    model = Transformer.from_pretrained(str(tmp_path / "tiny"), add_mask=False)
+    model.cfg.mask_id = MASK
+    return model
+
+
+def rows(B=2, L=40):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, MASK, (B, L), generator=g)
+    lengths = torch.tensor([L, L - 11])[:B]
+    return tokens, lengths
+
+
+def test_branch_logits_equal_plain_forward(tmp_path):
+    model = tiny(tmp_path)
+    tokens, lengths = rows()
+    for k in (2, 5, 16):
+        b = build_batch(tokens, lengths, k, MASK, branch_every=3, generator=torch.Generator().manual_seed(k))
+        with torch.no_grad():
+            logits = model(b.idx, b.pos, b.mask, slots=b.pred)
+        P = b.pred.size(1)
+        assert b.valid.any()
+        for row in range(2):
+            for p0 in range(0, P, k):  # each branch
+                cut = b.pred[row, p0].item()
+                plain_in = torch.cat([tokens[row, :cut + 1], torch.full((k - 1,), MASK)])[None]
+                with torch.no_grad():
+                    want = model(plain_in)[0, cut:]  # logits at x_i and at the k-1 masks
+                assert (logits[row, p0:p0 + k] - want).abs().max().item() <= TOL
+                # validity: the k targets x_{i+1}..x_{i+k} are real tokens
+                assert b.valid[row, p0].item() == (cut + k <= lengths[row].item() - 1)
+
+
+def test_teacher_is_student_forced_and_frozen(tmp_path):
+    student = tiny(tmp_path)
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    with torch.no_grad():  # make them differ, as after some training
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    before = {n: p.clone() for n, p in teacher.named_parameters()}
+    tokens, lengths = rows()
+    k = 6
+    b = build_batch(tokens, lengths, k, MASK, branch_every=5, generator=torch.Generator().manual_seed(0))
+
+    seen = {}
+    orig_forward = teacher.forward
+
+    def spy(idx, *a, **kw):
+        seen["idx"] = idx.clone()
+        out = orig_forward(idx, *a, **kw)
+        seen["logits"] = out
+        return out
+
+    teacher.forward = spy
+    loss, metrics = mtp_loss(student, teacher, b)
+    teacher.forward = orig_forward
+    loss.backward()
+
+    with torch.no_grad():
+        s = student(b.idx, b.pos, b.mask, slots=b.pred)
+    y = s.argmax(-1)
+    # the teacher's logit at slot j of a branch = plain forward over prefix + y'_1..y'_{j-1}
+    for row in range(2):
+        for p0 in range(0, b.pred.size(1), k):
+            cut = b.pred[row, p0].item()
+            rollout = y[row, p0:p0 + k - 1]
+            with torch.no_grad():
+                want = teacher(torch.cat([tokens[row, :cut + 1], rollout])[None])[0, cut:]
+            assert (seen["logits"][row, p0:p0 + k] - want).abs().max().item() <= TOL
+            assert torch.equal(seen["idx"][row, b.pred[row, p0 + 1:p0 + k]], rollout)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert student.embed_tokens.weight.grad[MASK].abs().sum() > 0  # the <MTP> row is trained
+    assert metrics["agree_n"].sum().item() == b.valid.sum().item()
+
+
+def test_losses_against_their_formulas(tmp_path):
+    student = tiny(tmp_path)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    tokens, lengths = rows()
+    b = build_batch(tokens, lengths, 4, MASK, branch_every=4, generator=torch.Generator().manual_seed(1))
+    captured = []
+    orig_forward = teacher.forward
+    teacher.forward = lambda *a, **kw: captured.append(orig_forward(*a, **kw)) or captured[-1]
+    hard, m = mtp_loss(student, teacher, b)
+    soft, _ = mtp_loss(student, teacher, b, soft=True)
+    with torch.no_grad():
+        s = student(b.idx, b.pos, b.mask, slots=b.pred)
+    t = captured[0]
+    v = b.valid
+    lp_s, lp_t = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    want_hard = -(lp_s.gather(-1, t.argmax(-1, keepdim=True))[..., 0] * v).sum() / v.sum()
+    want_soft = ((lp_t.exp() * (lp_t - lp_s)).sum(-1) * v).sum() / v.sum()
+    assert abs(hard.item() - want_hard.item()) < 1e-5
+    assert abs(soft.item() - want_soft.item()) < 1e-5
+    # same weights: at offset 1 both read the same ground truth, so they always agree there
+    assert m["agree_hit"][0] == m["agree_n"][0] > 0
