@@ -58,6 +58,7 @@ class ModelConfig:
     attn_bias: bool = False  # Qwen2: bias on q, k, v
     max_seq_len: int = 8192
     mask_id: int | None = None  # the <MTP> token (METHOD.md, "Mask id"), saved as "mtp_mask_id"
+    k_max: int | None = None  # the largest block it was trained for, saved as "mtp_k_max"
     hf: dict = field(default_factory=dict, repr=False)  # the original config.json, kept for saving
 
     @classmethod
@@ -85,7 +86,8 @@ class ModelConfig:
             norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
             tie_embeddings=d.get("tie_word_embeddings", False),
             qk_norm=mt == "qwen3", attn_bias=d.get("attention_bias", mt == "qwen2"),
-            max_seq_len=d.get("max_position_embeddings", 8192), mask_id=d.get("mtp_mask_id"), hf=d)
+            max_seq_len=d.get("max_position_embeddings", 8192), mask_id=d.get("mtp_mask_id"),
+            k_max=d.get("mtp_k_max"), hf=d)
 
     def to_hf(self, dtype: torch.dtype) -> dict:
         """config.json for this model: the original fields, updated with what may have changed."""
@@ -97,7 +99,7 @@ class ModelConfig:
             num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim, intermediate_size=self.hidden_dim,
             rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta, tie_word_embeddings=self.tie_embeddings,
             attention_bias=self.attn_bias, max_position_embeddings=self.max_seq_len, hidden_act="silu",
-            torch_dtype=str(dtype).removeprefix("torch."), mtp_mask_id=self.mask_id)
+            torch_dtype=str(dtype).removeprefix("torch."), mtp_mask_id=self.mask_id, mtp_k_max=self.k_max)
         d["rope_scaling"] = dict(rope_type="llama3", **self.rope_scaling) if self.rope_scaling else None
         return d
 
