@@ -84,3 +84,128 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     if device.type == "cuda":
         torch.cuda.synchronize()
     return Result(out, len(chunks), time.perf_counter() - t0, chunks)
+
+
+# -----------------------------------------------------------------------------
+# loading, command line, evaluation
+
+def load(init: str | None, device: str, dtype: str | None):
+    """Load a model for decoding. No --init: the model train.py last wrote (out/model), else SmolLM2."""
+    from model import Transformer
+    if init is None:
+        init = str(DEFAULT_OUT / "model") if (DEFAULT_OUT / "model" / "config.json").exists() else "smollm2-135m"
+        print(f"no --init given: using {init}", file=sys.stderr)
+    model = Transformer.from_pretrained(init, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    return model, model.tokenizer
+
+
+def strategy_name(k: int, threshold: float | None) -> str:
+    return f"ConfAdapt({threshold})" if threshold is not None else f"k={k}"
+
+
+def evaluate(model, tok, args):
+    """GSM8K test: accuracy and acceleration per strategy, and agreement with the model's own k=1."""
+    from data import extract_number, gsm8k_prompt, load_dataset
+    rows = load_dataset(args.eval)[:args.limit]
+    strategies = [(1, None)] + [(k, None) for k in args.eval_k if k != 1] + [(1, t) for t in args.eval_threshold]
+    stats = {strategy_name(*s): dict(correct=0, agree=0, tokens=0, passes=0, seconds=0.0) for s in strategies}
+    for n, row in enumerate(rows, 1):
+        prompt = encode_prompt(tok, gsm8k_prompt(row["question"]), args.chat)
+        gold = extract_number(row["answer"])
+        ref_answer = None
+        for k, t in strategies:
+            r = generate(model, prompt, args.max_new_tokens, k=k, threshold=t, k_max=args.k_max,
+                         stop_ids=tok.stop_ids)
+            answer = extract_number(tok.decode(r.tokens))
+            ref_answer = answer if (k, t) == (1, None) else ref_answer
+            s = stats[strategy_name(k, t)]
+            s["correct"] += answer == gold
+            s["agree"] += answer == ref_answer
+            s["tokens"] += len(r.tokens)
+            s["passes"] += r.passes
+            s["seconds"] += r.seconds
+        if not args.json and (n % 10 == 0 or n == len(rows)):
+            print(f"[{n}/{len(rows)}] " + " | ".join(f"{name} acc {s['correct'] / n:.3f} accel "
+                  f"{s['tokens'] / max(s['passes'], 1):.2f}" for name, s in stats.items()), file=sys.stderr)
+    table = {name: {"accuracy": s["correct"] / len(rows), "acceleration": s["tokens"] / max(s["passes"], 1),
+                    "tokens_per_s": s["tokens"] / max(s["seconds"], 1e-9), "agreement_with_k1": s["agree"] / len(rows)}
+             for name, s in stats.items()}
+    return {"problems": len(rows), "strategies": table}
+
+
+def encode_prompt(tok, text: str, chat: bool) -> list[int]:
+    if chat and tok.chat_format:
+        return tok.encode_chat([{"role": "user", "content": text}])
+    return tok.encode(text, bos=tok.bos_id is not None)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default=None, help="preset, hub repo id, HF directory or .gguf (default: out/model "
+                   "if train.py wrote one, else smollm2-135m)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--k", type=int, default=None, help="static k: accept k tokens per pass (1 = plain decoding)")
+    p.add_argument("--threshold", type=float, default=None, help="ConfAdapt: accept while top-1 prob >= this")
+    p.add_argument("--k-max", type=int, default=None, help="ConfAdapt block size (default: the model's, else 16)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--no-chat", dest="chat", action="store_false", help="raw text, no chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--eval", default=None, help="evaluate on a dataset: gsm8k:test (or a JSONL of question/answer)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of --eval")
+    p.add_argument("--eval-k", type=int, nargs="*", default=[], help="static k values to evaluate besides k=1")
+    p.add_argument("--eval-threshold", type=float, nargs="*", default=[0.9], help="ConfAdapt thresholds to evaluate")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
+    a = p.parse_args(argv)
+    if a.eval == "gsm8k":
+        a.eval = "gsm8k:test"
+    if a.prompt is None and a.eval is None:
+        p.error("give --prompt TEXT (or --eval gsm8k)")
+    if a.prompt is not None and not a.prompt.strip():
+        p.error("--prompt is empty")
+    if a.threshold is not None and a.k is not None:
+        p.error("give either --k (static) or --threshold (ConfAdapt), not both")
+    for t in [a.threshold] + a.eval_threshold:
+        if t is not None and not 0 < t <= 1:
+            p.error(f"threshold {t} is outside (0, 1]")
+    if a.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if a.dtype not in (None, "float32", "bfloat16", "float16"):
+        p.error(f"--dtype must be float32, bfloat16 or float16, not {a.dtype}")
+    return a, p
+
+
+def main(argv=None):
+    args, parser = get_args(argv)
+    model, tok = load(args.init, args.device, args.dtype)
+    args.k_max = args.k_max or model.cfg.k_max or 16
+    k = args.k or 1
+    for value in [k] + args.eval_k:
+        if not 1 <= value <= args.k_max:
+            parser.error(f"k = {value} is outside 1..k_max ({args.k_max})")
+    if args.eval:
+        report = evaluate(model, tok, args)
+        print(json.dumps(report, indent=None if args.json else 2))
+        return
+    prompt = encode_prompt(tok, args.prompt, args.chat)
+    stream = None if args.json else (lambda ids: print(tok.decode(ids), end="", flush=True))
+    # (streaming piecewise may split a multi-byte character; the final text below is exact)
+    r = generate(model, prompt, args.max_new_tokens, k=k, threshold=args.threshold, k_max=args.k_max,
+                 stop_ids=tok.stop_ids, on_tokens=stream)
+    text = tok.decode([t for t in r.tokens if t not in tok.stop_ids])
+    if args.json:
+        print(json.dumps({"text": text, "tokens": r.tokens, "passes": r.passes, "acceleration": r.acceleration,
+                          "tokens_per_s": r.tokens_per_s, "chunks": r.chunks,
+                          "strategy": strategy_name(k, args.threshold)}))
+    else:
+        hist = " ".join(f"{n}:{c}" for n, c in sorted(Counter(r.chunks).items()))
+        print(f"\n[{strategy_name(k, args.threshold)}] {len(r.tokens)} new tokens in {r.passes} passes | "
+              f"acceleration {r.acceleration:.2f} | {r.tokens_per_s:.1f} tokens/s | chunk sizes {hist}",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

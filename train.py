@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import format_example, gsm8k_prompt, load_dataset, load_gsm8k
-from decode import generate
+from decode import encode_prompt, generate
 from distill import build_batch, mtp_loss
-from model import Transformer
+from model import Transformer, rope_frequencies
 
 
 def get_args(argv=None):
@@ -150,11 +150,21 @@ def quick_eval(model, prompts, stop_ids, max_new=128):
     return sum(accel) / len(accel), same / len(prompts)
 
 
-def save_checkpoint(path, model, optimizer, step, args):
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "args": vars(args)}, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+def gather_state(student, optimizer):
+    """Model and optimizer state as whole tensors keyed by name (collected from every process when
+    the student is sharded with FSDP, so every process must call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(path, student, optimizer, step, args, master):
+    model_state, optim_state = gather_state(student, optimizer)
+    if master:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model_state, "optimizer": optim_state, "step": step, "args": vars(args)}, tmp)
+        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+    return model_state
 
 
 def main(args):
@@ -184,11 +194,13 @@ def main(args):
         + f", total {sum(gib.values()):.2f} + activations")
 
     rows = load_dataset(args.data)
-    held_out = [r for r in load_gsm8k("test")[:args.eval_prompts]] if args.data.startswith("gsm8k") else rows[-args.eval_prompts:]
-    if not args.data.startswith("gsm8k"):
-        rows = rows[:-args.eval_prompts]
+    if args.data.startswith("gsm8k"):  # held-out prompts for the quick eval: GSM8K test, else the last rows
+        held_out = load_gsm8k("test")[:args.eval_prompts]
+    else:
+        held_out, rows = rows[len(rows) - args.eval_prompts:], rows[:len(rows) - args.eval_prompts]
     examples = tokenize(rows, tok, args.format, args.seq_len)
-    eval_prompts = [tok.encode_chat([{"role": "user", "content": gsm8k_prompt(r["question"])}]) for r in held_out]
+    eval_prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), args.format == "chat")
+                    for r in held_out if "question" in r]
     log(f"data {args.data}: {len(examples)} examples, {sum(len(e[0]) for e in examples) / len(examples):.0f} "
         f"tokens on average (format {args.format}, at most {args.seq_len})")
 
@@ -208,21 +220,24 @@ def main(args):
     if args.resume:
         if not ckpt_path.exists():
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=args.device, weights_only=True)
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # our own file, tensors only
+        set_state_dict(student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
         step = state["step"]
         log(f"resumed from {ckpt_path} at step {step}")
 
     rows_per_step = args.batch_size * args.grad_accum * world
 
     def micro_batches(step):
-        """This rank's micro-batches of `step`, with one k per micro-batch (the same on every rank)."""
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        """This rank's micro-batches of `step`: rows, k and branch offsets depend only on the global
+        micro-batch index, so N processes see what 1 process with N times the accumulation sees."""
         out = []
         for m in range(args.grad_accum):
+            micro = step * args.grad_accum * world + m * world + rank  # global micro-batch index
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + micro)
             k = int(torch.randint(2, args.k_max + 1, (1,), generator=g))
-            first = step * rows_per_step + (m * world + rank) * args.batch_size
+            first = micro * args.batch_size
             tokens, lengths, starts = get_rows(examples, first, args.batch_size, args.seed, tok.eos_id)
             starts = starts if args.branch_from == "response" else None
             batch = build_batch(tokens.to(args.device), lengths.to(args.device), k, student.cfg.mask_id,
@@ -235,7 +250,7 @@ def main(args):
 
     stop = {"now": False}
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))  # Ctrl-C: finish the step, save, exit
-    t_start = time.time()
+    t_start, first_step = time.time(), step
     t_log, preds_since = time.time(), 0
     hits = torch.zeros(args.k_max)
     counts = torch.zeros(args.k_max)
@@ -266,6 +281,7 @@ def main(args):
             dist.all_reduce(t)
             loss_sum = t.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -273,25 +289,35 @@ def main(args):
         if step % args.log_every == 0 or step == 1:
             dt = time.time() - t_log
             agree = " ".join(f"{h / c:.2f}" if c else "-" for h, c in zip(hits[:6], counts[:6]))
-            eta = (time.time() - t_start) / step * (args.steps - step) if not args.resume else float("nan")
+            elapsed = time.time() - t_start
+            eta = elapsed / (step - first_step) * (args.steps - step)
+            if args.max_minutes:
+                eta = min(eta, args.max_minutes * 60 - elapsed)
             log(f"step {step} | loss {loss_sum:.4f} | agree@1..6 {agree} | gnorm {grad_norm:.2f} | lr {lr:.2e} "
                 f"| {preds_since * world / dt:.0f} preds/s | eta {eta / 60:.1f} min")
             t_log, preds_since = time.time(), 0
             hits.zero_(), counts.zero_()
-        if master and args.eval_every and step % args.eval_every == 0:
+        if (master or args.fsdp) and args.eval_every and eval_prompts and step % args.eval_every == 0:
             acc, same = quick_eval(student, eval_prompts, tok.stop_ids)
             log(f"eval step {step} | ConfAdapt(0.9) acceleration {acc:.2f} | same answer as k=1 {same:.2f}")
-        if master and step % args.save_every == 0:
-            save_checkpoint(ckpt_path.parent.mkdir(parents=True, exist_ok=True) or ckpt_path, student,
-                            optimizer, step, args)
+        if step % args.save_every == 0:
+            save_checkpoint(ckpt_path, student, optimizer, step, args, master)
         if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
             log(f"time budget of {args.max_minutes} min reached at step {step}")
             break
+    model_state = save_checkpoint(ckpt_path, student, optimizer, step, args, master)
     if master:
-        student.cfg.k_max = args.k_max  # decode.py uses as many masks as the model was trained for
-        out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(ckpt_path, student, optimizer, step, args)
-        student.save_pretrained(out / "model")
+        final = student
+        if args.fsdp:  # a plain copy of the gathered weights to write out
+            with torch.device("meta"):
+                final = Transformer(student.cfg)
+            final.load_state_dict(model_state, assign=True)
+            if final.cfg.tie_embeddings:
+                final.lm_head.weight = final.embed_tokens.weight
+            final.inv_freq = rope_frequencies(final.cfg)
+            final.tokenizer = tok
+        final.cfg.k_max = args.k_max  # decode.py uses as many masks as the model was trained for
+        final.save_pretrained(out / "model")
         (out / "model" / "train_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         log(f"saved {out / 'model'} (step {step})")
     if ddp:

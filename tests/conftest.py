@@ -42,3 +42,19 @@ def smollm2_gguf() -> Path:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"could not fetch SmolLM2 GGUF: {e}")
         pytest.skip(f"could not fetch SmolLM2 GGUF: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """Our model on the real SmolLM2 weights (float32), with its tokenizer, loaded once."""
+    from model import Transformer
+    return Transformer.from_pretrained(str(smollm2_gguf))
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' own model from the same GGUF file: the reference."""
+    import torch
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()

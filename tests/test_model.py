@@ -133,13 +133,11 @@ def test_save_pretrained_roundtrip_with_transformers(tmp_path):
     assert ours.cfg.mask_id == 300
 
 
-def test_smollm2_gguf_matches_transformers(smollm2_gguf, tmp_path):
+def test_smollm2_gguf_matches_transformers(smollm2, smollm2_hf, tmp_path):
     """The real SmolLM2-135M-Instruct: our GGUF loader against transformers' own GGUF loader,
     then our saved HF directory against transformers again (mask row grown, saved, reloaded)."""
-    ours = Transformer.from_pretrained(str(smollm2_gguf))
+    ours, hf = smollm2, smollm2_hf
     assert ours.cfg.mask_id == 49152 and ours.cfg.vocab_size == 49216
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
     tok = ours.tokenizer
     idx = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is 12 times 7? Explain."}])])
     with torch.no_grad():

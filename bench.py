@@ -1,0 +1,124 @@
+"""Decoding speed, measured side by side in one run on the same model and prompts.
+
+    python bench.py                       # out/model if train.py wrote one, else SmolLM2-135M
+    python bench.py --init out/cpu-run/model --prompts 8 --max-new-tokens 128
+
+(a) our k=1 decoding vs transformers' generate (greedy, KV cache, same weights, dtype and threads);
+(b) ConfAdapt wall-clock tokens/s vs our k=1, next to its acceleration (tokens per forward pass);
+(c) our k=1 against the memory-bandwidth bound: weight bytes read per pass / measured bandwidth.
+Only ratios are meant to be compared; absolute numbers depend on the machine and its load.
+transformers is needed here (pip install transformers); nothing else in the project uses it.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import torch
+
+from data import gsm8k_prompt, load_gsm8k
+from decode import encode_prompt, generate, load
+
+
+def bandwidth_gbs(device, n_bytes=1 << 28, reps=5):
+    """Measured copy bandwidth (read + write) in GB/s."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if src.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n_bytes / best / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default=None)
+    p.add_argument("--prompts", type=int, default=8, help="GSM8K test questions used as prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--k-max", type=int, default=None, help="ConfAdapt block (default: the model's, else 16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for both implementations")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model's forward (GPU)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import transformers
+    except ImportError:
+        sys.exit("error: bench.py compares against transformers: pip install transformers")
+
+    model, tok = load(args.init, args.device, args.dtype)
+    k_max = args.k_max or model.cfg.k_max or 16
+    with tempfile.TemporaryDirectory() as d:  # the very same weights, in transformers
+        model.save_pretrained(d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, args.dtype)).to(args.device)
+    hf.eval()
+    if args.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), True) for r in load_gsm8k("test")[:args.prompts]]
+    stop = sorted(tok.stop_ids)
+
+    def run_hf(prompt):
+        t0 = time.perf_counter()
+        out = hf.generate(torch.tensor([prompt], device=args.device), max_new_tokens=args.max_new_tokens,
+                          do_sample=False, eos_token_id=stop, pad_token_id=tok.eos_id)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out.size(1) - len(prompt), time.perf_counter() - t0
+
+    generate(model, prompts[0], 8, stop_ids=stop)  # warm-up both
+    run_hf(prompts[0][:16])
+    total = {"ours_k1": [0, 0.0], "hf": [0, 0.0], "confadapt": [0, 0.0], "passes": 0}
+    same_tokens = 0
+    for prompt in prompts:  # interleaved, so that load on the machine hits all three alike
+        ref = generate(model, prompt, args.max_new_tokens, k=1, stop_ids=stop)
+        n_hf, t_hf = run_hf(prompt)
+        ca = generate(model, prompt, args.max_new_tokens, threshold=args.threshold, k_max=k_max, stop_ids=stop)
+        total["ours_k1"][0] += len(ref.tokens)
+        total["ours_k1"][1] += ref.seconds
+        total["hf"][0] += n_hf
+        total["hf"][1] += t_hf
+        total["confadapt"][0] += len(ca.tokens)
+        total["confadapt"][1] += ca.seconds
+        total["passes"] += ca.passes
+        same_tokens += n_hf == len(ref.tokens)
+    tps = {name: n / t for name, (n, t) in ((k, total[k]) for k in ("ours_k1", "hf", "confadapt"))}
+    acceleration = total["confadapt"][0] / total["passes"]
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    bw = bandwidth_gbs(args.device)
+    bound = bw * 1e9 / weight_bytes
+    report = {
+        "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "prompts": len(prompts),
+        "tokens_per_s": tps,
+        "a_ours_k1_vs_transformers": tps["ours_k1"] / tps["hf"],
+        "b_confadapt_speedup_vs_k1": tps["confadapt"] / tps["ours_k1"], "b_confadapt_acceleration": acceleration,
+        "b_speedup_over_acceleration": tps["confadapt"] / tps["ours_k1"] / acceleration,
+        "c_bandwidth_GBps": bw, "c_weight_MB": weight_bytes / 1e6, "c_k1_bound_tokens_per_s": bound,
+        "c_k1_fraction_of_bound": tps["ours_k1"] / bound,
+        "same_length_outputs": f"{same_tokens}/{len(prompts)}",
+    }
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"{args.device} {args.dtype}, {report['threads']} threads, {len(prompts)} GSM8K prompts, "
+          f"up to {args.max_new_tokens} new tokens")
+    print(f"(a) ours k=1 {tps['ours_k1']:.1f} tok/s vs transformers {tps['hf']:.1f} tok/s: "
+          f"{report['a_ours_k1_vs_transformers']:.2f}x")
+    print(f"(b) ConfAdapt({args.threshold}, k_max {k_max}) {tps['confadapt']:.1f} tok/s: "
+          f"{report['b_confadapt_speedup_vs_k1']:.2f}x wall-clock at acceleration {acceleration:.2f} "
+          f"(ratio {report['b_speedup_over_acceleration']:.2f})")
+    print(f"(c) bandwidth {bw:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB: k=1 bound {bound:.1f} tok/s, "
+          f"ours at {report['c_k1_fraction_of_bound']:.0%} of it")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""decode.py: k=1 equals transformers' greedy generate on real weights; the acceptance logic and the
+cache bookkeeping against a scripted model whose confidences we choose; bad input on the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FIXTURES, ROOT, need
+from data import extract_number, read_jsonl
+from decode import generate
+from model import KVCache, ModelConfig
+
+PROMPTS = ["What is 12 times 7?", "Write a haiku about the sea.",
+           "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+           "How many clips did Natalia sell altogether in April and May?"]
+
+
+@pytest.mark.parametrize("text", PROMPTS)
+def test_k1_equals_transformers_generate(smollm2, smollm2_hf, text):
+    tok = smollm2.tokenizer
+    prompt = tok.encode_chat([{"role": "user", "content": text}])
+    ref = smollm2_hf.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False,
+                              eos_token_id=sorted(tok.stop_ids), pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
+    ours = generate(smollm2, prompt, 48, k=1, stop_ids=tok.stop_ids)
+    assert ours.tokens == ref
+    assert ours.passes == len(ours.tokens)
+    # ConfAdapt where no mask candidate clears the threshold is plain next-token decoding
+    never = generate(smollm2, prompt, 48, threshold=1.0, stop_ids=tok.stop_ids)
+    assert never.tokens == ref and never.passes == len(ref)
+
+
+# -----------------------------------------------------------------------------
+# a scripted model: it "knows" the continuation and says how sure it is of each candidate
+
+MASK, STOP, V = 99, 98, 100
+
+
+class Scripted(torch.nn.Module):
+    """Candidate at the last real token = the true next token; at mask slot j = the true token j+1
+    ahead, with confidence conf(j). It records every call to check positions and inputs."""
+
+    def __init__(self, truth, conf, wrong_after=None):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=V, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8,
+                               hidden_dim=8, max_seq_len=512, mask_id=MASK)
+        self.embed_tokens = torch.nn.Embedding(V, 8)
+        self.truth, self.conf, self.calls = truth, conf, []
+
+    def new_cache(self, max_len, batch=1):
+        return KVCache(self.cfg, max_len, batch, "cpu", torch.float32)
+
+    def forward(self, idx, cache=None, slots=None):
+        start, T = cache.length, idx.size(1)
+        self.calls.append((start, idx[0].tolist()))
+        cache.length += T
+        out = []
+        for s in slots[0].tolist():
+            j = s - slots[0, 0].item()  # 0 at the last real token, j at the j-th mask slot
+            pos = start + s + 1  # the absolute position this slot predicts
+            p = self.conf(j)
+            probs = torch.full((V,), (1 - p) / (V - 1))  # top-1 probability exactly p
+            probs[self.truth[pos] if pos < len(self.truth) else STOP] = p
+            out.append(probs.log())
+        return torch.stack(out)[None]
+
+
+def test_confadapt_accepts_leading_run_and_bookkeeping():
+    prompt = [1, 2, 3, 4]
+    truth = prompt + list(range(10, 60))
+    # confidence pattern per slot: 0.99, 0.95, 0.5, 0.97, ... -> with T=0.9 accept 2 at the last real
+    # token and first mask (slot 2 fails), i.e. 2 tokens per pass
+    model = Scripted(truth, lambda j: [0.99, 0.95, 0.5, 0.97, 0.99][j] if j < 5 else 0.99)
+    r = generate(model, prompt, 12, threshold=0.9, k_max=5)
+    assert r.tokens == truth[4:16]
+    assert r.chunks == [2] * 6 and r.passes == 6 and r.acceleration == 2.0
+    for n, (start, inp) in enumerate(model.calls):
+        if n == 0:  # the prompt, then k_max-1 masks
+            assert start == 0 and inp == prompt + [MASK] * 4
+        else:  # the previous pass's accepted tokens as real inputs, right after the committed ones
+            assert start == len(prompt) + 2 * (n - 1)
+            assert inp == r.tokens[2 * (n - 1):2 * n] + [MASK] * 4
+
+
+def test_minimum_one_token_and_static_k():
+    prompt = [5, 6]
+    truth = prompt + list(range(20, 40))
+    model = Scripted(truth, lambda j: 0.3)  # nothing is ever confident
+    r = generate(model, prompt, 7, threshold=0.9, k_max=4)
+    assert r.tokens == truth[2:9] and r.chunks == [1] * 7
+    model = Scripted(truth, lambda j: 0.3)
+    r = generate(model, prompt, 7, k=3)  # static k ignores confidence; the last pass is cut at 7
+    assert r.tokens == truth[2:9] and r.chunks == [3, 3, 1]
+    assert [len(inp) for _, inp in model.calls] == [2 + 2, 3 + 2, 3 + 2]
+
+
+def test_stop_token_inside_chunk_cuts_output():
+    prompt = [7]
+    truth = prompt + [30, 31, STOP, 33, 34, 35, 36]
+    model = Scripted(truth, lambda j: 0.99)
+    r = generate(model, prompt, 50, threshold=0.9, k_max=6, stop_ids={STOP})
+    assert r.tokens == [30, 31, STOP] and r.passes == 1
+
+
+# -----------------------------------------------------------------------------
+# evaluation helpers and the command line
+
+def test_extract_number_reads_every_gsm8k_gold_answer(fixtures):
+    rows = read_jsonl(need(FIXTURES / "gsm8k" / "test.jsonl"))
+    for row in rows:
+        gold = row["answer"].split("####")[-1].strip().replace(",", "")
+        assert extract_number(row["answer"]) == gold
+    assert extract_number("so 3 + 4 = 7. The answer is 1,234.") == "1234"
+    assert extract_number("no digits here") is None
+
+
+def run_cli(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "decode.py", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def test_cli_json_and_eval(smollm2_gguf, tmp_path):
+    r = run_cli("--init", str(smollm2_gguf), "--prompt", "What is 2+2?", "--max-new-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["tokens"]) == 8 and out["passes"] == 8 and out["acceleration"] == 1.0
+    r = run_cli("--init", str(smollm2_gguf), "--eval", "gsm8k", "--limit", "2", "--max-new-tokens", "16",
+                "--eval-k", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["problems"] == 2
+    assert set(report["strategies"]) == {"k=1", "k=2", "ConfAdapt(0.9)"}
+    assert report["strategies"]["k=1"]["agreement_with_k1"] == 1.0
+    assert report["strategies"]["k=2"]["acceleration"] == pytest.approx(2.0, abs=0.3)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "hi", "--threshold", "0"], "outside (0, 1]"),
+    (["--prompt", "hi", "--threshold", "1.5"], "outside (0, 1]"),
+    (["--prompt", "hi", "--k", "0"], "outside 1..k_max"),
+    (["--prompt", "hi", "--k", "17"], "outside 1..k_max"),
+    (["--init", "no-such-model", "--prompt", "hi"], "not a preset"),
+    (["--prompt", "word " * 9000, "--no-chat"], "exceeds the model's context"),
+])
+def test_cli_bad_input(smollm2_gguf, args, message):
+    if "--init" not in args:
+        args = ["--init", str(smollm2_gguf), *args]
+    r = run_cli(*args)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr

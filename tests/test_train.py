@@ -1,0 +1,129 @@
+"""train.py end to end on a tiny Qwen3-shaped model with the real Qwen3 tokenizer: output loads in
+decode.py and transformers, --resume is exact, 2 data-parallel processes equal 1, bad input."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, ROOT, need
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    """A random 2-layer Qwen3 with the real Qwen3 vocabulary (151936 rows, 151669 named)."""
+    tok_dir = need(FIXTURES / "tokenizers" / "qwen3")
+    path = tmp_path_factory.mktemp("tiny") / "qwen"
+    cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   tie_word_embeddings=True, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, path / name)  # into the test's temp folder only
+    return path
+
+
+@pytest.fixture(scope="module")
+def qa_jsonl(tmp_path_factory):
+    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"}
+            for a in range(3, 9) for b in range(4, 9)]
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train(*args, nproc=1):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "train.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "train.py"]
+    r = subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return r
+
+
+def common(tiny_qwen, qa_jsonl, out, **kw):
+    opts = dict(init=tiny_qwen, data=qa_jsonl, out=out, steps=4, batch_size=2, grad_accum=1, seq_len=64,
+                k_max=6, branch_every=3, lr=1e-3, warmup=2, log_every=1, eval_every=0, save_every=2,
+                eval_prompts=2, amp="none")
+    opts.update(kw)
+    return [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def losses(stdout):
+    return [float(x) for x in re.findall(r"loss ([0-9.]+)", stdout)]
+
+
+def test_train_writes_a_model_decode_and_transformers_load(tiny_qwen, qa_jsonl, tmp_path):
+    r = train(*common(tiny_qwen, qa_jsonl, tmp_path / "out", eval_every=4))
+    assert r.returncode == 0, r.stderr
+    assert "memory per device" in r.stdout and "eval step 4" in r.stdout
+    assert len(losses(r.stdout)) == 4
+    model_dir = tmp_path / "out" / "model"
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["mtp_mask_id"] == 151669 and cfg["mtp_k_max"] == 6 and cfg["vocab_size"] == 151936
+    assert not list((tmp_path / "out").glob("*.tmp"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    from model import Transformer
+    ours = Transformer.from_pretrained(str(model_dir))
+    idx = torch.tensor([[9707, 11, 151669, 151669]])
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max().item() <= 1e-4
+    d = subprocess.run([sys.executable, "decode.py", "--init", str(model_dir), "--prompt", "What is 3 plus 4?",
+                        "--threshold", "0.9", "--max-new-tokens", "8", "--json"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert d.returncode == 0, d.stderr
+    assert json.loads(d.stdout)["passes"] >= 1
+
+
+def test_resume_is_exact(tiny_qwen, qa_jsonl, tmp_path):
+    straight = train(*common(tiny_qwen, qa_jsonl, tmp_path / "a"))
+    first = train(*common(tiny_qwen, qa_jsonl, tmp_path / "b", steps=2))
+    resumed = train(*common(tiny_qwen, qa_jsonl, tmp_path / "b"), "--resume")
+    for r in (straight, first, resumed):
+        assert r.returncode == 0, r.stderr
+    assert "resumed from" in resumed.stdout
+    assert losses(first.stdout) + losses(resumed.stdout) == losses(straight.stdout)
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tiny_qwen, qa_jsonl, tmp_path, sharding):
+    """Same global batch (4 rows): 1 process x 2 micro-batches vs 2 processes x 1 (gloo), with
+    DistributedDataParallel or with the student sharded by FSDP."""
+    one = train(*common(tiny_qwen, qa_jsonl, tmp_path / "one", steps=3, grad_accum=2))
+    extra = ["--fsdp"] if sharding == "fsdp" else []
+    two = train(*common(tiny_qwen, qa_jsonl, tmp_path / "two", steps=3), *extra, nproc=2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert "2 process(es)" in two.stdout
+    assert losses(one.stdout) == pytest.approx(losses(two.stdout), rel=1e-4)
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--init", "/no/such/dir"], "not a preset"),
+    (["--data", "/no/such.jsonl"], "neither gsm8k"),
+    (["--resume"], "no checkpoint"),
+    (["--dtype", "int8"], "--dtype must be"),
+    (["--k-max", "1"], "--k-max must be at least 2"),
+])
+def test_bad_input(tiny_qwen, qa_jsonl, tmp_path, args, message):
+    base = common(tiny_qwen, qa_jsonl, tmp_path / "out")
+    for flag in args[::2] if len(args) > 1 else args:  # let the bad value replace the good one
+        if flag in base:
+            i = base.index(flag)
+            del base[i:i + 2]
+    r = train(*base, *args)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "model").exists()
