@@ -137,13 +137,13 @@ def lr_at(step, args):
 
 
 @torch.no_grad()
-def quick_eval(model, prompts, stop_ids, max_new=128):
+def quick_eval(model, prompts, stop_ids, k_max, max_new=128):
     """ConfAdapt(0.9) vs the same model's own next-token decoding on held-out prompts."""
     model.eval()
     accel, same = [], 0
     for p in prompts:
         ref = generate(model, p, max_new, k=1, stop_ids=stop_ids)
-        mtp = generate(model, p, max_new, threshold=0.9, stop_ids=stop_ids)
+        mtp = generate(model, p, max_new, threshold=0.9, k_max=k_max, stop_ids=stop_ids)
         accel.append(mtp.acceleration)
         same += mtp.tokens == ref.tokens
     model.train()
@@ -298,8 +298,8 @@ def main(args):
             t_log, preds_since = time.time(), 0
             hits.zero_(), counts.zero_()
         if (master or args.fsdp) and args.eval_every and eval_prompts and step % args.eval_every == 0:
-            acc, same = quick_eval(student, eval_prompts, tok.stop_ids)
-            log(f"eval step {step} | ConfAdapt(0.9) acceleration {acc:.2f} | same answer as k=1 {same:.2f}")
+            acc, same = quick_eval(student, eval_prompts, tok.stop_ids, args.k_max)
+            log(f"eval step {step} | ConfAdapt(0.9) acceleration {acc:.2f} | same text as k=1 {same:.2f}")
         if step % args.save_every == 0:
             save_checkpoint(ckpt_path, student, optimizer, step, args, master)
         if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
