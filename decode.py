@@ -86,6 +86,31 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     return Result(out, len(chunks), time.perf_counter() - t0, chunks)
 
 
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids=()) -> list[list[int]]:
+    """Plain greedy decoding of several prompts of the same length at once, each output cut after
+    its first stop token. On a CPU a batch costs about what one prompt costs (the weights are read
+    once per step), which makes it cheap to collect a model's own answers as training text."""
+    device = model.embed_tokens.weight.device
+    idx = torch.tensor(prompts, dtype=torch.long, device=device)
+    B, T = idx.shape
+    cache = model.new_cache(T + max_new_tokens, batch=B)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    last = torch.full((B, 1), T - 1, device=device)
+    logits = model(idx, cache=cache, slots=last)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)
+        out.append(nxt)
+        done |= torch.isin(nxt, stop)
+        if done.all():
+            break
+        logits = model(nxt[:, None], cache=cache)
+    rows = torch.stack(out, 1).tolist()
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
+
+
 # -----------------------------------------------------------------------------
 # loading, command line, evaluation
 
@@ -106,7 +131,7 @@ def strategy_name(k: int, threshold: float | None) -> str:
 def evaluate(model, tok, args):
     """GSM8K test: accuracy and acceleration per strategy, and agreement with the model's own k=1."""
     from data import extract_number, gsm8k_prompt, load_dataset
-    rows = load_dataset(args.eval)[:args.limit]
+    rows = load_dataset(args.eval)[args.offset:][:args.limit]
     strategies = [(1, None)] + [(k, None) for k in args.eval_k if k != 1] + [(1, t) for t in args.eval_threshold]
     stats = {strategy_name(*s): dict(correct=0, agree=0, tokens=0, passes=0, seconds=0.0) for s in strategies}
     for n, row in enumerate(rows, 1):
@@ -152,6 +177,7 @@ def get_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--eval", default=None, help="evaluate on a dataset: gsm8k:test (or a JSONL of question/answer)")
     p.add_argument("--limit", type=int, default=None, help="first N problems of --eval")
+    p.add_argument("--offset", type=int, default=0, help="skip the first N problems of --eval (to split a run)")
     p.add_argument("--eval-k", type=int, nargs="*", default=[], help="static k values to evaluate besides k=1")
     p.add_argument("--eval-threshold", type=float, nargs="*", default=[0.9], help="ConfAdapt thresholds to evaluate")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -179,7 +205,7 @@ def main(argv=None):
     args, parser = get_args(argv)
     model, tok = load(args.init, args.device, args.dtype)
     args.k_max = args.k_max or model.cfg.k_max or 16
-    k = args.k or 1
+    k = 1 if args.k is None else args.k
     for value in [k] + args.eval_k:
         if not 1 <= value <= args.k_max:
             parser.error(f"k = {value} is outside 1..k_max ({args.k_max})")

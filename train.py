@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import format_example, gsm8k_prompt, load_dataset, load_gsm8k
-from decode import encode_prompt, generate
+from decode import encode_prompt, generate, generate_batch
 from distill import build_batch, mtp_loss
 from model import Transformer, rope_frequencies
 
@@ -49,6 +49,8 @@ def get_args(argv=None):
     p.add_argument("--branch-every", type=int, default=None, help="tokens between branch cuts (default 32 GPU, 4 CPU)")
     p.add_argument("--branch-from", default=None, choices=["all", "response"],
                    help="cut branches anywhere (paper) or only in the answer (default: all GPU, response CPU)")
+    p.add_argument("--self-answers", type=int, default=0, help="train on the model's own greedy answers to N "
+                   "of the training questions instead of the dataset's answers (0: the paper's ground truth)")
     p.add_argument("--loss", default="hard", choices=["hard", "soft"])
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 2000 GPU, 20 CPU)")
@@ -112,6 +114,32 @@ def get_rows(examples, first: int, count: int, seed: int, pad_id: int):
     lengths = torch.tensor([len(ids) for ids, _ in picked])
     starts = torch.tensor([max(p - 1, 0) for _, p in picked])  # first cut: the last prompt token
     return tokens, lengths, starts
+
+
+def self_answers(model, tok, rows, n, max_new, prompt_of, path, log, batch=32):
+    """The model's own greedy answers to n questions, as (ids, prompt_len) examples, saved to path.
+    METHOD.md: the authors recommend tuning on prompts from the deployment domain; with the model's
+    own answers the training prefixes are exactly the contexts that decoding meets. Questions whose
+    prompts have the same length are answered together, the largest groups first."""
+    if not path.exists():
+        groups = {}
+        for row in rows:
+            prompt = encode_prompt(tok, prompt_of(row["question"]), True)
+            groups.setdefault(len(prompt), []).append(prompt)
+        batches = [g[i:i + batch] for g in sorted(groups.values(), key=len, reverse=True)
+                   for i in range(0, len(g), batch)]
+        t0, lines = time.time(), []
+        for prompts in batches:
+            if len(lines) >= n:
+                break
+            for p, a in zip(prompts, generate_batch(model, prompts, max_new, tok.stop_ids)):
+                lines.append(json.dumps({"ids": p + a, "prompt_len": len(p)}))
+            log(f"self-answers: {len(lines)}/{n} in {time.time() - t0:.0f} s")
+        tmp = path.with_suffix(".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("\n".join(lines[:n]) + "\n")
+        os.replace(tmp, path)
+    return [(r["ids"], r["prompt_len"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
 # -----------------------------------------------------------------------------
@@ -198,7 +226,18 @@ def main(args):
         held_out = load_gsm8k("test")[:args.eval_prompts]
     else:
         held_out, rows = rows[len(rows) - args.eval_prompts:], rows[:len(rows) - args.eval_prompts]
-    examples = tokenize(rows, tok, args.format, args.seq_len)
+    if args.self_answers:
+        prompt_of = gsm8k_prompt if args.data.startswith("gsm8k") else (lambda q: q)
+        path = out / "self_answers.jsonl"
+        if master:
+            self_answers(teacher, tok, [r for r in rows if "question" in r], args.self_answers,
+                         args.seq_len // 2, prompt_of, path, log)
+        if ddp:
+            dist.barrier()
+        examples = self_answers(teacher, tok, [], 0, 0, prompt_of, path, log)
+        examples = [(ids[:args.seq_len], p) for ids, p in examples]
+    else:
+        examples = tokenize(rows, tok, args.format, args.seq_len)
     eval_prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), args.format == "chat")
                     for r in held_out if "question" in r]
     log(f"data {args.data}: {len(examples)} examples, {sum(len(e[0]) for e in examples) / len(examples):.0f} "

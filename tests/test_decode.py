@@ -10,7 +10,7 @@ import torch
 
 from conftest import FIXTURES, ROOT, need
 from data import extract_number, read_jsonl
-from decode import generate
+from decode import generate, generate_batch
 from model import KVCache, ModelConfig
 
 PROMPTS = ["What is 12 times 7?", "Write a haiku about the sea.",
@@ -30,6 +30,14 @@ def test_k1_equals_transformers_generate(smollm2, smollm2_hf, text):
     # ConfAdapt where no mask candidate clears the threshold is plain next-token decoding
     never = generate(smollm2, prompt, 48, threshold=1.0, stop_ids=tok.stop_ids)
     assert never.tokens == ref and never.passes == len(ref)
+
+
+def test_batched_greedy_equals_one_by_one(smollm2):
+    tok = smollm2.tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": f"What is {a} plus {b}?"}]) for a, b in [(2, 3), (4, 5)]]
+    assert len(prompts[0]) == len(prompts[1])
+    batched = generate_batch(smollm2, prompts, 24, tok.stop_ids)
+    assert batched == [generate(smollm2, p, 24, stop_ids=tok.stop_ids).tokens for p in prompts]
 
 
 # -----------------------------------------------------------------------------
