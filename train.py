@@ -11,8 +11,8 @@ Output: out/model, a Hugging Face directory that decode.py and transformers load
 import argparse
 import contextlib
 import copy
+import functools
 import json
-import math
 import os
 import signal
 import sys
@@ -99,14 +99,18 @@ def tokenize(rows, tok, style, seq_len):
     return examples
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def get_rows(examples, first: int, count: int, seed: int, pad_id: int):
     """Rows first .. first+count-1 of the endless stream: epoch e is a permutation seeded by seed+e."""
     n = len(examples)
     picked = []
     for i in range(first, first + count):
         epoch, j = divmod(i, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        picked.append(examples[order[j]])
+        picked.append(examples[epoch_order(n, seed + epoch)[j]])
     L = max(len(ids) for ids, _ in picked)
     tokens = torch.full((count, L), pad_id, dtype=torch.long)
     for r, (ids, _) in enumerate(picked):
@@ -265,8 +269,6 @@ def main(args):
                        options=StateDictOptions(full_state_dict=True))
         step = state["step"]
         log(f"resumed from {ckpt_path} at step {step}")
-
-    rows_per_step = args.batch_size * args.grad_accum * world
 
     def micro_batches(step):
         """This rank's micro-batches of `step`: rows, k and branch offsets depend only on the global

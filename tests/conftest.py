@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
-FIXTURES = Path(os.environ.get("MTP_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+from data import FIXTURES  # noqa: E402  (MTP_FIXTURES, default ../shared/fixtures)
 
 
 def need(path: Path) -> Path:
