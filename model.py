@@ -107,6 +107,23 @@ class ModelConfig:
 # -----------------------------------------------------------------------------
 # the transformer
 
+class Linear(nn.Linear):
+    """nn.Linear with a faster path for decoding on a CPU in bfloat16. A decode pass multiplies a
+    few rows (1 token, or the accepted tokens + masks) by every weight matrix, and there the
+    row-major product takes a slow kernel: computing W @ x^T instead (a matrix-vector product for
+    one row) reads the weights about a third faster, and up to ~17 rows cost little more than one."""
+
+    def forward(self, x):
+        rows = x.numel() // x.size(-1)
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows > 32 or torch.is_grad_enabled():
+            return super().forward(x)
+        x2 = x.reshape(rows, -1)
+        y = torch.mv(self.weight, x2[0])[None] if rows == 1 else torch.mm(self.weight, x2.t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -114,9 +131,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # normalize in float32, as the reference implementation does
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalize in float32, as the reference implementation does, then scale in x's dtype
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -144,10 +160,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.attn_bias)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.o_proj = Linear(cfg.n_heads * hd, cfg.dim, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
@@ -176,9 +192,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -220,7 +236,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
@@ -284,12 +300,12 @@ class Transformer(nn.Module):
             grown = torch.cat([emb, emb.mean(0, keepdim=True).expand(new - old, -1)])
             self.embed_tokens = nn.Embedding.from_pretrained(grown, freeze=False)
             if self.cfg.tie_embeddings:
-                self.lm_head = nn.Linear(self.cfg.dim, new, bias=False, device=emb.device, dtype=emb.dtype)
+                self.lm_head = Linear(self.cfg.dim, new, bias=False, device=emb.device, dtype=emb.dtype)
                 self.lm_head.weight = self.embed_tokens.weight
             else:
                 head = self.lm_head.weight
                 grown = torch.cat([head, head.mean(0, keepdim=True).expand(new - old, -1)])
-                self.lm_head = nn.Linear(self.cfg.dim, new, bias=False, device=head.device, dtype=head.dtype)
+                self.lm_head = Linear(self.cfg.dim, new, bias=False, device=head.device, dtype=head.dtype)
                 self.lm_head.weight.copy_(grown)
         self.cfg.vocab_size = new
         self.cfg.mask_id = old
