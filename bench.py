@@ -5,7 +5,9 @@
 
 (a) our k=1 decoding vs transformers' generate (greedy, KV cache, same weights, dtype and threads);
 (b) ConfAdapt wall-clock tokens/s vs our k=1, next to its acceleration (tokens per forward pass);
-(c) our k=1 against the memory-bandwidth bound: weight bytes read per pass / measured bandwidth.
+(c) our k=1 against the memory-bandwidth bound: weight bytes read per pass / measured bandwidth;
+(d) where the time of a k=1 token goes, for both: the same decoding with every linear layer
+    replaced by one that returns zeros leaves the time spent outside the matrix products.
 Only ratios are meant to be compared; absolute numbers depend on the machine and its load.
 transformers is needed here (pip install transformers); nothing else in the project uses it.
 """
@@ -14,8 +16,12 @@ import json
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
+import torch.nn as nn
+
+import model as model_py
 
 from data import gsm8k_prompt, load_gsm8k
 from decode import encode_prompt, generate, load
@@ -34,6 +40,18 @@ def bandwidth_gbs(device, n_bytes=1 << 28, reps=5):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * n_bytes / best / 1e9
+
+
+def zeros_linear(self, x):
+    return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def without_matmuls():
+    """Every nn.Linear (ours subclasses it) returns zeros: a decode step then costs only its overhead."""
+    patches = [mock.patch.object(cls, "forward", zeros_linear) for cls in (nn.Linear, model_py.Linear)]
+    for p in patches:
+        p.start()
+    return patches
 
 
 def main():
@@ -91,6 +109,21 @@ def main():
         total["confadapt"][1] += ca.seconds
         total["passes"] += ca.passes
         same_tokens += n_hf == len(ref.tokens)
+    # (d) k=1 with and without the matrix products: a fixed number of tokens, no stop token
+    n_tok, breakdown = min(32, args.max_new_tokens), {}
+    for matmuls in (True, False):
+        patches = [] if matmuls else without_matmuls()
+        try:
+            ours = generate(model, prompts[0], n_tok, k=1)
+            t0 = time.perf_counter()
+            hf.generate(torch.tensor([prompts[0]], device=args.device), max_new_tokens=n_tok,
+                        min_new_tokens=n_tok, do_sample=False, pad_token_id=tok.eos_id)
+            breakdown[matmuls] = (ours.seconds / len(ours.tokens), (time.perf_counter() - t0) / n_tok)
+        finally:
+            for p in patches:
+                p.stop()
+    ms_per_token = {name: {"total": 1e3 * breakdown[True][i], "outside_matmuls": 1e3 * breakdown[False][i]}
+                    for i, name in enumerate(("ours", "hf"))}
     tps = {name: n / t for name, (n, t) in ((k, total[k]) for k in ("ours_k1", "hf", "confadapt"))}
     acceleration = total["confadapt"][0] / total["passes"]
     # bytes read per pass: every weight once (tied embeddings share one storage)
@@ -105,6 +138,7 @@ def main():
         "b_speedup_over_acceleration": tps["confadapt"] / tps["ours_k1"] / acceleration,
         "c_bandwidth_GBps": bw, "c_weight_MB": weight_bytes / 1e6, "c_k1_bound_tokens_per_s": bound,
         "c_k1_fraction_of_bound": tps["ours_k1"] / bound,
+        "d_ms_per_token": ms_per_token,
         "same_length_outputs": f"{same_tokens}/{len(prompts)}",
     }
     if args.json:
@@ -119,6 +153,8 @@ def main():
           f"(ratio {report['b_speedup_over_acceleration']:.2f})")
     print(f"(c) bandwidth {bw:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB: k=1 bound {bound:.1f} tok/s, "
           f"ours at {report['c_k1_fraction_of_bound']:.0%} of it")
+    print("(d) ms per k=1 token, total / outside matrix products: " + ", ".join(
+        f"{name} {d['total']:.1f} / {d['outside_matmuls']:.1f}" for name, d in ms_per_token.items()))
 
 
 if __name__ == "__main__":

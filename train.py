@@ -329,12 +329,13 @@ def main(args):
 
         if step % args.log_every == 0 or step == 1:
             dt = time.time() - t_log
-            agree = " ".join(f"{h / c:.2f}" if c else "-" for h, c in zip(hits[:6], counts[:6]))
+            shown = min(6, len(hits))
+            agree = " ".join(f"{h / c:.2f}" if c else "-" for h, c in zip(hits[:shown], counts[:shown]))
             elapsed = time.time() - t_start
             eta = elapsed / (step - first_step) * (args.steps - step)
             if args.max_minutes:
                 eta = min(eta, args.max_minutes * 60 - elapsed)
-            log(f"step {step} | loss {loss_sum:.4f} | agree@1..6 {agree} | gnorm {grad_norm:.2f} | lr {lr:.2e} "
+            log(f"step {step} | loss {loss_sum:.4f} | agree@1..{shown} {agree} | gnorm {grad_norm:.2f} | lr {lr:.2e} "
                 f"| {preds_since * world / dt:.0f} preds/s | eta {eta / 60:.1f} min")
             t_log, preds_since = time.time(), 0
             hits.zero_(), counts.zero_()

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from conftest import ROOT
-from model import ModelConfig, Transformer, resolve
+from model import Linear, ModelConfig, Transformer, resolve
 
 TOL = 1e-4  # max |logit diff| in float32
 
@@ -26,6 +26,27 @@ TINY = {  # every config field that matters, each exercised by at least one case
                                    tie_word_embeddings=False)),
     "qwen2-bias": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
 }
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_decode_path_matches_exact_product(rows, bias):
+    """The bfloat16 few-row path (W @ x^T) is as close to the exact product as nn.Linear is, and
+    training (grad enabled) still goes through nn.Linear."""
+    torch.manual_seed(rows)
+    layer = Linear(320, 700, bias=bias).to(torch.bfloat16)
+    x = torch.randn(1, rows, 320).to(torch.bfloat16)
+    exact = x.double() @ layer.weight.double().T + (layer.bias.double() if bias else 0)
+    with torch.no_grad():
+        ours = layer(x)
+        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert ours.shape == ref.shape == (1, rows, 700) and ours.dtype == torch.bfloat16
+    err, ref_err = (ours.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+    assert err <= 2 * ref_err + 1e-3, (err, ref_err)
+    y = layer(x)
+    assert y.requires_grad
+    y.float().sum().backward()
+    assert layer.weight.grad is not None
 
 
 def make_tiny(tmp_path, name, **save_kw):
