@@ -118,7 +118,7 @@ class Linear(nn.Linear):
         if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows > 32 or torch.is_grad_enabled():
             return super().forward(x)
         x2 = x.reshape(rows, -1)
-        y = torch.mv(self.weight, x2[0])[None] if rows == 1 else torch.mm(self.weight, x2.t()).t()
+        y = torch.mv(self.weight, x2[0])[None] if rows == 1 else torch.mm(self.weight, x2.t()).t().contiguous()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], -1)

@@ -41,6 +41,7 @@ def test_linear_decode_path_matches_exact_product(rows, bias):
         ours = layer(x)
         ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert ours.shape == ref.shape == (1, rows, 700) and ours.dtype == torch.bfloat16
+    assert ours.is_contiguous()  # a transposed result would send attention to its slow path
     err, ref_err = (ours.double() - exact).abs().max(), (ref.double() - exact).abs().max()
     assert err <= 2 * ref_err + 1e-3, (err, ref_err)
     y = layer(x)
