@@ -12,6 +12,7 @@ Only ratios are meant to be compared; absolute numbers depend on the machine and
 transformers is needed here (pip install transformers); nothing else in the project uses it.
 """
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -46,12 +47,12 @@ def zeros_linear(self, x):
     return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
+@contextlib.contextmanager
 def without_matmuls():
     """Every nn.Linear (ours subclasses it) returns zeros: a decode step then costs only its overhead."""
-    patches = [mock.patch.object(cls, "forward", zeros_linear) for cls in (nn.Linear, model_py.Linear)]
-    for p in patches:
-        p.start()
-    return patches
+    with mock.patch.object(nn.Linear, "forward", zeros_linear), \
+            mock.patch.object(model_py.Linear, "forward", zeros_linear):
+        yield
 
 
 def main():
@@ -112,16 +113,12 @@ def main():
     # (d) k=1 with and without the matrix products: a fixed number of tokens, no stop token
     n_tok, breakdown = min(32, args.max_new_tokens), {}
     for matmuls in (True, False):
-        patches = [] if matmuls else without_matmuls()
-        try:
+        with contextlib.nullcontext() if matmuls else without_matmuls():
             ours = generate(model, prompts[0], n_tok, k=1)
             t0 = time.perf_counter()
             hf.generate(torch.tensor([prompts[0]], device=args.device), max_new_tokens=n_tok,
                         min_new_tokens=n_tok, do_sample=False, pad_token_id=tok.eos_id)
             breakdown[matmuls] = (ours.seconds / len(ours.tokens), (time.perf_counter() - t0) / n_tok)
-        finally:
-            for p in patches:
-                p.stop()
     ms_per_token = {name: {"total": 1e3 * breakdown[True][i], "outside_matmuls": 1e3 * breakdown[False][i]}
                     for i, name in enumerate(("ours", "hf"))}
     tps = {name: n / t for name, (n, t) in ((k, total[k]) for k in ("ours_k1", "hf", "confadapt"))}

@@ -120,30 +120,28 @@ def get_rows(examples, first: int, count: int, seed: int, pad_id: int):
     return tokens, lengths, starts
 
 
-def self_answers(model, tok, rows, n, max_new, prompt_of, path, log, batch=32):
-    """The model's own greedy answers to n questions, as (ids, prompt_len) examples, saved to path.
+def write_self_answers(model, tok, rows, n, max_new, prompt_of, path, log, batch=32):
+    """Write the model's own greedy answers to n questions to path, one {ids, prompt_len} per line.
     METHOD.md: the authors recommend tuning on prompts from the deployment domain; with the model's
     own answers the training prefixes are exactly the contexts that decoding meets. Questions whose
     prompts have the same length are answered together, the largest groups first."""
-    if not path.exists():
-        groups = {}
-        for row in rows:
-            prompt = encode_prompt(tok, prompt_of(row["question"]), True)
-            groups.setdefault(len(prompt), []).append(prompt)
-        batches = [g[i:i + batch] for g in sorted(groups.values(), key=len, reverse=True)
-                   for i in range(0, len(g), batch)]
-        t0, lines = time.time(), []
-        for prompts in batches:
-            if len(lines) >= n:
-                break
-            for p, a in zip(prompts, generate_batch(model, prompts, max_new, tok.stop_ids)):
-                lines.append(json.dumps({"ids": p + a, "prompt_len": len(p)}))
-            log(f"self-answers: {len(lines)}/{n} in {time.time() - t0:.0f} s")
-        tmp = path.with_suffix(".tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("\n".join(lines[:n]) + "\n")
-        os.replace(tmp, path)
-    return [(r["ids"], r["prompt_len"]) for r in map(json.loads, path.read_text().splitlines())]
+    groups = {}
+    for row in rows:
+        prompt = encode_prompt(tok, prompt_of(row["question"]), True)
+        groups.setdefault(len(prompt), []).append(prompt)
+    batches = [g[i:i + batch] for g in sorted(groups.values(), key=len, reverse=True)
+               for i in range(0, len(g), batch)]
+    t0, lines = time.time(), []
+    for prompts in batches:
+        if len(lines) >= n:
+            break
+        for p, a in zip(prompts, generate_batch(model, prompts, max_new, tok.stop_ids)):
+            lines.append(json.dumps({"ids": p + a, "prompt_len": len(p)}))
+        log(f"self-answers: {len(lines)}/{n} in {time.time() - t0:.0f} s")
+    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text("\n".join(lines[:n]) + "\n")
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -233,13 +231,13 @@ def main(args):
     if args.self_answers:
         prompt_of = gsm8k_prompt if args.data.startswith("gsm8k") else (lambda q: q)
         path = out / "self_answers.jsonl"
-        if master:
-            self_answers(teacher, tok, [r for r in rows if "question" in r], args.self_answers,
-                         args.seq_len // 2, prompt_of, path, log)
+        if master and not path.exists():  # kept in the output folder: a resumed run reuses them
+            write_self_answers(teacher, tok, [r for r in rows if "question" in r], args.self_answers,
+                               args.seq_len // 2, prompt_of, path, log)
         if ddp:
             dist.barrier()
-        examples = self_answers(teacher, tok, [], 0, 0, prompt_of, path, log)
-        examples = [(ids[:args.seq_len], p) for ids, p in examples]
+        answers = map(json.loads, path.read_text().splitlines())
+        examples = [(r["ids"][:args.seq_len], r["prompt_len"]) for r in answers]
     else:
         examples = tokenize(rows, tok, args.format, args.seq_len)
     eval_prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), args.format == "chat")

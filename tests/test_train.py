@@ -81,6 +81,22 @@ def test_train_writes_a_model_decode_and_transformers_load(tiny_qwen, qa_jsonl, 
     assert json.loads(d.stdout)["passes"] >= 1
 
 
+def test_self_answers(tiny_qwen, qa_jsonl, tmp_path):
+    """--self-answers N: N of the training questions answered by the model itself (prompt + its
+    greedy answer, the same tokens decode.py produces), written once and trained on."""
+    r = train(*common(tiny_qwen, qa_jsonl, tmp_path / "out", steps=1, seq_len=48), "--self-answers", "3")
+    assert r.returncode == 0, r.stderr
+    assert "self-answers: " in r.stdout and "3 examples" in r.stdout
+    rows = [json.loads(line) for line in (tmp_path / "out" / "self_answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    from model import Transformer
+    from decode import generate
+    model = Transformer.from_pretrained(str(tiny_qwen))
+    for row in rows:
+        prompt, answer = row["ids"][:row["prompt_len"]], row["ids"][row["prompt_len"]:]
+        assert answer == generate(model, prompt, 24, stop_ids=model.tokenizer.stop_ids).tokens
+
+
 def test_resume_is_exact(tiny_qwen, qa_jsonl, tmp_path):
     straight = train(*common(tiny_qwen, qa_jsonl, tmp_path / "a"))
     first = train(*common(tiny_qwen, qa_jsonl, tmp_path / "b", steps=2))
