@@ -64,12 +64,16 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
         slots = torch.arange(len(pending) - 1, inp.size(1), device=device)[None]  # last real token + masks
         logits = model(inp, cache=cache, slots=slots)[0].float()
         cache.truncate(cache.length - n_masks)  # drop the mask slots' keys/values
+        if not torch.isfinite(logits).all():
+            raise ValueError("the model produced non-finite logits (NaN/inf weights?); nothing to decode")
+        if model.cfg.mask_id is not None:
+            logits[:, model.cfg.mask_id] = -float("inf")  # <MTP> is an input, never a token of the text
         conf, cand = logits.softmax(-1).max(-1)
         if threshold is None:
             n = k
         else:
-            below = (conf < threshold).nonzero()
-            n = max(1, below[0].item() if len(below) else len(cand))
+            clears = conf >= threshold  # (a NaN confidence never clears it)
+            n = max(1, len(cand) if clears.all() else int(clears.int().argmin()))
         accepted = cand[:min(n, max_new_tokens - len(out))].tolist()
         stop_at = next((i for i, t in enumerate(accepted) if t in stop_ids), None)
         if stop_at is not None:
@@ -116,11 +120,16 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
 
 def load(init: str | None, device: str, dtype: str | None):
     """Load a model for decoding. No --init: the model train.py last wrote (out/model), else SmolLM2."""
-    from model import Transformer
+    from model import Transformer, fast_dtype, recover_dir
     if init is None:
+        recover_dir(DEFAULT_OUT / "model")  # a save that a kill interrupted leaves the previous model
         init = str(DEFAULT_OUT / "model") if (DEFAULT_OUT / "model" / "config.json").exists() else "smollm2-135m"
         print(f"no --init given: using {init}", file=sys.stderr)
     model = Transformer.from_pretrained(init, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    weights = model.embed_tokens.weight.dtype
+    if dtype is None and fast_dtype(device, weights) != weights:  # a bf16 checkpoint on an AVX2-only CPU
+        print(f"{weights} is slow on this CPU (no bf16 hardware): decoding in float32", file=sys.stderr)
+        model.float()
     return model, model.tokenizer
 
 
@@ -194,6 +203,10 @@ def get_args(argv=None):
     for t in [a.threshold] + a.eval_threshold:
         if t is not None and not 0 < t <= 1:
             p.error(f"threshold {t} is outside (0, 1]")
+    if a.k_max is not None and a.k_max < 1:
+        p.error(f"--k-max must be at least 1, not {a.k_max}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
     if a.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     if a.dtype not in (None, "float32", "bfloat16", "float16"):

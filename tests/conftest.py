@@ -4,7 +4,9 @@ Fixture files live outside the repository (MTP_FIXTURES, default ../shared/fixtu
 missing fixture skips the test with a reason; under CI=true it fails, so CI can never go green by
 skipping everything.
 """
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -58,3 +60,29 @@ def smollm2_hf(smollm2_gguf):
     import transformers
     return transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """A random 2-layer Qwen3 with the real Qwen3 vocabulary (151936 rows, 151669 named)."""
+    import torch
+    import transformers
+    tok_dir = need(FIXTURES / "tokenizers" / "qwen3")
+    path = tmp_path_factory.mktemp("tiny") / "qwen"
+    cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   tie_word_embeddings=True, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, path / name)  # into the test's temp folder only
+    return path
+
+
+@pytest.fixture(scope="session")
+def qa_jsonl(tmp_path_factory):
+    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"}
+            for a in range(3, 9) for b in range(4, 9)]
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

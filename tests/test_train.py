@@ -3,7 +3,6 @@ decode.py and transformers, --resume is exact, 2 data-parallel processes equal 1
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -12,31 +11,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, ROOT, need
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
-    """A random 2-layer Qwen3 with the real Qwen3 vocabulary (151936 rows, 151669 named)."""
-    tok_dir = need(FIXTURES / "tokenizers" / "qwen3")
-    path = tmp_path_factory.mktemp("tiny") / "qwen"
-    cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                   tie_word_embeddings=True, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(cfg).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, path / name)  # into the test's temp folder only
-    return path
-
-
-@pytest.fixture(scope="module")
-def qa_jsonl(tmp_path_factory):
-    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"}
-            for a in range(3, 9) for b in range(4, 9)]
-    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from conftest import ROOT
 
 
 def train(*args, nproc=1):

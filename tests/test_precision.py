@@ -1,0 +1,126 @@
+"""Precision: every update survives in every precision a user can pick, and bfloat16 is used on a
+CPU only where that CPU computes it fast."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from model import Linear, cpu_bf16_is_fast, cpu_flags
+from test_train import common, train
+from train import AdamW
+
+# the same CPU, restricted to its AVX2 kernels (torch, oneDNN and MKL): what a laptop without
+# AVX512-BF16/AMX computes with; bfloat16 matmuls are then ~50-200x slower than float32
+AVX2_ONLY = dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+
+
+def test_adamw_equals_torch_adamw_in_float32():
+    torch.manual_seed(0)
+    params = [torch.randn(40, 30), torch.randn(30)]
+    ours, ref = [p.clone().requires_grad_() for p in params], [p.clone().requires_grad_() for p in params]
+    opt = AdamW([{"params": ours[:1], "weight_decay": 0.1}, {"params": ours[1:], "weight_decay": 0.0}],
+                lr=1e-3, betas=(0.9, 0.95))
+    opt_ref = torch.optim.AdamW([{"params": ref[:1], "weight_decay": 0.1}, {"params": ref[1:], "weight_decay": 0.0}],
+                                lr=1e-3, betas=(0.9, 0.95))
+    for step in range(20):
+        grads = [torch.randn_like(p) * (step + 1) for p in params]
+        for o, r, g in zip(ours, ref, grads):
+            o.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        opt_ref.step()
+    for o, r in zip(ours, ref):
+        assert (o - r).abs().max().item() <= 1e-6
+
+
+def test_bf16_master_copy_keeps_updates_below_half_an_ulp():
+    """lr 1e-5 on weights of magnitude ~1: each update is ~1/400 of a bfloat16 ulp. A bare bf16
+    weight never moves; ours tracks the float32 weight (its master copy) within rounding."""
+    torch.manual_seed(0)
+    w32 = (torch.rand(2000) + 0.5).bfloat16().float().requires_grad_()  # the same start for all three
+    w16 = w32.detach().bfloat16().requires_grad_()
+    bare = w32.detach().bfloat16().requires_grad_()
+    start = w32.detach().clone()
+    opts = [AdamW([w], lr=1e-5) for w in (w32, w16)] + [torch.optim.AdamW([bare], lr=1e-5, weight_decay=0.0)]
+    g = torch.randn(2000).sign()  # a steady push: 600 steps move each weight by ~6e-3, above half an ulp
+    for _ in range(600):
+        for w, opt in zip((w32, w16, bare), opts):
+            w.grad = g.to(w.dtype)
+            opt.step()
+    assert (bare.detach().float() != start).float().mean() < 0.05  # the bug this guards against: ~nothing moved
+    master = opts[1].state[w16]["master"]
+    assert (master - w32.detach()).abs().max().item() <= 1e-6  # bf16 gradients of +-1 are exact here
+    assert torch.equal(w16.detach(), master.bfloat16())  # the weight is the master's rounding
+    assert (w16.detach().float() != start).float().mean() > 0.5
+
+
+def test_bf16_training_moves_weights_like_fp32(tiny_qwen, qa_jsonl, tmp_path):
+    """train.py with bf16 weights, 12 steps at lr 1e-5, against the same steps in float32: the
+    layers' weights change where the float32 run's change, in the same direction."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        r = train(*common(tiny_qwen, qa_jsonl, tmp_path / dtype, steps=12, lr=1e-5, warmup=1, save_every=100,
+                          dtype=dtype, k_max=4))
+        assert r.returncode == 0, r.stderr
+        runs[dtype] = load_file(tmp_path / dtype / "model" / "model.safetensors")
+    init = load_file(tiny_qwen / "model.safetensors")
+    names = [k for k in init if k.startswith("model.layers.") and init[k].dim() == 2]
+    master = torch.load(tmp_path / "bfloat16" / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+
+    def delta(weights, start):
+        return torch.cat([(weights(k).float() - start(k)).flatten() for k in names])
+    d32 = delta(lambda k: runs["float32"][k], lambda k: init[k])
+    d16 = delta(lambda k: runs["bfloat16"][k], lambda k: init[k].bfloat16().float())  # the saved bf16 weights
+    dmaster = delta(lambda k: master[k.removeprefix("model.")]["master"], lambda k: init[k].bfloat16().float())
+    moved = {name: (d != 0).float().mean().item() for name, d in (("fp32", d32), ("bf16", d16), ("master", dmaster))}
+    assert moved["fp32"] > 0.95 and moved["master"] > 0.95, moved
+    assert moved["bf16"] > 0.6, moved  # the rest moved by less than half a bf16 ulp so far (kept in the master)
+    cosine = [torch.nn.functional.cosine_similarity(d32, d, dim=0).item() for d in (d16, dmaster)]
+    assert cosine[0] > 0.8 and cosine[1] > 0.95, cosine  # the saved weights carry the rounding
+
+
+def test_cpu_bf16_check_agrees_with_the_cpu_flags():
+    flags = cpu_flags().split()
+    assert cpu_bf16_is_fast() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    code = "import model; print(model.cpu_bf16_is_fast())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, **AVX2_ONLY))
+    assert r.stdout.strip() == "False", r.stderr
+
+
+def test_avx2_cpu_trains_and_decodes_in_float32(tiny_qwen, qa_jsonl, tmp_path, monkeypatch):
+    for key, value in AVX2_ONLY.items():
+        monkeypatch.setenv(key, value)
+    opts = common(tiny_qwen, qa_jsonl, tmp_path / "out", steps=2)
+    i = opts.index("--amp")
+    del opts[i:i + 2]  # the default: chosen by the measured check
+    r = train(*opts, "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert "matmuls in bfloat16 (bfloat16 is slow on this CPU" in r.stdout  # --dtype is an override
+    r = train(*common(tiny_qwen, qa_jsonl, tmp_path / "out2", steps=2)[:-2])  # drop "--amp none"
+    assert r.returncode == 0, r.stderr
+    assert "float32 weights, matmuls in float32 (bfloat16 is slow on this CPU, measured)" in r.stdout
+    d = subprocess.run([sys.executable, "decode.py", "--init", str(tmp_path / "out" / "model"), "--prompt", "Hi",
+                        "--max-new-tokens", "4", "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert d.returncode == 0, d.stderr
+    assert "decoding in float32" in d.stderr
+    assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 33])
+def test_linear_few_row_kernel_matches_exact_product(rows, dtype):
+    torch.manual_seed(rows)
+    layer = Linear(320, 700, bias=True).to(dtype)
+    x = torch.randn(1, rows, 320).to(dtype)
+    exact = x.double() @ layer.weight.double().T + layer.bias.double()
+    with torch.no_grad():
+        ours = layer(x)
+        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert ours.shape == ref.shape and ours.dtype == dtype and ours.is_contiguous()
+    err, ref_err = (ours.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+    assert err <= 2 * ref_err + (1e-3 if dtype == torch.bfloat16 else 1e-5), (err, ref_err)
