@@ -11,6 +11,7 @@ KV cache: after each pass it is cut back to the committed real tokens.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -173,8 +174,13 @@ def encode_prompt(tok, text: str, chat: bool) -> list[int]:
     return tok.encode(text, bos=tok.bos_id is not None)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: bad input says what is wrong and stops
+        sys.exit(f"error: {message} (see --help)")
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default=None, help="preset, hub repo id, HF directory or .gguf (default: out/model "
                    "if train.py wrote one, else smollm2-135m)")
     p.add_argument("--prompt", default=None)
@@ -248,3 +254,8 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -598,7 +598,11 @@ def read_hf_dir(path: Path):
     from safetensors import SafetensorError, safe_open
     if not (path / "config.json").exists():
         raise ValueError(f"{path} has no config.json; pass a Hugging Face model directory")
-    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path / 'config.json'} is not valid JSON") from None
+    cfg = ModelConfig.from_hf(config)
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

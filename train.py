@@ -39,8 +39,13 @@ SHAPING = ("init", "data", "format", "k_max", "batch_size", "grad_accum", "seq_l
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: bad input says what is wrong and stops
+        sys.exit(f"error: {message} (see --help)")
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default="smollm2-135m", help="preset, hub repo id, HF directory or .gguf")
     p.add_argument("--data", default=None, help="gsm8k (CPU default), metamathqa (GPU default) or a JSONL file")
     p.add_argument("--format", default="chat", choices=["chat", "plain"],
