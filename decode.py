@@ -2,8 +2,8 @@
 
     python decode.py --prompt "What is 7 * 8?" --threshold 0.9     # ConfAdapt, k_max 16
     python decode.py --init smollm2-135m --prompt "..." --k 3       # static k = 3
-    python decode.py --eval gsm8k --limit 50 --threshold 0.9 --k 1  # accuracy + acceleration
-    python decode.py --bench                                        # speed vs transformers
+    python decode.py --prompt "..." --threshold 0.9 --show-chunks   # colour each pass's tokens
+    python decode.py --eval gsm8k,bbh --limit 20 --sweep            # evaluate.py: report + figure
 
 Every forward pass feeds the tokens accepted in the previous pass as real inputs, followed by
 <MTP> mask slots, under a plain causal mask (METHOD.md, "Decoding"). Mask slots never stay in the
@@ -117,15 +117,21 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
 
 
 # -----------------------------------------------------------------------------
-# loading, command line, evaluation
+# loading and the command line (evaluation: evaluate.py)
+
+def default_init() -> str:
+    """No --init: the model train.py last wrote (out/model), else SmolLM2."""
+    from model import recover_dir
+    recover_dir(DEFAULT_OUT / "model")  # a save that a kill interrupted leaves the previous model
+    init = str(DEFAULT_OUT / "model") if (DEFAULT_OUT / "model" / "config.json").exists() else "smollm2-135m"
+    print(f"no --init given: using {init}", file=sys.stderr)
+    return init
+
 
 def load(init: str | None, device: str, dtype: str | None):
-    """Load a model for decoding. No --init: the model train.py last wrote (out/model), else SmolLM2."""
-    from model import Transformer, fast_dtype, recover_dir
-    if init is None:
-        recover_dir(DEFAULT_OUT / "model")  # a save that a kill interrupted leaves the previous model
-        init = str(DEFAULT_OUT / "model") if (DEFAULT_OUT / "model" / "config.json").exists() else "smollm2-135m"
-        print(f"no --init given: using {init}", file=sys.stderr)
+    """Load a model for decoding (init None: default_init())."""
+    from model import Transformer, fast_dtype
+    init = init or default_init()
     model = Transformer.from_pretrained(init, device=device, dtype=getattr(torch, dtype) if dtype else None)
     weights = model.embed_tokens.weight.dtype
     if dtype is None and fast_dtype(device, weights) != weights:  # a bf16 checkpoint on an AVX2-only CPU
@@ -138,40 +144,47 @@ def strategy_name(k: int, threshold: float | None) -> str:
     return f"ConfAdapt({threshold})" if threshold is not None else f"k={k}"
 
 
-def evaluate(model, tok, args):
-    """GSM8K test: accuracy and acceleration per strategy, and agreement with the model's own k=1."""
-    from data import extract_number, gsm8k_prompt, load_dataset
-    rows = load_dataset(args.eval)[args.offset:][:args.limit]
-    strategies = [(1, None)] + [(k, None) for k in args.eval_k if k != 1] + [(1, t) for t in args.eval_threshold]
-    stats = {strategy_name(*s): dict(correct=0, agree=0, tokens=0, passes=0, seconds=0.0) for s in strategies}
-    for n, row in enumerate(rows, 1):
-        prompt = encode_prompt(tok, gsm8k_prompt(row["question"]), args.chat)
-        gold = extract_number(row["answer"])
-        ref_answer = None
-        for k, t in strategies:
-            r = generate(model, prompt, args.max_new_tokens, k=k, threshold=t, k_max=args.k_max,
-                         stop_ids=tok.stop_ids)
-            answer = extract_number(tok.decode(r.tokens))
-            ref_answer = answer if (k, t) == (1, None) else ref_answer
-            s = stats[strategy_name(k, t)]
-            s["correct"] += answer == gold
-            s["agree"] += answer == ref_answer
-            s["tokens"] += len(r.tokens)
-            s["passes"] += r.passes
-            s["seconds"] += r.seconds
-        if not args.json and (n % 10 == 0 or n == len(rows)):
-            print(f"[{n}/{len(rows)}] " + " | ".join(f"{name} acc {s['correct'] / n:.3f} accel "
-                  f"{s['tokens'] / max(s['passes'], 1):.2f}" for name, s in stats.items()), file=sys.stderr)
-    table = {name: {"accuracy": s["correct"] / len(rows), "acceleration": s["tokens"] / max(s["passes"], 1),
-                    "tokens_per_s": s["tokens"] / max(s["seconds"], 1e-9), "agreement_with_k1": s["agree"] / len(rows)}
-             for name, s in stats.items()}
-    return {"problems": len(rows), "strategies": table}
-
-
 def encode_prompt(tok, text: str, chat: bool) -> list[int]:
     if chat and tok.chat_format:
         return tok.encode_chat([{"role": "user", "content": text}])
     return tok.encode(text, bos=tok.bos_id is not None)
+
+
+class TextStream:
+    """generate()'s on_tokens: prints the text as it grows. The whole token list so far is decoded
+    and only new, complete text printed, so a character whose bytes span tokens (an emoji, CJK)
+    waits for its last byte instead of printing as U+FFFD. Stop tokens are not printed.
+    show_chunks: each pass's text on a background colour that says how many tokens it accepted."""
+
+    def __init__(self, tok, show_chunks: bool = False, out=None):
+        self.tok, self.show_chunks, self.out = tok, show_chunks, out or sys.stdout
+        self.ids, self.shown = [], 0  # tokens so far, characters of their text printed
+
+    def __call__(self, accepted: list[int]):
+        self.ids += [t for t in accepted if t not in self.tok.stop_ids]
+        text = self.tok.decode(self.ids)
+        self.write(text[self.shown:len(text.rstrip("\ufffd"))], len(accepted))
+
+    def finish(self):  # whatever was held back: bytes that never completed a character
+        self.write(self.tok.decode(self.ids)[self.shown:], 0)
+
+    def write(self, new: str, chunk: int):
+        if new:
+            self.shown += len(new)
+            print(paint(new, chunk) if self.show_chunks and chunk else new, end="", file=self.out, flush=True)
+
+
+CHUNK_BACKGROUNDS = {1: 238, 2: 24, 3: 30, 4: 28, 5: 94, 6: 130, 7: 124}  # 256-colour codes; 7: 7 or more
+
+
+def paint(text: str, chunk: int) -> str:
+    """text on the background colour of its chunk size, each line closed (no colour past the line's end)."""
+    start = f"\x1b[38;5;15;48;5;{CHUNK_BACKGROUNDS[min(chunk, 7)]}m"
+    return "\n".join(f"{start}{line}\x1b[0m" if line else line for line in text.split("\n"))
+
+
+def chunk_legend() -> str:
+    return "tokens accepted per pass: " + " ".join(paint(f" {n}{'+' if n == 7 else ''} ", n) for n in range(1, 8))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -181,8 +194,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", default=None, help="preset, hub repo id, HF directory or .gguf (default: out/model "
-                   "if train.py wrote one, else smollm2-135m)")
+    p.add_argument("--init", nargs="+", default=None, help="preset, hub repo id, HF directory or .gguf (default: "
+                   "out/model if train.py wrote one, else smollm2-135m); --eval takes several to compare")
     p.add_argument("--prompt", default=None)
     p.add_argument("--k", type=int, default=None, help="static k: accept k tokens per pass (1 = plain decoding)")
     p.add_argument("--threshold", type=float, default=None, help="ConfAdapt: accept while top-1 prob >= this")
@@ -190,18 +203,35 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--no-chat", dest="chat", action="store_false", help="raw text, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--eval", default=None, help="evaluate on a dataset: gsm8k:test (or a JSONL of question/answer)")
-    p.add_argument("--limit", type=int, default=None, help="first N problems of --eval")
-    p.add_argument("--offset", type=int, default=0, help="skip the first N problems of --eval (to split a run)")
+    p.add_argument("--show-chunks", action="store_true", help="colour the tokens of each pass by how many it accepted")
+    p.add_argument("--eval", default=None, help="evaluate (evaluate.py) on comma-separated gsm8k, bbh, bbh:<task>, "
+                   "humaneval, or JSONL files of prompt (or question) rows with an optional answer")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each --eval task (each BBH task)")
+    p.add_argument("--offset", type=int, default=0, help="skip the first N problems of each task (to split a run)")
     p.add_argument("--eval-k", type=int, nargs="*", default=[], help="static k values to evaluate besides k=1")
     p.add_argument("--eval-threshold", type=float, nargs="*", default=[0.9], help="ConfAdapt thresholds to evaluate")
+    p.add_argument("--sweep", action="store_true", help="k=1, static k=2..4, ConfAdapt 0.99..0.5; writes the "
+                   "report and a figure")
+    p.add_argument("--out-json", default=None, help="write the --eval report here and its figure beside it "
+                   "(.png; default with --sweep: eval.json)")
+    p.add_argument("--reference", default=None, help="the original model whose loss on the generated text is "
+                   "the teacher loss (default: train_args.json's init, else the model itself)")
+    p.add_argument("--exec-code", action="store_true", help="HumanEval: RUN the generated code (in a subprocess "
+                   "with a time limit, but unsandboxed) to check it")
+    p.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per HumanEval program")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
     a = p.parse_args(argv)
-    if a.eval == "gsm8k":
-        a.eval = "gsm8k:test"
     if a.prompt is None and a.eval is None:
         p.error("give --prompt TEXT (or --eval gsm8k)")
+    if a.eval is None and a.init and len(a.init) > 1:
+        p.error("--init names several models: only --eval compares models")
+    if a.eval is None and (a.sweep or a.out_json or a.exec_code):
+        p.error("--sweep, --out-json and --exec-code go with --eval")
+    if a.show_chunks and (a.json or a.eval):
+        p.error("--show-chunks colours the streamed text: not with --json or --eval")
+    if (a.limit is not None and a.limit < 0) or a.offset < 0:
+        p.error("--limit and --offset must not be negative")
     if a.prompt is not None and not a.prompt.strip():
         p.error("--prompt is empty")
     if a.threshold is not None and a.k is not None:
@@ -222,21 +252,23 @@ def get_args(argv=None):
 
 def main(argv=None):
     args, parser = get_args(argv)
-    model, tok = load(args.init, args.device, args.dtype)
+    if args.eval:
+        from evaluate import run_eval
+        run_eval(args)
+        return
+    model, tok = load(args.init and args.init[0], args.device, args.dtype)
     args.k_max = args.k_max or model.cfg.k_max or 16
     k = 1 if args.k is None else args.k
-    for value in [k] + args.eval_k:
-        if not 1 <= value <= args.k_max:
-            parser.error(f"k = {value} is outside 1..k_max ({args.k_max})")
-    if args.eval:
-        report = evaluate(model, tok, args)
-        print(json.dumps(report, indent=None if args.json else 2))
-        return
+    if not 1 <= k <= args.k_max:
+        parser.error(f"k = {k} is outside 1..k_max ({args.k_max})")
     prompt = encode_prompt(tok, args.prompt, args.chat)
-    stream = None if args.json else (lambda ids: print(tok.decode(ids), end="", flush=True))
-    # (streaming piecewise may split a multi-byte character; the final text below is exact)
+    stream = None if args.json else TextStream(tok, args.show_chunks)
     r = generate(model, prompt, args.max_new_tokens, k=k, threshold=args.threshold, k_max=args.k_max,
                  stop_ids=tok.stop_ids, on_tokens=stream)
+    if stream:
+        stream.finish()
+    if args.show_chunks:
+        print("\n" + chunk_legend(), end="", file=sys.stderr)
     text = tok.decode([t for t in r.tokens if t not in tok.stop_ids])
     if args.json:
         print(json.dumps({"text": text, "tokens": r.tokens, "passes": r.passes, "acceleration": r.acceleration,

