@@ -254,6 +254,7 @@ def memory_estimate(cfg, n_params, args, world=1, checkpointing=False):
     branches = math.ceil(args.seq_len / args.branch_every)
     tokens = args.batch_size * (args.seq_len + branches * (args.k_max - 1))
     per_token_layer = (8 + 2 * c) * cfg.dim + c * (4 * qd + 4 * kvd) + 4 * c * cfg.hidden_dim
+    per_token_layer += (4 + c) * (qd + kvd) if cfg.qk_norm else 0  # Qwen3's q/k norms keep float32 inputs
     layers = tokens * per_token_layer * (1 if checkpointing else cfg.n_layers)
     if checkpointing:  # block inputs of every layer, and one block recomputed at a time
         layers += tokens * c * cfg.dim * cfg.n_layers
