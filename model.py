@@ -154,14 +154,16 @@ def fast_dtype(device, dtype: torch.dtype) -> torch.dtype:
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a faster kernel for the few rows of a decode pass on a CPU (1 token, or the
-    accepted tokens + masks). There F.linear (x @ W^T) takes a slow path; W @ x^T (a matrix-vector
-    product for one row) reads the weights faster, so that a pass of a few rows costs about what one
-    row costs. Measured on both CPU classes (README, "Decoding speed"); training uses nn.Linear."""
+    """nn.Linear with a second kernel for the few rows of a decode pass on a CPU (1 token, or the
+    accepted tokens + masks): W @ x^T (a matrix-vector product for one row). Which one reads the
+    weights faster depends on the CPU and the dtype (bfloat16 with AMX: W @ x^T, ~25% faster;
+    float32 with MKL: F.linear here, W @ x^T on some AVX2 CPUs), so it is measured, once per dtype
+    and row count (few_row_kernel_wins). Training and large batches always use nn.Linear."""
 
     def forward(self, x):
         rows = x.numel() // x.size(-1)
-        if x.device.type != "cpu" or rows > FEW_ROWS.get(x.dtype, 0) or torch.is_grad_enabled():
+        if x.device.type != "cpu" or rows > 32 or torch.is_grad_enabled() or \
+                not few_row_kernel_wins(x.dtype, 1 << (rows - 1).bit_length(), *self.weight.shape):
             return super().forward(x)
         x2 = x.reshape(rows, -1)
         y = torch.mv(self.weight, x2[0])[None] if rows == 1 else torch.mm(self.weight, x2.t()).t().contiguous()
@@ -170,7 +172,25 @@ class Linear(nn.Linear):
         return y.reshape(*x.shape[:-1], -1)
 
 
-FEW_ROWS = {torch.bfloat16: 32, torch.float32: 32}  # up to this many rows take Linear's decode kernel
+@functools.cache
+def few_row_kernel_wins(dtype: torch.dtype, rows: int, n_out: int, n_in: int) -> bool:
+    """Is W @ x^T at least 10% faster than F.linear for `rows` rows through an n_out x n_in weight
+    of this dtype on this CPU? Timed once (best of 5) over copies of the weight that together
+    exceed the caches, so that both kernels stream from memory, as in a decode pass."""
+    copies = max(1, (32 << 20) // (n_out * n_in * torch.finfo(dtype).bits // 8))
+    ws = [torch.randn(n_out, n_in, dtype=dtype) for _ in range(copies)]
+    x = torch.randn(rows, n_in, dtype=dtype)
+
+    def seconds(product):
+        best = float("inf")
+        for _ in range(6):
+            t0 = time.perf_counter()
+            for w in ws:
+                product(w)
+            best = min(best, time.perf_counter() - t0)
+        return best
+    few = (lambda w: torch.mv(w, x[0])) if rows == 1 else (lambda w: torch.mm(w, x.t()).t().contiguous())
+    return seconds(few) < 0.9 * seconds(lambda w: F.linear(x, w))
 
 
 class RMSNorm(nn.Module):
