@@ -23,7 +23,7 @@ def train(*args, nproc=1):
 
 
 def common(tiny_qwen, qa_jsonl, out, **kw):
-    opts = dict(init=tiny_qwen, data=qa_jsonl, out=out, steps=4, batch_size=2, grad_accum=1, seq_len=64,
+    opts = dict(init=tiny_qwen, data=qa_jsonl, out=out, self_answers=0, steps=4, batch_size=2, grad_accum=1, seq_len=64,
                 k_max=6, branch_every=3, lr=1e-3, warmup=2, log_every=1, eval_every=0, save_every=2,
                 eval_prompts=2, amp="none")
     opts.update(kw)
