@@ -33,6 +33,7 @@ class Result:
     chunks: list[int] = field(default_factory=list)  # tokens accepted per pass
     drafts_fed: int = 0       # --verify: drafts fed as real inputs, over all passes
     drafts_accepted: int = 0  # --verify: of those, the ones equal to the model's own next token
+    rows_fed: int = 0         # --verify: rows (tokens and masks) fed in the passes after the prompt's
 
     @property
     def acceleration(self):  # METHOD.md: tokens emitted / forward passes
@@ -134,7 +135,8 @@ def pick_drafts(cand, conf, mask_id, threshold, limit, stop_ids) -> list[int]:
     each at least `threshold` confident if one is given, at most `limit`, nothing after a stop token."""
     drafts = []
     for token, p in zip(cand.tolist(), conf.tolist()):
-        if len(drafts) == limit or token == mask_id or not math.isfinite(p) or (threshold is not None and p < threshold):
+        unsure = not math.isfinite(p) or (threshold is not None and p < threshold)
+        if len(drafts) == limit or token == mask_id or unsure:
             break
         drafts.append(token)
         if token in stop_ids:
@@ -170,7 +172,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
     device = model.embed_tokens.weight.device
     mask_id, stop_ids = model.cfg.mask_id, set(stop_ids)
     known, drafts = list(prompt), []  # fed tokens already committed to the output / to be checked
-    out, chunks, fed_drafts, accepted_drafts = [], [], 0, 0
+    out, chunks, fed_drafts, accepted_drafts, rows = [], [], 0, 0, 0
     t0 = time.perf_counter()
     while len(out) < max_new_tokens:
         fed = known + drafts
@@ -181,6 +183,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
         idx = torch.tensor(fed + [mask_id] * (len(anchors) * n_masks), dtype=torch.long, device=device)[None]
         slots = torch.arange(first, idx.size(1), device=device)[None]
         logits = model(idx, pos, mask, cache=cache, slots=slots)[0].float()
+        rows += idx.size(1) if chunks else 0
         conf, cand = logits.softmax(-1).max(-1)  # the same pick as generate's
         own = cand[:len(drafts) + 1].tolist()  # the model's next token after fed[first], ..., fed[-1]
         n_ok = 0
@@ -207,7 +210,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
                                  max_new_tokens - len(out) - 1, stop_ids)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return Result(out, len(chunks), time.perf_counter() - t0, chunks, fed_drafts, accepted_drafts)
+    return Result(out, len(chunks), time.perf_counter() - t0, chunks, fed_drafts, accepted_drafts, rows)
 
 
 @torch.no_grad()
@@ -358,7 +361,8 @@ def main(argv=None):
     text = tok.decode([t for t in r.tokens if t not in tok.stop_ids])
     name = strategy_name(k, args.threshold)
     if args.verify:
-        name = f"verify(k_max {args.k_max}" + (f", drafts >= {args.draft_threshold})" if args.draft_threshold else ")")
+        name = f"verify(k_max {args.k_max}" + (f", drafts >= {args.draft_threshold}" if args.draft_threshold else "")
+        name += ")"
     if args.json:
         print(json.dumps({"text": text, "tokens": r.tokens, "passes": r.passes, "acceleration": r.acceleration,
                           "tokens_per_s": r.tokens_per_s, "chunks": r.chunks, "strategy": name,
@@ -366,7 +370,9 @@ def main(argv=None):
                           "draft_acceptance": r.draft_acceptance}))
     else:
         hist = " ".join(f"{n}:{c}" for n, c in sorted(Counter(r.chunks).items()))
-        drafts = f" | drafts accepted {r.drafts_accepted}/{r.drafts_fed} ({r.draft_acceptance:.0%})" if args.verify else ""
+        drafts = ""
+        if args.verify:
+            drafts = f" | drafts accepted {r.drafts_accepted}/{r.drafts_fed} ({r.draft_acceptance:.0%})"
         print(f"\n[{name}] {len(r.tokens)} new tokens in {r.passes} passes | acceleration {r.acceleration:.2f} | "
               f"{r.tokens_per_s:.1f} tokens/s | chunk sizes {hist}{drafts}", file=sys.stderr)
 

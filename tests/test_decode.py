@@ -246,6 +246,19 @@ def test_cli_json_and_eval(smollm2_gguf, tmp_path):
     assert report["strategies"]["k=2"]["acceleration"] == pytest.approx(2.0, abs=0.3)
 
 
+def test_cli_verify_json_is_k1_output(smollm2_gguf):
+    common = ["--init", str(smollm2_gguf), "--prompt", "Name three colors.", "--max-new-tokens", "16", "--json"]
+    k1 = run_cli(*common)
+    r = run_cli(*common, "--verify", "--k-max", "3")
+    assert k1.returncode == 0 and r.returncode == 0, r.stderr
+    k1, out = json.loads(k1.stdout), json.loads(r.stdout)
+    assert out["tokens"] == k1["tokens"] and out["text"] == k1["text"]
+    assert out["strategy"] == "verify(k_max 3)" and sum(out["chunks"]) == len(out["tokens"])
+    assert 0 <= out["drafts_accepted"] <= out["drafts_fed"] and out["passes"] == len(out["chunks"])
+    r = run_cli(*common[:-1], "--verify", "--k-max", "3")  # the stats line
+    assert r.returncode == 0 and f"drafts accepted {out['drafts_accepted']}/{out['drafts_fed']}" in r.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "hi", "--threshold", "0"], "outside (0, 1]"),
@@ -254,6 +267,14 @@ def test_cli_json_and_eval(smollm2_gguf, tmp_path):
     (["--prompt", "hi", "--k", "17"], "outside 1..k_max"),
     (["--init", "no-such-model", "--prompt", "hi"], "not a preset"),
     (["--prompt", "word " * 9000, "--no-chat"], "exceeds the model's context"),
+    (["--prompt", "hi", "--verify", "--k", "2"], "takes no --k or --threshold"),
+    (["--prompt", "hi", "--verify", "--threshold", "0.9"], "takes no --k or --threshold"),
+    (["--prompt", "hi", "--verify", "--draft-threshold", "0"], "outside (0, 1]"),
+    (["--prompt", "hi", "--verify", "--draft-threshold", "1.5"], "outside (0, 1]"),
+    (["--prompt", "hi", "--verify", "--draft-threshold", "nan"], "outside (0, 1]"),
+    (["--prompt", "hi", "--draft-threshold", "0.5"], "an option of --verify"),
+    (["--prompt", "hi", "--verify", "--k-max", "1"], "needs --k-max >= 2"),
+    (["--eval", "gsm8k", "--verify"], "--eval does not evaluate it"),
 ])
 def test_cli_bad_input(smollm2_gguf, args, message):
     if "--init" not in args:

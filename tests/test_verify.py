@@ -110,16 +110,16 @@ def test_verify_equals_k1_and_transformers_on_tiny_models(tmp_path, family, tied
 def test_verify_equals_transformers_on_smollm2(smollm2, smollm2_hf):
     tok = smollm2.tokenizer
     stop = sorted(tok.stop_ids)
-    texts = ["What is 12 times 7?", "Write a haiku about the sea.", "Name three colors. Be brief."]
+    texts = ["What is 12 times 7?", "Say hello.", "Name three colors. Be brief."]  # the last two stop early
     settings = [(4, None, "quadratic", None), (8, None, "simple", None), (3, 0.2, "quadratic", None),
                 (6, None, "quadratic", 0.8), (5, 0.5, "simple", 0.9)]
     stopped_early = 0
     for text in texts:
         prompt = tok.encode_chat([{"role": "user", "content": text}])
-        want = smollm2_hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=stop,
+        want = smollm2_hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=stop,
                                    pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
-        stopped_early += len(want) < 40
-        check_verify(smollm2, prompt, 40, want, tok.stop_ids, settings)
+        stopped_early += len(want) < 32
+        check_verify(smollm2, prompt, 32, want, tok.stop_ids, settings)
     assert stopped_early > 0
 
 
