@@ -7,7 +7,9 @@
 (b) ConfAdapt wall-clock tokens/s vs our k=1, next to its acceleration (tokens per forward pass);
 (c) our k=1 against the memory-bandwidth bound: weight bytes read per pass / measured bandwidth;
 (d) where the time of a k=1 token goes, for both: the same decoding with every linear layer
-    replaced by one that returns zeros leaves the time spent outside the matrix products.
+    replaced by one that returns zeros leaves the time spent outside the matrix products;
+(e) --verify wall-clock tokens/s vs our k=1, its acceleration, draft acceptance, rows per pass,
+    and whether its output is k=1's, token for token.
 Only ratios are meant to be compared; absolute numbers depend on the machine and its load.
 transformers is needed here (pip install transformers); nothing else in the project uses it.
 """
@@ -61,7 +63,11 @@ def main():
     p.add_argument("--prompts", type=int, default=8, help="GSM8K test questions used as prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--k-max", type=int, default=None, help="ConfAdapt block (default: the model's, else 16)")
+    p.add_argument("--k-max", type=int, default=None, help="ConfAdapt and --verify block (default: the model's, "
+                   "else 16)")
+    p.add_argument("--draft-threshold", type=float, default=None, help="--verify: feed only drafts this confident")
+    p.add_argument("--layouts", nargs="+", default=["quadratic"], choices=["quadratic", "simple"],
+                   help="--verify branch layouts to time (each interleaved with the rest)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both implementations")
@@ -95,10 +101,13 @@ def main():
         return out.size(1) - len(prompt), time.perf_counter() - t0
 
     generate(model, prompts[0], 8, stop_ids=stop)  # warm-up both
+    generate(model, prompts[0], 8, verify=True, k_max=k_max)
     run_hf(prompts[0][:16])
     total = {"ours_k1": [0, 0.0], "hf": [0, 0.0], "confadapt": [0, 0.0], "passes": 0}
+    verify = {layout: dict(tokens=0, seconds=0.0, passes=0, fed=0, accepted=0, rows=0, same=0)
+              for layout in args.layouts}
     same_tokens = 0
-    for prompt in prompts:  # interleaved, so that load on the machine hits all three alike
+    for prompt in prompts:  # interleaved, so that load on the machine hits all of them alike
         ref = generate(model, prompt, args.max_new_tokens, k=1, stop_ids=stop)
         n_hf, t_hf = run_hf(prompt)
         ca = generate(model, prompt, args.max_new_tokens, threshold=args.threshold, k_max=k_max, stop_ids=stop)
@@ -110,6 +119,13 @@ def main():
         total["confadapt"][1] += ca.seconds
         total["passes"] += ca.passes
         same_tokens += n_hf == len(ref.tokens)
+        for layout, v in verify.items():
+            r = generate(model, prompt, args.max_new_tokens, verify=True, k_max=k_max, layout=layout,
+                         draft_threshold=args.draft_threshold, stop_ids=stop)
+            for key, value in (("tokens", len(r.tokens)), ("seconds", r.seconds), ("passes", r.passes),
+                               ("fed", r.drafts_fed), ("accepted", r.drafts_accepted),
+                               ("rows", r.rows_fed), ("same", r.tokens == ref.tokens)):
+                v[key] += value
     # (d) k=1 with and without the matrix products: a fixed number of tokens, no stop token
     n_tok, breakdown = min(32, args.max_new_tokens), {}
     for matmuls in (True, False):
@@ -137,6 +153,11 @@ def main():
         "c_k1_fraction_of_bound": tps["ours_k1"] / bound,
         "d_ms_per_token": ms_per_token,
         "same_length_outputs": f"{same_tokens}/{len(prompts)}",
+        "e_verify": {layout: {
+            "tokens_per_s": v["tokens"] / v["seconds"], "speedup_vs_k1": v["tokens"] / v["seconds"] / tps["ours_k1"],
+            "acceleration": v["tokens"] / v["passes"], "draft_acceptance": v["accepted"] / max(v["fed"], 1),
+            "rows_per_pass": v["rows"] / max(v["passes"] - len(prompts), 1),  # passes after the prompt's
+            "same_tokens_as_k1": f"{v['same']}/{len(prompts)}"} for layout, v in verify.items()},
     }
     if args.json:
         print(json.dumps(report))
@@ -152,6 +173,11 @@ def main():
           f"ours at {report['c_k1_fraction_of_bound']:.0%} of it")
     print("(d) ms per k=1 token, total / outside matrix products: " + ", ".join(
         f"{name} {d['total']:.1f} / {d['outside_matmuls']:.1f}" for name, d in ms_per_token.items()))
+    for layout, e in report["e_verify"].items():
+        drafts = f", drafts >= {args.draft_threshold}" if args.draft_threshold else ""
+        print(f"(e) verify(k_max {k_max}{drafts}, {layout}) {e['tokens_per_s']:.1f} tok/s: {e['speedup_vs_k1']:.2f}x "
+              f"wall-clock at acceleration {e['acceleration']:.2f}, drafts accepted {e['draft_acceptance']:.0%}, "
+              f"{e['rows_per_pass']:.1f} rows per pass, output = k=1 on {e['same_tokens_as_k1']} prompts")
 
 
 if __name__ == "__main__":

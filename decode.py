@@ -1,16 +1,19 @@
-"""Decode with a multi-token-prediction model: plain next-token, static k, or ConfAdapt.
+"""Decode with a multi-token-prediction model: plain next-token, static k, ConfAdapt, or --verify.
 
     python decode.py --prompt "What is 7 * 8?" --threshold 0.9     # ConfAdapt, k_max 16
     python decode.py --init smollm2-135m --prompt "..." --k 3       # static k = 3
+    python decode.py --prompt "..." --verify                        # lossless: the output of k = 1
     python decode.py --prompt "..." --threshold 0.9 --show-chunks   # colour each pass's tokens
     python decode.py --eval gsm8k,bbh --limit 20 --sweep            # evaluate.py: report + figure
 
 Every forward pass feeds the tokens accepted in the previous pass as real inputs, followed by
 <MTP> mask slots, under a plain causal mask (METHOD.md, "Decoding"). Mask slots never stay in the
-KV cache: after each pass it is cut back to the committed real tokens.
+KV cache: after each pass it is cut back to the committed real tokens. --verify feeds the drafts of
+the previous pass as real inputs and keeps them only where the model agrees (generate_verify).
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -29,22 +32,48 @@ class Result:
     passes: int                        # forward passes, the first (prompt) pass included
     seconds: float
     chunks: list[int] = field(default_factory=list)  # tokens accepted per pass
+    drafts_fed: int = 0       # --verify: drafts fed as real inputs, over all passes
+    drafts_accepted: int = 0  # --verify: of those, the ones equal to the model's own next token
+    rows_fed: int = 0         # --verify: rows (tokens and masks) fed in the passes after the prompt's
 
     @property
     def acceleration(self):  # METHOD.md: tokens emitted / forward passes
         return len(self.tokens) / max(self.passes, 1)
 
     @property
+    def draft_acceptance(self):
+        return self.drafts_accepted / max(self.drafts_fed, 1)
+
+    @property
     def tokens_per_s(self):
         return len(self.tokens) / max(self.seconds, 1e-9)
 
 
+def candidates(model, logits):
+    """(top-1 probability, argmax) per slot. <MTP> is an input, never a token of the text."""
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model produced non-finite logits (NaN/inf weights?); nothing to decode")
+    if model.cfg.mask_id is not None:
+        logits[:, model.cfg.mask_id] = -float("inf")
+    return logits.softmax(-1).max(-1)
+
+
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, threshold: float | None = None,
-             k_max: int = 16, stop_ids=(), on_tokens=None, cache=None) -> Result:
+             k_max: int = 16, stop_ids=(), on_tokens=None, cache=None, verify: bool = False,
+             draft_threshold: float | None = None, layout: str = "quadratic") -> Result:
     """Greedy batch-1 decoding. threshold None: static k (k=1 is plain next-token decoding).
     threshold T: ConfAdapt, k_max - 1 masks per pass, accept the longest leading run of candidates
-    whose top-1 probability is >= T, and always at least one."""
+    whose top-1 probability is >= T, and always at least one.
+    verify: the output of k=1 decoding, with up to k_max - 1 drafts per pass checked by the model
+    itself (generate_verify; draft_threshold and layout are its options)."""
+    if verify:
+        if k != 1 or threshold is not None:
+            raise ValueError("--verify checks its own drafts; it takes no --k or --threshold")
+        return generate_verify(model, prompt, max_new_tokens, k_max, draft_threshold, layout, stop_ids,
+                               on_tokens, cache)
+    if draft_threshold is not None:
+        raise ValueError("a draft threshold is an option of --verify")
     n_masks = (k_max if threshold is not None else k) - 1
     if n_masks and model.cfg.mask_id is None:
         raise ValueError("this model has no <MTP> mask id; use k = 1")
@@ -65,11 +94,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
         slots = torch.arange(len(pending) - 1, inp.size(1), device=device)[None]  # last real token + masks
         logits = model(inp, cache=cache, slots=slots)[0].float()
         cache.truncate(cache.length - n_masks)  # drop the mask slots' keys/values
-        if not torch.isfinite(logits).all():
-            raise ValueError("the model produced non-finite logits (NaN/inf weights?); nothing to decode")
-        if model.cfg.mask_id is not None:
-            logits[:, model.cfg.mask_id] = -float("inf")  # <MTP> is an input, never a token of the text
-        conf, cand = logits.softmax(-1).max(-1)
+        conf, cand = candidates(model, logits)
         if threshold is None:
             n = k
         else:
@@ -89,6 +114,113 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     if device.type == "cuda":
         torch.cuda.synchronize()
     return Result(out, len(chunks), time.perf_counter() - t0, chunks)
+
+
+# -----------------------------------------------------------------------------
+# lossless decoding: the model verifies its own drafts (README, "Lossless decoding: --verify")
+
+def branch_layout(n_fed: int, anchors: list[int], n_masks: int, base: int, device):
+    """RoPE positions (T,) and attention mask (T, base + T) of a pass over `base` cached tokens that
+    feeds n_fed real tokens, then a branch of n_masks <MTP> slots after each fed token in `anchors`.
+    It is the training layout of distill.build_batch (METHOD.md, "Layout"): a branch after fed token i
+    takes the positions after i and sees the cache, fed tokens 0..i and its own earlier slots only, so
+    its logits are those of a plain forward over `cache + fed[:i+1] + masks`. Fed tokens are causal."""
+    T = n_fed + len(anchors) * n_masks
+    slot = torch.arange(T, device=device)
+    is_fed = slot < n_fed
+    branch = torch.where(is_fed, -1, (slot - n_fed).div(n_masks, rounding_mode="floor"))
+    within = torch.where(is_fed, 0, (slot - n_fed) % n_masks)
+    anchor = torch.tensor(anchors, device=device)[branch.clamp(min=0)]
+    pos = torch.where(is_fed, slot, anchor + 1 + within)
+    sees_upto = torch.where(is_fed, slot, anchor)  # the last fed token each query may see
+    q, kk = slot[:, None], slot[None, :]
+    fed_keys = is_fed[None, :] & (kk <= sees_upto[:, None])
+    own_branch = ~is_fed[:, None] & ~is_fed[None, :] & (branch[:, None] == branch[None, :]) & (kk <= q)
+    cached = torch.ones(T, base, dtype=torch.bool, device=device)
+    return base + pos, torch.cat([cached, fed_keys | own_branch], 1)
+
+
+def pick_drafts(cand, conf, mask_id, threshold, limit, stop_ids) -> list[int]:
+    """The leading run of usable drafts of a branch: never the <MTP> id, never a non-finite confidence,
+    each at least `threshold` confident if one is given, at most `limit`, nothing after a stop token."""
+    drafts = []
+    for token, p in zip(cand.tolist(), conf.tolist()):
+        unsure = not math.isfinite(p) or (threshold is not None and p < threshold)
+        if len(drafts) == limit or token == mask_id or unsure:
+            break
+        drafts.append(token)
+        if token in stop_ids:
+            break
+    return drafts
+
+
+@torch.no_grad()
+def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, draft_threshold=None,
+                    layout: str = "quadratic", stop_ids=(), on_tokens=None, cache=None) -> Result:
+    """Each pass feeds, as real inputs, the pending token (the whole prompt in the first pass) and the
+    drafts the previous pass proposed. The logit at each fed token is the model's own next-token
+    prediction there; drafts are kept while they equal it, and the first mismatch is replaced by it (if
+    all are kept, the prediction after the last draft is a bonus token). Every emitted token is thus
+    the model's argmax after the committed tokens: exactly what k=1 decoding emits, in fewer passes.
+    layout "quadratic" (Samragh et al. 2025): a branch of k_max - 1 masks after every fed token, so
+    that whichever prefix is accepted, the branch after its last token holds drafts conditioned on it.
+    "simple": one branch after the last draft; after a rejection the next pass has no drafts."""
+    n_masks = k_max - 1
+    if n_masks < 1:
+        raise ValueError(f"--verify needs k_max >= 2 (k_max - 1 drafts per pass), not {k_max}")
+    if model.cfg.mask_id is None:
+        raise ValueError("this model has no <MTP> mask id; it cannot propose drafts")
+    if layout not in ("quadratic", "simple"):
+        raise ValueError(f"layout must be quadratic or simple, not {layout!r}")
+    if len(prompt) + max_new_tokens + n_masks > model.cfg.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the "
+                         f"model's context of {model.cfg.max_seq_len}; shorten the prompt or --max-new-tokens")
+    need = len(prompt) + max_new_tokens + k_max * k_max  # a pass holds at most k_max fed tokens + branches
+    if cache is None or cache.max_len < need:
+        cache = model.new_cache(need)
+    cache.truncate(0)
+    device = model.embed_tokens.weight.device
+    mask_id, stop_ids = model.cfg.mask_id, set(stop_ids)
+    known, drafts = list(prompt), []  # fed tokens already committed to the output / to be checked
+    out, chunks, fed_drafts, accepted_drafts, rows = [], [], 0, 0, 0
+    t0 = time.perf_counter()
+    while len(out) < max_new_tokens:
+        fed = known + drafts
+        first = len(known) - 1  # the fed token whose logit checks the first draft
+        anchors = list(range(first, len(fed))) if layout == "quadratic" else [len(fed) - 1]
+        base = cache.length
+        pos, mask = branch_layout(len(fed), anchors, n_masks, base, device)
+        idx = torch.tensor(fed + [mask_id] * (len(anchors) * n_masks), dtype=torch.long, device=device)[None]
+        slots = torch.arange(first, idx.size(1), device=device)[None]
+        logits = model(idx, pos, mask, cache=cache, slots=slots)[0].float()
+        conf, cand = candidates(model, logits)
+        rows += idx.size(1) if chunks else 0
+        own = cand[:len(drafts) + 1].tolist()  # the model's next token after fed[first], ..., fed[-1]
+        n_ok = 0
+        while n_ok < len(drafts) and drafts[n_ok] == own[n_ok]:
+            n_ok += 1
+        cache.truncate(base + len(known) + n_ok)  # the committed inputs are a prefix of the chunk
+        fed_drafts, accepted_drafts = fed_drafts + len(drafts), accepted_drafts + n_ok
+        new = drafts[:n_ok] + [own[n_ok]]  # accepted drafts + the model's token (correction or bonus)
+        stop_at = next((i for i, t in enumerate(new) if t in stop_ids), None)
+        if stop_at is not None:
+            new = new[:stop_at + 1]
+        out += new
+        chunks.append(len(new))
+        if on_tokens:
+            on_tokens(new)
+        if stop_at is not None or len(out) == max_new_tokens:
+            break
+        # the next drafts come from the branch after the last committed input, if there is one
+        anchor = first + n_ok
+        known, drafts = [own[n_ok]], []
+        if anchor in anchors:
+            row = len(own) + anchors.index(anchor) * n_masks
+            drafts = pick_drafts(cand[row:row + n_masks], conf[row:row + n_masks], mask_id, draft_threshold,
+                                 max_new_tokens - len(out) - 1, stop_ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return Result(out, len(chunks), time.perf_counter() - t0, chunks, fed_drafts, accepted_drafts, rows)
 
 
 @torch.no_grad()
@@ -199,7 +331,12 @@ def get_args(argv=None):
     p.add_argument("--prompt", default=None)
     p.add_argument("--k", type=int, default=None, help="static k: accept k tokens per pass (1 = plain decoding)")
     p.add_argument("--threshold", type=float, default=None, help="ConfAdapt: accept while top-1 prob >= this")
-    p.add_argument("--k-max", type=int, default=None, help="ConfAdapt block size (default: the model's, else 16)")
+    p.add_argument("--k-max", type=int, default=None, help="ConfAdapt block size, --verify: up to k_max - 1 "
+                   "drafts per pass (default: the model's, else 16)")
+    p.add_argument("--verify", action="store_true", help="lossless: the output of k = 1, with the model checking "
+                   "its own drafts (several tokens per pass where they hold)")
+    p.add_argument("--draft-threshold", type=float, default=None, help="--verify: feed only the leading drafts "
+                   "whose top-1 prob is >= this (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--no-chat", dest="chat", action="store_false", help="raw text, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -209,6 +346,7 @@ def get_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="first N problems of each --eval task (each BBH task)")
     p.add_argument("--offset", type=int, default=0, help="skip the first N problems of each task (to split a run)")
     p.add_argument("--eval-k", type=int, nargs="*", default=[], help="static k values to evaluate besides k=1")
+    p.add_argument("--eval-verify", action="store_true", help="add a --verify row to --eval (always with --sweep)")
     p.add_argument("--eval-threshold", type=float, nargs="*", default=[0.9], help="ConfAdapt thresholds to evaluate")
     p.add_argument("--sweep", action="store_true", help="k=1, static k=2..4, ConfAdapt 0.99..0.5; writes the "
                    "report and a figure")
@@ -236,7 +374,15 @@ def get_args(argv=None):
         p.error("--prompt is empty")
     if a.threshold is not None and a.k is not None:
         p.error("give either --k (static) or --threshold (ConfAdapt), not both")
-    for t in [a.threshold] + a.eval_threshold:
+    if a.verify and (a.k is not None or a.threshold is not None):
+        p.error("--verify checks its own drafts; it takes no --k or --threshold")
+    if a.verify and a.eval:
+        p.error("--verify decodes a --prompt; --eval does not evaluate it")
+    if a.draft_threshold is not None and not a.verify:
+        p.error("--draft-threshold is an option of --verify")
+    if a.verify and a.k_max is not None and a.k_max < 2:
+        p.error(f"--verify needs --k-max >= 2 (k_max - 1 drafts per pass), not {a.k_max}")
+    for t in [a.threshold, a.draft_threshold] + a.eval_threshold:
         if t is not None and not 0 < t <= 1:
             p.error(f"threshold {t} is outside (0, 1]")
     if a.k_max is not None and a.k_max < 1:
@@ -264,21 +410,28 @@ def main(argv=None):
     prompt = encode_prompt(tok, args.prompt, args.chat)
     stream = None if args.json else TextStream(tok, args.show_chunks)
     r = generate(model, prompt, args.max_new_tokens, k=k, threshold=args.threshold, k_max=args.k_max,
-                 stop_ids=tok.stop_ids, on_tokens=stream)
+                 stop_ids=tok.stop_ids, on_tokens=stream, verify=args.verify, draft_threshold=args.draft_threshold)
     if stream:
         stream.finish()
     if args.show_chunks:
         print("\n" + chunk_legend(), end="", file=sys.stderr)
     text = tok.decode([t for t in r.tokens if t not in tok.stop_ids])
+    name = strategy_name(k, args.threshold)
+    if args.verify:
+        name = f"verify(k_max {args.k_max}" + (f", drafts >= {args.draft_threshold}" if args.draft_threshold else "")
+        name += ")"
     if args.json:
         print(json.dumps({"text": text, "tokens": r.tokens, "passes": r.passes, "acceleration": r.acceleration,
-                          "tokens_per_s": r.tokens_per_s, "chunks": r.chunks,
-                          "strategy": strategy_name(k, args.threshold)}))
+                          "tokens_per_s": r.tokens_per_s, "chunks": r.chunks, "strategy": name,
+                          "drafts_fed": r.drafts_fed, "drafts_accepted": r.drafts_accepted,
+                          "draft_acceptance": r.draft_acceptance}))
     else:
         hist = " ".join(f"{n}:{c}" for n, c in sorted(Counter(r.chunks).items()))
-        print(f"\n[{strategy_name(k, args.threshold)}] {len(r.tokens)} new tokens in {r.passes} passes | "
-              f"acceleration {r.acceleration:.2f} | {r.tokens_per_s:.1f} tokens/s | chunk sizes {hist}",
-              file=sys.stderr)
+        drafts = ""
+        if args.verify:
+            drafts = f" | drafts accepted {r.drafts_accepted}/{r.drafts_fed} ({r.draft_acceptance:.0%})"
+        print(f"\n[{name}] {len(r.tokens)} new tokens in {r.passes} passes | acceleration {r.acceleration:.2f} | "
+              f"{r.tokens_per_s:.1f} tokens/s | chunk sizes {hist}{drafts}", file=sys.stderr)
 
 
 if __name__ == "__main__":

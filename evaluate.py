@@ -45,6 +45,8 @@ class Tally:
     answers: int = 0        # problems where a final answer can be read (GSM8K, BBH, JSONL)
     same_answer: int = 0
     nll: float = 0.0        # reference model's negative log-likelihood, summed over the new tokens
+    drafts_fed: int = 0     # verify: drafts fed as real inputs, and those the model confirmed
+    drafts_accepted: int = 0
 
     def add(self, other: "Tally") -> "Tally":
         for name, value in asdict(other).items():
@@ -58,7 +60,8 @@ class Tally:
                 "tokens_per_s": ratio(self.tokens, self.seconds),
                 "text_agreement_with_k1": ratio(self.same_text, self.problems),
                 "answer_agreement_with_k1": ratio(self.same_answer, self.answers),
-                "teacher_loss": ratio(self.nll, self.tokens), "new_tokens": self.tokens}
+                "teacher_loss": ratio(self.nll, self.tokens), "new_tokens": self.tokens,
+                "draft_acceptance": ratio(self.drafts_accepted, self.drafts_fed)}
 
 
 # -----------------------------------------------------------------------------
@@ -128,7 +131,8 @@ def strategies_of(args, k_max: int) -> list[tuple[int, float | None]]:
 def evaluate_model(model, tok, reference, reference_is_model: bool, tasks, args, k_max: int) -> dict:
     """Tallies per task and strategy, summed per domain and over everything."""
     strategies = strategies_of(args, k_max)
-    names = [strategy_name(k, t) for k, t in strategies] + [REFERENCE_ROW]
+    verify = args.eval_verify or args.sweep  # lossless: its text must equal k=1's (decode.generate_verify)
+    names = [strategy_name(k, t) for k, t in strategies] + (["verify"] if verify else []) + [REFERENCE_ROW]
     per_task = {}
     for task, problems in tasks.items():
         tallies = {name: Tally() for name in names}
@@ -137,6 +141,9 @@ def evaluate_model(model, tok, reference, reference_is_model: bool, tasks, args,
             results = {strategy_name(k, t): generate(model, prompt, args.max_new_tokens, k=k, threshold=t,
                                                      k_max=k_max, stop_ids=tok.stop_ids)
                        for k, t in strategies}
+            if verify:
+                results["verify"] = generate(model, prompt, args.max_new_tokens, k_max=k_max, verify=True,
+                                             stop_ids=tok.stop_ids)
             results[REFERENCE_ROW] = results["k=1"] if reference_is_model else \
                 generate(reference, prompt, args.max_new_tokens, stop_ids=tok.stop_ids)
             texts = {name: tok.decode([t for t in r.tokens if t not in tok.stop_ids]) for name, r in results.items()}
@@ -151,7 +158,8 @@ def evaluate_model(model, tok, reference, reference_is_model: bool, tasks, args,
                     problems=1, checked=correct is not None, correct=bool(correct), tokens=len(r.tokens),
                     passes=r.passes, seconds=r.seconds, same_text=r.tokens == k1_tokens,
                     answers=k1_answer is not None, same_answer=k1_answer is not None and answer == k1_answer,
-                    nll=teacher_nll(reference, prompt, r.tokens)))
+                    nll=teacher_nll(reference, prompt, r.tokens), drafts_fed=r.drafts_fed,
+                    drafts_accepted=r.drafts_accepted))
         per_task[task] = tallies
         print(f"{task} ({len(problems)}): " + " | ".join(
             f"{name} {describe(t.summary())}" for name, t in tallies.items()), file=sys.stderr, flush=True)
@@ -262,6 +270,10 @@ def plot(report: dict, path: Path):
             for n, x, y in zip(names[1:], xs[1:], ys[1:]):
                 quality.annotate(n[10:-1] if n.startswith("ConfAdapt") else n, (x, y), textcoords="offset points",
                                  xytext=(4, 4), fontsize=7, color=colour)
+        if "verify" in rows:  # lossless: the quality of k=1 at its own acceleration
+            v = rows["verify"]
+            quality.plot([v["acceleration"]], [v[measure]], "D", color=colour, markersize=8,
+                         label=f"{short_name(m['model'])}: verify (lossless)")
         ref = rows[REFERENCE_ROW]
         if m["reference"] not in drawn_references:
             drawn_references.add(m["reference"])

@@ -321,6 +321,9 @@ class Transformer(nn.Module):
         - model(idx, pos, mask): explicit positions (B, T) or (T,) and boolean mask (B, T, T) or
           (T, T), True = may attend. Training uses this for its MTP layout (distill.py).
         - model(idx, cache=cache): the next T tokens after cache.length; the cache advances by T.
+        - model(idx, pos, mask, cache=cache): the same with explicit positions (T,) and a boolean
+          mask (T, S) or (B, T, S) over the S = cache.length + T cached and new keys. Decoding with
+          --verify uses it to feed drafts with a mask branch after each (decode.py).
         Returns logits (B, T, vocab), or (B, P, vocab) at the given slots (B, P) only: the output
         layer is the costliest part of a step and training needs it at few slots."""
         B, T = idx.shape
@@ -330,9 +333,13 @@ class Transformer(nn.Module):
             if kv_start + T > cache.max_len:
                 raise ValueError(f"sequence of {kv_start + T} tokens does not fit the KV cache of "
                                  f"{cache.max_len}; use a shorter prompt or fewer new tokens")
-            pos = torch.arange(kv_start, kv_start + T, device=idx.device)
-            if T > 1:  # query i sees every cached position and the chunk's tokens up to itself
+            if pos is None:
+                pos = torch.arange(kv_start, kv_start + T, device=idx.device)
+            if mask is None and T > 1:  # query i sees every cached position and the chunk's tokens up to itself
                 mask = torch.ones(T, kv_start + T, dtype=torch.bool, device=idx.device).tril(kv_start)
+            if mask is not None and mask.shape[-2:] != (T, kv_start + T):
+                raise ValueError(f"a mask over a cache of {kv_start} and {T} new tokens must end in shape "
+                                 f"({T}, {kv_start + T}), not {tuple(mask.shape)}")
         elif pos is None:
             pos = torch.arange(T, device=idx.device)
         if mask is not None and mask.dim() == 3:

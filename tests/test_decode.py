@@ -10,7 +10,7 @@ import torch
 
 from conftest import FIXTURES, ROOT, need
 from data import extract_number, read_jsonl
-from decode import generate, generate_batch
+from decode import generate, generate_batch, pick_drafts
 from model import KVCache, ModelConfig
 
 PROMPTS = ["What is 12 times 7?", "Write a haiku about the sea.",
@@ -43,34 +43,41 @@ def test_batched_greedy_equals_one_by_one(smollm2):
 # -----------------------------------------------------------------------------
 # a scripted model: it "knows" the continuation and says how sure it is of each candidate
 
-MASK, STOP, V = 99, 98, 100
+MASK, STOP, WRONG, V = 99, 98, 97, 100
 
 
 class Scripted(torch.nn.Module):
-    """Candidate at the last real token = the true next token; at mask slot j = the true token j+1
-    ahead, with confidence conf(j). It records every call to check positions and inputs."""
+    """Candidate at a real token = the true next token; at the j-th mask slot after a real token = the
+    true token j+1 ahead of it, with confidence conf(j) (conf(0) at real tokens), or WRONG where the
+    predicted position is in `wrong`. Positions and visibility come from the call (pos, mask) as in the
+    real model. It records every call to check the cache length and the inputs."""
 
-    def __init__(self, truth, conf, wrong_after=None):
+    def __init__(self, truth, conf, wrong=()):
         super().__init__()
         self.cfg = ModelConfig(vocab_size=V, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8,
                                hidden_dim=8, max_seq_len=512, mask_id=MASK)
         self.embed_tokens = torch.nn.Embedding(V, 8)
-        self.truth, self.conf, self.calls = truth, conf, []
+        self.truth, self.conf, self.wrong, self.calls = truth, conf, set(wrong), []
 
     def new_cache(self, max_len, batch=1):
         return KVCache(self.cfg, max_len, batch, "cpu", torch.float32)
 
-    def forward(self, idx, cache=None, slots=None):
+    def forward(self, idx, pos=None, mask=None, cache=None, slots=None):
         start, T = cache.length, idx.size(1)
-        self.calls.append((start, idx[0].tolist()))
+        ids = idx[0].tolist()
+        pos = list(range(start, start + T)) if pos is None else pos.tolist()
+        self.calls.append((start, ids))
         cache.length += T
         out = []
         for s in slots[0].tolist():
-            j = s - slots[0, 0].item()  # 0 at the last real token, j at the j-th mask slot
-            pos = start + s + 1  # the absolute position this slot predicts
+            target = pos[s] + 1  # the absolute position this slot predicts
+            j = 0
+            if ids[s] == MASK:  # offset from the last real token this slot sees
+                j = pos[s] - max(pos[i] for i in range(T) if ids[i] != MASK and (mask is None or mask[s, start + i]))
             p = self.conf(j)
             probs = torch.full((V,), (1 - p) / (V - 1))  # top-1 probability exactly p
-            probs[self.truth[pos] if pos < len(self.truth) else STOP] = p
+            token = self.truth[target] if target < len(self.truth) else STOP
+            probs[WRONG if ids[s] == MASK and target in self.wrong else token] = p
             out.append(probs.log())
         return torch.stack(out)[None]
 
@@ -113,6 +120,101 @@ def test_stop_token_inside_chunk_cuts_output():
 
 
 # -----------------------------------------------------------------------------
+# --verify against the scripted model: each expected value below is worked out by hand from the rule
+# (feed pending + drafts, keep drafts while they equal the model's token, then its token; drafts for
+# the next pass from the branch after the last committed input). Prompt at positions 0..3, k_max 4.
+
+M3 = [MASK] * 3
+PROMPT = [1, 2, 3, 4]
+TRUTH = PROMPT + list(range(10, 60))
+
+
+def run_verify(max_new, wrong=(), conf=lambda j: 0.99, truth=TRUTH, **kw):
+    model = Scripted(truth, conf, wrong)
+    cache = model.new_cache(200)
+    r = generate(model, PROMPT, max_new, verify=True, k_max=4, cache=cache, stop_ids={STOP}, **kw)
+    starts = [start for start, _ in model.calls]  # the committed cache length before each pass
+    return r, [inp for _, inp in model.calls], starts + [cache.length]
+
+
+def test_verify_accept_all_with_bonus_tokens():
+    r, inputs, cache_len = run_verify(11)
+    assert r.tokens == list(range(10, 21))
+    assert inputs == [PROMPT + M3, [10, 11, 12, 13] + M3 * 4, [14, 15, 16, 17] + M3 * 4,
+                      [18, 19] + M3 * 2]  # the last pass: 2 tokens left, so one draft
+    assert r.chunks == [1, 4, 4, 2] and r.passes == 4
+    assert cache_len == [0, 4, 8, 12, 14]
+    assert (r.drafts_fed, r.drafts_accepted) == (7, 7)
+
+
+def test_verify_reject_first_draft():
+    r, inputs, cache_len = run_verify(8, wrong={5})  # every draft for position 5 is wrong
+    assert r.tokens == list(range(10, 18))
+    # pass 2 rejects WRONG at once: 11 replaces it, and the branch after 10 already holds 12, 13, 14
+    assert inputs == [PROMPT + M3, [10, WRONG, 12, 13] + M3 * 4, [11, 12, 13, 14] + M3 * 4, [15, 16] + M3 * 2]
+    assert r.chunks == [1, 1, 4, 2]
+    assert cache_len == [0, 4, 5, 9, 11]
+    assert (r.drafts_fed, r.drafts_accepted) == (7, 4)
+
+
+def test_verify_reject_first_draft_simple_layout_loses_a_pass():
+    r, inputs, cache_len = run_verify(8, wrong={5}, layout="simple")
+    assert r.tokens == list(range(10, 18))
+    # one branch, after the last draft: after the rejection the next pass has no drafts
+    assert inputs == [PROMPT + M3, [10, WRONG, 12, 13] + M3, [11] + M3, [12, 13, 14, 15] + M3, [16] + M3]
+    assert r.chunks == [1, 1, 1, 4, 1]
+    assert cache_len == [0, 4, 5, 6, 10, 11]
+    assert (r.drafts_fed, r.drafts_accepted) == (6, 3)
+
+
+def test_verify_reject_middle_draft():
+    r, inputs, cache_len = run_verify(8, wrong={6})
+    assert r.tokens == list(range(10, 18))
+    # 11 is kept, WRONG is replaced by 12; the branch after 11 proposes 13, 14, 15
+    assert inputs == [PROMPT + M3, [10, 11, WRONG, 13] + M3 * 4, [12, 13, 14, 15] + M3 * 4, [16] + M3]
+    assert r.chunks == [1, 2, 4, 1]
+    assert cache_len == [0, 4, 6, 10, 11]
+    assert (r.drafts_fed, r.drafts_accepted) == (6, 4)
+
+
+def test_verify_stop_token_inside_drafts():
+    truth = PROMPT + [10, 11, STOP, 13, 14, 15, 16, 17]
+    r, inputs, _ = run_verify(50, truth=truth)
+    # nothing is drafted after the stop token; the accepted stop token ends the output
+    assert inputs == [PROMPT + M3, [10, 11, STOP] + M3 * 3]
+    assert r.tokens == [10, 11, STOP] and r.chunks == [1, 2]
+    assert (r.drafts_fed, r.drafts_accepted) == (2, 2)
+    # the model's own correction is the stop token
+    r, inputs, _ = run_verify(50, wrong={6}, truth=PROMPT + [10, 11, STOP, 13, 14])
+    assert inputs == [PROMPT + M3, [10, 11, WRONG, 13] + M3 * 4]
+    assert r.tokens == [10, 11, STOP] and (r.drafts_fed, r.drafts_accepted) == (3, 1)
+
+
+@pytest.mark.parametrize("conf,threshold", [
+    (lambda j: [0.99, 0.95, 0.6, 0.99][j], 0.9),            # the second draft is not confident enough
+    (lambda j: [0.99, 0.95, float("nan"), 0.99][j], None),  # a non-finite confidence is never a draft
+])
+def test_verify_feeds_only_leading_usable_drafts(conf, threshold):
+    r, inputs, cache_len = run_verify(6, conf=conf, draft_threshold=threshold)
+    assert r.tokens == list(range(10, 16))
+    assert inputs == [PROMPT + M3, [10, 11] + M3 * 2, [12, 13] + M3 * 2, [14] + M3]
+    assert r.chunks == [1, 2, 2, 1]
+    assert cache_len == [0, 4, 6, 8, 9]
+
+
+def test_pick_drafts_rules():
+    cand = torch.tensor([5, 6, 7, 8])
+    conf = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    assert pick_drafts(cand, conf, MASK, None, 3, set()) == [5, 6, 7]
+    assert pick_drafts(cand, conf, MASK, 0.75, 9, set()) == [5, 6]
+    assert pick_drafts(cand, conf, MASK, None, 9, {6}) == [5, 6]
+    assert pick_drafts(torch.tensor([5, MASK, 7]), conf[:3], MASK, None, 9, set()) == [5]
+    for bad in (float("nan"), float("inf")):
+        assert pick_drafts(cand, torch.tensor([0.9, bad, 0.9, 0.9]), MASK, None, 9, set()) == [5]
+    assert pick_drafts(cand, conf, MASK, None, 0, set()) == []
+
+
+# -----------------------------------------------------------------------------
 # evaluation helpers and the command line
 
 def test_extract_number_reads_every_gsm8k_gold_answer(fixtures):
@@ -145,6 +247,19 @@ def test_cli_json_and_eval(smollm2_gguf, tmp_path):
     assert rows["k=2"]["acceleration"] == pytest.approx(2.0, abs=0.3)
 
 
+def test_cli_verify_json_is_k1_output(smollm2_gguf):
+    common = ["--init", str(smollm2_gguf), "--prompt", "Name three colors.", "--max-new-tokens", "16", "--json"]
+    k1 = run_cli(*common)
+    r = run_cli(*common, "--verify", "--k-max", "3")
+    assert k1.returncode == 0 and r.returncode == 0, r.stderr
+    k1, out = json.loads(k1.stdout), json.loads(r.stdout)
+    assert out["tokens"] == k1["tokens"] and out["text"] == k1["text"]
+    assert out["strategy"] == "verify(k_max 3)" and sum(out["chunks"]) == len(out["tokens"])
+    assert 0 <= out["drafts_accepted"] <= out["drafts_fed"] and out["passes"] == len(out["chunks"])
+    r = run_cli(*common[:-1], "--verify", "--k-max", "3")  # the stats line
+    assert r.returncode == 0 and f"drafts accepted {out['drafts_accepted']}/{out['drafts_fed']}" in r.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "hi", "--threshold", "0"], "outside (0, 1]"),
@@ -153,6 +268,14 @@ def test_cli_json_and_eval(smollm2_gguf, tmp_path):
     (["--prompt", "hi", "--k", "17"], "outside 1..k_max"),
     (["--init", "no-such-model", "--prompt", "hi"], "not a preset"),
     (["--prompt", "word " * 9000, "--no-chat"], "exceeds the model's context"),
+    (["--prompt", "hi", "--verify", "--k", "2"], "takes no --k or --threshold"),
+    (["--prompt", "hi", "--verify", "--threshold", "0.9"], "takes no --k or --threshold"),
+    (["--prompt", "hi", "--verify", "--draft-threshold", "0"], "outside (0, 1]"),
+    (["--prompt", "hi", "--verify", "--draft-threshold", "1.5"], "outside (0, 1]"),
+    (["--prompt", "hi", "--verify", "--draft-threshold", "nan"], "outside (0, 1]"),
+    (["--prompt", "hi", "--draft-threshold", "0.5"], "an option of --verify"),
+    (["--prompt", "hi", "--verify", "--k-max", "1"], "needs --k-max >= 2"),
+    (["--eval", "gsm8k", "--verify"], "--eval does not evaluate it"),
 ])
 def test_cli_bad_input(smollm2_gguf, args, message):
     if "--init" not in args:

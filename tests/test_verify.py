@@ -1,0 +1,193 @@
+"""--verify on real weights: its output is, token for token, that of k=1 decoding and of transformers'
+greedy generate, whatever the drafts; a cache pass with explicit positions and mask equals plain
+forwards over prefix + branch; the drafts it feeds are those a plain forward over prefix + masks gives."""
+import random
+
+import pytest
+import torch
+import transformers
+
+from decode import branch_layout, generate
+from distill import build_batch
+from model import Transformer
+
+TOL = 1e-4
+V, MASK = 300, 299
+
+
+def tiny(tmp_path, family, tied):
+    """A random 2-layer Llama or Qwen3 (transformers' own), and ours loaded from it with a mask id."""
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+    cfg = cls[0](vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.2,
+                 tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    hf = cls[1](cfg).eval()
+    hf.generation_config.eos_token_id = None  # stop only where a test says so
+    hf.save_pretrained(tmp_path / family)
+    model = Transformer.from_pretrained(str(tmp_path / family), add_mask=False)
+    model.cfg.mask_id = MASK
+    return hf, model
+
+
+def hf_greedy(hf, prompt, max_new, stop=None):
+    idx = torch.tensor([prompt])
+    out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new, do_sample=False,
+                      eos_token_id=stop, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+class DraftOracle(torch.nn.Module):
+    """The real model, except that at <MTP> slots it proposes the reference continuation with
+    probability p_right (else a random token), at a random confidence: drafts that are often right
+    and rejected at random places. The logits at real tokens, which decide the output, are the model's."""
+
+    def __init__(self, model, text, p_right, seed):
+        super().__init__()
+        self.model, self.cfg, self.embed_tokens = model, model.cfg, model.embed_tokens
+        self.text, self.p_right, self.rng = text, p_right, random.Random(seed)
+
+    def new_cache(self, max_len, batch=1):
+        return self.model.new_cache(max_len, batch)
+
+    def forward(self, idx, pos=None, mask=None, cache=None, slots=None):
+        start = cache.length
+        logits = self.model(idx, pos, mask, cache=cache, slots=slots)
+        pos = torch.arange(start, start + idx.size(1)) if pos is None else pos
+        for i, s in enumerate(slots[0].tolist()):
+            if idx[0, s] == MASK:
+                target = pos[s].item() + 1
+                token = self.text[target] if target < len(self.text) else 0
+                if self.rng.random() > self.p_right:
+                    token = self.rng.randrange(V)
+                logits[0, i, token] = logits[0, i].max() + self.rng.choice([0.5, 2.0, 8.0])
+        return logits
+
+
+# (k_max, draft threshold, layout, p_right of the oracle or None for the model's own drafts)
+SETTINGS = [(2, None, "quadratic", None), (4, None, "quadratic", None), (8, None, "simple", None),
+            (3, None, "quadratic", 0.7), (4, 0.5, "quadratic", 0.8), (5, None, "simple", 0.8),
+            (6, None, "quadratic", 1.0), (7, 0.9, "quadratic", 0.6), (8, 0.3, "quadratic", 0.9),
+            (8, None, "simple", 1.0)]
+
+
+def check_verify(model, prompt, max_new, want, stop_ids, settings, seed=0):
+    for k_max, threshold, layout, p_right in settings:
+        m = model if p_right is None else DraftOracle(model, prompt + want, p_right, seed)
+        r = generate(m, prompt, max_new, verify=True, k_max=k_max, draft_threshold=threshold, layout=layout,
+                     stop_ids=stop_ids)
+        setting = (k_max, threshold, layout, p_right)
+        assert r.tokens == want, setting
+        assert sum(r.chunks) == len(want) and r.passes == len(r.chunks), setting
+        assert 0 <= r.drafts_accepted <= r.drafts_fed, setting
+        assert max(r.chunks) <= k_max, setting
+        if p_right == 1.0 and threshold is None:  # right drafts are always kept
+            assert r.drafts_accepted == r.drafts_fed > 0, setting
+            assert r.passes < len(want), setting
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("qwen3", False)])
+def test_verify_equals_k1_and_transformers_on_tiny_models(tmp_path, family, tied):
+    hf, model = tiny(tmp_path, family, tied)
+    g = torch.Generator().manual_seed(1)
+    early_stops = 0
+    for n in range(6):
+        prompt = torch.randint(0, MASK, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
+        max_new = 40 - 3 * n
+        free = hf_greedy(hf, prompt, max_new)
+        # odd prompts stop early: at the first occurrence of a token that first appears after a few tokens
+        late = [t for i, t in enumerate(free) if i >= 4 and t not in free[:i]]
+        stop = late[0] if n % 2 and late else None
+        want = hf_greedy(hf, prompt, max_new, stop)
+        early_stops += len(want) < max_new
+        stop_ids = {stop} if stop is not None else set()
+        assert generate(model, prompt, max_new, stop_ids=stop_ids).tokens == want  # k=1
+        check_verify(model, prompt, max_new, want, stop_ids, SETTINGS, seed=n)
+    assert early_stops > 0
+
+
+def test_verify_equals_transformers_on_smollm2(smollm2, smollm2_hf):
+    tok = smollm2.tokenizer
+    stop = sorted(tok.stop_ids)
+    texts = ["What is 12 times 7?", "Say hello.", "Name three colors. Be brief."]  # the last two stop early
+    settings = [(4, None, "quadratic", None), (8, None, "simple", None), (3, 0.2, "quadratic", None),
+                (6, None, "quadratic", 0.8), (5, 0.5, "simple", 0.9)]
+    stopped_early = 0
+    for text in texts:
+        prompt = tok.encode_chat([{"role": "user", "content": text}])
+        want = smollm2_hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=stop,
+                                   pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
+        stopped_early += len(want) < 32
+        check_verify(smollm2, prompt, 32, want, tok.stop_ids, settings)
+    assert stopped_early > 0
+
+
+# -----------------------------------------------------------------------------
+# the layout of a verify pass
+
+def test_branch_layout_is_the_training_layout():
+    """With a branch after every fed token, positions and visibility are build_batch's (distill.py)
+    for a branch after every token, shifted past the cached tokens, which every query sees."""
+    fed, k, base = 5, 4, 7
+    pos, mask = branch_layout(fed, list(range(fed)), k - 1, base, "cpu")
+    b = build_batch(torch.arange(fed)[None], torch.tensor([fed]), k, MASK, branch_every=1)
+    assert torch.equal(pos, b.pos[0] + base)
+    assert mask[:, :base].all()
+    assert torch.equal(mask[:, base:], b.mask[0])
+
+
+@pytest.mark.parametrize("family,tied", [("llama", True), ("qwen3", False)])
+@pytest.mark.parametrize("n_masks", [1, 3, 7])
+def test_cache_pass_with_mask_equals_plain_forward(tmp_path, family, tied, n_masks):
+    _, model = tiny(tmp_path, family, tied)
+    g = torch.Generator().manual_seed(n_masks)
+    prefix, fed = torch.randint(0, MASK, (1, 11), generator=g), torch.randint(0, MASK, (1, 4), generator=g)
+    for anchors in ([0, 1, 2, 3], [3], [1, 3]):
+        cache = model.new_cache(64)
+        with torch.no_grad():
+            model(prefix, cache=cache)  # the committed tokens, through the plain cache call
+            pos, mask = branch_layout(4, anchors, n_masks, cache.length, "cpu")
+            idx = torch.cat([fed, torch.full((1, len(anchors) * n_masks), MASK)], 1)
+            got = model(idx, pos, mask, cache=cache)[0]
+            assert cache.length == 11 + idx.size(1)
+            plain = model(torch.cat([prefix, fed], 1))[0, 11:]
+            assert (got[:4] - plain).abs().max().item() <= TOL  # fed tokens: causal
+            for b, i in enumerate(anchors):  # branch after fed token i = prefix + fed[:i+1] + masks
+                ref = model(torch.cat([prefix, fed[:, :i + 1], torch.full((1, n_masks), MASK)], 1))[0, -n_masks:]
+                rows = got[4 + b * n_masks:4 + (b + 1) * n_masks]
+                assert (rows - ref).abs().max().item() <= TOL
+        # after truncation to an accepted prefix the cache goes on exactly as if only it was fed
+        cache.truncate(11 + 2)
+        with torch.no_grad():
+            tail = model(fed[:, 2:], cache=cache)[0]
+        assert (tail - plain[2:]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("layout", ["quadratic", "simple"])
+def test_fed_drafts_are_plain_forward_predictions(tmp_path, layout):
+    """Every draft fed in a pass is the argmax, at its mask slot, of a plain forward over the committed
+    tokens before the pending one + k_max - 1 masks (up to float32 rounding)."""
+    _, model = tiny(tmp_path, "llama", False)
+    calls = []
+    forward = model.forward
+
+    def spy(idx, pos=None, mask=None, cache=None, slots=None):
+        calls.append((idx[0].tolist(), None if pos is None else pos[0].item()))
+        return forward(idx, pos, mask, cache=cache, slots=slots)
+
+    model.forward = spy
+    prompt, k_max = [5, 17, 42, 8, 99, 3], 5
+    r = generate(model, prompt, 30, verify=True, k_max=k_max, layout=layout)
+    model.forward = forward
+    text, checked = prompt + r.tokens, 0
+    for inp, pos0 in calls[1:]:
+        drafts = [t for t in inp[1:] if t != MASK]
+        if not drafts:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([text[:pos0] + [MASK] * (k_max - 1)]))[0, pos0 - 1:].softmax(-1)
+        for j, d in enumerate(drafts):  # the mask at position pos0 + j proposes the token at pos0 + j + 1
+            assert logits[j + 1, d] >= logits[j + 1].max() - TOL
+            checked += 1
+    assert checked > 0
