@@ -49,13 +49,26 @@ class Result:
         return len(self.tokens) / max(self.seconds, 1e-9)
 
 
-def candidates(model, logits):
-    """(top-1 probability, argmax) per slot. <MTP> is an input, never a token of the text."""
-    if not torch.isfinite(logits).all():
+def candidates(model, logits, trusted: int):
+    """(top-1 probability, argmax) per slot. <MTP> is an input, never a token of the text. The first
+    `trusted` slots are accepted whatever their confidence, so they must be finite; elsewhere a
+    non-finite confidence just never clears a threshold."""
+    if not torch.isfinite(logits[:trusted]).all():
         raise ValueError("the model produced non-finite logits (NaN/inf weights?); nothing to decode")
     if model.cfg.mask_id is not None:
         logits[:, model.cfg.mask_id] = -float("inf")
     return logits.softmax(-1).max(-1)
+
+
+def commit(tokens: list[int], stop_ids, out: list[int], chunks: list[int], on_tokens) -> bool:
+    """Append one pass's accepted tokens to the output, cut after a stop token; True if it stopped."""
+    stop_at = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+    tokens = tokens if stop_at is None else tokens[:stop_at + 1]
+    out += tokens
+    chunks.append(len(tokens))
+    if on_tokens:
+        on_tokens(tokens)
+    return stop_at is not None
 
 
 @torch.no_grad()
@@ -94,21 +107,14 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
         slots = torch.arange(len(pending) - 1, inp.size(1), device=device)[None]  # last real token + masks
         logits = model(inp, cache=cache, slots=slots)[0].float()
         cache.truncate(cache.length - n_masks)  # drop the mask slots' keys/values
-        conf, cand = candidates(model, logits)
+        conf, cand = candidates(model, logits, k if threshold is None else 1)
         if threshold is None:
             n = k
         else:
             clears = conf >= threshold  # (a NaN confidence never clears it)
             n = max(1, len(cand) if clears.all() else int(clears.int().argmin()))
         accepted = cand[:min(n, max_new_tokens - len(out))].tolist()
-        stop_at = next((i for i, t in enumerate(accepted) if t in stop_ids), None)
-        if stop_at is not None:
-            accepted = accepted[:stop_at + 1]
-        out += accepted
-        chunks.append(len(accepted))
-        if on_tokens:
-            on_tokens(accepted)
-        if stop_at is not None:
+        if commit(accepted, stop_ids, out, chunks, on_tokens):
             break
         pending = torch.tensor(accepted, dtype=torch.long, device=device)
     if device.type == "cuda":
@@ -193,7 +199,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
         idx = torch.tensor(fed + [mask_id] * (len(anchors) * n_masks), dtype=torch.long, device=device)[None]
         slots = torch.arange(first, idx.size(1), device=device)[None]
         logits = model(idx, pos, mask, cache=cache, slots=slots)[0].float()
-        conf, cand = candidates(model, logits)
+        conf, cand = candidates(model, logits, len(drafts) + 1)  # the model's own tokens at the fed inputs
         rows += idx.size(1) if chunks else 0
         own = cand[:len(drafts) + 1].tolist()  # the model's next token after fed[first], ..., fed[-1]
         n_ok = 0
@@ -202,14 +208,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
         cache.truncate(base + len(known) + n_ok)  # the committed inputs are a prefix of the chunk
         fed_drafts, accepted_drafts = fed_drafts + len(drafts), accepted_drafts + n_ok
         new = drafts[:n_ok] + [own[n_ok]]  # accepted drafts + the model's token (correction or bonus)
-        stop_at = next((i for i, t in enumerate(new) if t in stop_ids), None)
-        if stop_at is not None:
-            new = new[:stop_at + 1]
-        out += new
-        chunks.append(len(new))
-        if on_tokens:
-            on_tokens(new)
-        if stop_at is not None or len(out) == max_new_tokens:
+        if commit(new, stop_ids, out, chunks, on_tokens) or len(out) == max_new_tokens:
             break
         # the next drafts come from the branch after the last committed input, if there is one
         anchor = first + n_ok
