@@ -257,8 +257,9 @@ def test_sweep_writes_report_and_figure(fixtures, tiny_pair, tmp_path):
     names = ["k=1", "k=2", "k=3", "k=4"] + [f"ConfAdapt({t})" for t in (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)]
     for m in report["models"]:
         rows = m["domains"]["gsm8k"]
-        assert list(rows) == names + ["reference k=1"] and list(m["tasks"]) == ["gsm8k"]
+        assert list(rows) == names + ["verify", "reference k=1"] and list(m["tasks"]) == ["gsm8k"]
         assert rows["k=1"]["text_agreement_with_k1"] == 1.0 and rows["k=1"]["acceleration"] == 1.0
+        assert rows["verify"]["text_agreement_with_k1"] == 1.0  # lossless
         for k in (2, 3, 4):  # 4 new tokens in passes of k, unless a stop token ends one early
             assert 1.0 < rows[f"k={k}"]["acceleration"] <= k
         assert all(s["problems"] == 2 and s["teacher_loss"] > 0 for s in rows.values())
