@@ -628,6 +628,7 @@ def main(args):
     model_state = save_checkpoint(run, step)
     if run.master:
         save_model(run, step, model_state)
+    if run.master or args.fsdp:  # a sharded student needs every process for a forward pass
         summary(run)
     if run.ddp:
         dist.destroy_process_group()
