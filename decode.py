@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from distill import branch_layout as branch_layout_of_chunk
+
 DEFAULT_OUT = Path("out")  # where train.py writes its final model
 
 
@@ -127,23 +129,12 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
 
 def branch_layout(n_fed: int, anchors: list[int], n_masks: int, base: int, device):
     """RoPE positions (T,) and attention mask (T, base + T) of a pass over `base` cached tokens that
-    feeds n_fed real tokens, then a branch of n_masks <MTP> slots after each fed token in `anchors`.
-    It is the training layout of distill.build_batch (METHOD.md, "Layout"): a branch after fed token i
-    takes the positions after i and sees the cache, fed tokens 0..i and its own earlier slots only, so
-    its logits are those of a plain forward over `cache + fed[:i+1] + masks`. Fed tokens are causal."""
-    T = n_fed + len(anchors) * n_masks
-    slot = torch.arange(T, device=device)
-    is_fed = slot < n_fed
-    branch = torch.where(is_fed, -1, (slot - n_fed).div(n_masks, rounding_mode="floor"))
-    within = torch.where(is_fed, 0, (slot - n_fed) % n_masks)
-    anchor = torch.tensor(anchors, device=device)[branch.clamp(min=0)]
-    pos = torch.where(is_fed, slot, anchor + 1 + within)
-    sees_upto = torch.where(is_fed, slot, anchor)  # the last fed token each query may see
-    q, kk = slot[:, None], slot[None, :]
-    fed_keys = is_fed[None, :] & (kk <= sees_upto[:, None])
-    own_branch = ~is_fed[:, None] & ~is_fed[None, :] & (branch[:, None] == branch[None, :]) & (kk <= q)
-    cached = torch.ones(T, base, dtype=torch.bool, device=device)
-    return base + pos, torch.cat([cached, fed_keys | own_branch], 1)
+    feeds n_fed real tokens, then a branch of n_masks <MTP> slots after each fed token in `anchors`:
+    the training layout (distill.branch_layout), so a branch after fed token i gives the logits of a
+    plain forward over `cache + fed[:i+1] + masks`; every query also sees the whole cache."""
+    pos, mask = branch_layout_of_chunk(n_fed, torch.tensor(anchors, device=device), n_masks)
+    cached = torch.ones(len(pos), base, dtype=torch.bool, device=device)
+    return base + pos, torch.cat([cached, mask], 1)
 
 
 def pick_drafts(cand, conf, mask_id, threshold, limit, stop_ids) -> list[int]:

@@ -29,6 +29,25 @@ class MTPBatch:
     k: int
 
 
+def branch_layout(n_real: int, anchors: torch.Tensor, n_masks: int):
+    """RoPE positions (T,) and attention mask (T, T), True = may attend, of n_real real tokens followed
+    by a branch of n_masks <MTP> slots after each real token in `anchors` (T = n_real + branches).
+    A branch after token i takes positions i+1 .. i+n_masks and sees real tokens 0..i and its own
+    earlier slots only (METHOD.md, "Layout"); real tokens are causal. decode.py's --verify uses it too."""
+    T = n_real + len(anchors) * n_masks
+    slot = torch.arange(T, device=anchors.device)
+    is_real = slot < n_real
+    branch = torch.where(is_real, -1, (slot - n_real).div(n_masks, rounding_mode="floor"))
+    within = torch.where(is_real, 0, (slot - n_real) % n_masks)  # 0..n_masks-1 inside a branch
+    anchor_of = anchors[branch.clamp(min=0)]
+    pos = torch.where(is_real, slot, anchor_of + 1 + within)
+    sees_upto = torch.where(is_real, slot, anchor_of)  # the last real token each query may see
+    q, kk = slot[:, None], slot[None, :]
+    real_keys = is_real[None, :] & (kk <= sees_upto[:, None])
+    own_branch = ~is_real[:, None] & ~is_real[None, :] & (branch[:, None] == branch[None, :]) & (kk <= q)
+    return pos, real_keys | own_branch
+
+
 def build_batch(tokens, lengths, k, mask_id, branch_every, start=None, generator=None) -> MTPBatch:
     """tokens: (B, L) padded ground truth, lengths: (B,) real tokens per row (the last one EOS).
     Branches are cut every `branch_every` tokens from a random offset (METHOD.md: the random offset
@@ -44,19 +63,8 @@ def build_batch(tokens, lengths, k, mask_id, branch_every, start=None, generator
     start = torch.zeros(B, dtype=torch.long, device=dev) if start is None else start
     valid_branch = (cuts[None] >= start[:, None]) & (cuts[None] + k <= lengths[:, None] - 1)  # (B, nb)
 
-    # slot bookkeeping: ground truth in [0, L), branch b's masks in [L + b*m, L + (b+1)*m)
-    slot = torch.arange(S, device=dev)
-    is_gt = slot < L
-    branch = torch.where(is_gt, -1, (slot - L).div(m, rounding_mode="floor"))
-    within = torch.where(is_gt, 0, (slot - L) % m)  # 0..m-1 inside a branch
-    cut_of = cuts[branch.clamp(min=0)]
-    pos = torch.where(is_gt, slot, cut_of + 1 + within)
-    sees_upto = torch.where(is_gt, slot, cut_of)  # last ground-truth slot each query may see
-
-    q, kk = slot[:, None], slot[None, :]
-    gt_keys = is_gt[None, :] & (kk <= sees_upto[:, None])
-    own_branch = ~is_gt[:, None] & ~is_gt[None, :] & (branch[:, None] == branch[None, :]) & (kk <= q)
-    mask = (gt_keys | own_branch)[None].expand(B, S, S)
+    pos, mask = branch_layout(L, cuts, m)
+    mask = mask[None].expand(B, S, S)
 
     idx = torch.cat([tokens, torch.full((B, nb * m), mask_id, dtype=tokens.dtype, device=dev)], 1)
     # predictions of branch b: the logit at x_i (offset 1), then at its masks (offsets 2..k)

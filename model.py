@@ -126,16 +126,21 @@ def cpu_bf16_is_fast() -> bool:
 
     def seconds(dtype):
         a, b = torch.randn(64, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
-        best = float("inf")
-        for _ in range(6):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        return best
+        return best_seconds(lambda: a @ b)
     try:
         return seconds(torch.bfloat16) < seconds(torch.float32)
     finally:
         torch.set_num_threads(threads)
+
+
+def best_seconds(fn, reps: int = 6) -> float:
+    """The fastest of reps timed calls: the least disturbed by whatever else the machine runs."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def cpu_flags() -> str:
@@ -157,8 +162,8 @@ class Linear(nn.Linear):
     """nn.Linear with a second kernel for the few rows of a decode pass on a CPU (1 token, or the
     accepted tokens + masks): W @ x^T (a matrix-vector product for one row). Which one reads the
     weights faster depends on the CPU and the dtype (bfloat16 with AMX: W @ x^T, ~25% faster;
-    float32 with MKL: F.linear here, W @ x^T on some AVX2 CPUs), so it is measured, once per dtype
-    and row count (few_row_kernel_wins). Training and large batches always use nn.Linear."""
+    float32 with MKL: F.linear here, W @ x^T on some AVX2 CPUs), so it is measured, once per dtype,
+    row count and weight shape (few_row_kernel_wins). Training and large batches always use nn.Linear."""
 
     def forward(self, x):
         rows = x.numel() // x.size(-1)
@@ -175,20 +180,14 @@ class Linear(nn.Linear):
 @functools.cache
 def few_row_kernel_wins(dtype: torch.dtype, rows: int, n_out: int, n_in: int) -> bool:
     """Is W @ x^T at least 10% faster than F.linear for `rows` rows through an n_out x n_in weight
-    of this dtype on this CPU? Timed once (best of 5) over copies of the weight that together
+    of this dtype on this CPU? Timed once (best_seconds) over copies of the weight that together
     exceed the caches, so that both kernels stream from memory, as in a decode pass."""
     copies = max(1, (32 << 20) // (n_out * n_in * torch.finfo(dtype).bits // 8))
     ws = [torch.randn(n_out, n_in, dtype=dtype) for _ in range(copies)]
     x = torch.randn(rows, n_in, dtype=dtype)
 
     def seconds(product):
-        best = float("inf")
-        for _ in range(6):
-            t0 = time.perf_counter()
-            for w in ws:
-                product(w)
-            best = min(best, time.perf_counter() - t0)
-        return best
+        return best_seconds(lambda: [product(w) for w in ws])
     few = (lambda w: torch.mv(w, x[0])) if rows == 1 else (lambda w: torch.mm(w, x.t()).t().contiguous())
     return seconds(few) < 0.9 * seconds(lambda w: F.linear(x, w))
 
@@ -499,7 +498,10 @@ class cleanup_on_failure:
     def __exit__(self, kind, error, tb):
         if error is None:
             return False
-        shutil.rmtree(self.partial, ignore_errors=True) if self.partial.is_dir() else self.partial.unlink(missing_ok=True)
+        if self.partial.is_dir():
+            shutil.rmtree(self.partial, ignore_errors=True)
+        else:
+            self.partial.unlink(missing_ok=True)
         full = isinstance(error, OSError) and error.errno == errno.ENOSPC
         if full or (isinstance(error, Exception) and shutil.disk_usage(self.partial.parent).free < self.nbytes):
             self.check_space(failed=True)
