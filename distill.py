@@ -87,6 +87,33 @@ def mtp_loss(student, teacher, batch: MTPBatch, soft: bool = False, denom=None):
     teacher_idx = batch.idx.scatter(1, batch.fill, y)
     with torch.no_grad():
         t = teacher(teacher_idx, batch.pos, batch.mask, slots=batch.pred).float()
+    return distillation_loss(s, t, batch, soft, denom)
+
+
+def mtp_loss_gated(model, batch: MTPBatch, soft: bool = False, denom=None):
+    """mtp_loss for a gated-LoRA model (Transformer.add_lora), the same loss and gradients, cheaper.
+    Real tokens see the original weights, so the teacher is the model itself, and the ground truth
+    part of a row is the same in student and teacher: it runs once, without gradient, and leaves its
+    keys and values in a cache. Only the branch slots run twice over that cache: as <MTP> slots for
+    the student (with gradient), then holding the student's own tokens for the teacher."""
+    k, (B, S), n_slots = batch.k, batch.idx.shape, batch.fill.size(1)
+    L = S - n_slots  # ground-truth slots; the branch slots follow
+    cache = model.new_cache(L, B)
+    with torch.no_grad():  # offset 1 of every branch: the logit at its cut, where student == teacher
+        at_cut = model(batch.idx[:, :L], cache=cache, slots=batch.pred[:, ::k]).float()[:, :, None]
+    branches = dict(pos=batch.pos[:, L:], mask=batch.mask[:, L:], cache=cache, keep=False)
+    s = model(batch.idx[:, L:], **branches).float().view(B, -1, k - 1, at_cut.size(-1))
+    s = torch.cat([at_cut, s], 2).flatten(1, 2)  # (B, P, V) in the order of batch.pred
+    y = s.detach().argmax(-1).view(B, -1, k)[:, :, :k - 1].reshape(B, -1)
+    with torch.no_grad():
+        t = model(y, **branches).float().view(B, -1, k - 1, at_cut.size(-1))
+    t = torch.cat([at_cut, t], 2).flatten(1, 2)
+    return distillation_loss(s, t, batch, soft, denom)
+
+
+def distillation_loss(s, t, batch: MTPBatch, soft: bool, denom):
+    """Student logits s and teacher logits t (B, P, V) at the predictions -> (loss, metrics)."""
+    k = batch.k
     target = t.argmax(-1)
     v = batch.valid
     if soft:

