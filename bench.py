@@ -84,7 +84,7 @@ def main():
     model, tok = load(args.init, args.device, args.dtype)
     k_max = args.k_max or model.cfg.k_max or 16
     with tempfile.TemporaryDirectory() as d:  # the very same weights, in transformers
-        model.save_pretrained(d)
+        model.save_pretrained(d, original=True)  # a gated-LoRA model's k=1 is its original
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, args.dtype)).to(args.device)
     hf.eval()
     if args.compile:

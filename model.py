@@ -171,10 +171,12 @@ class Linear(nn.Linear):
         self.lora_scale = 1.0
 
     def forward(self, x, gate=None):
+        """gate: None (no <MTP> row), True (all rows) or a (..., 1) mask of the <MTP> rows."""
         y = self.base_forward(x)
-        if self.lora_a is not None and gate is not None:  # gate: (..., 1), True where the input is <MTP>
-            y = y + torch.where(gate, (x @ self.lora_a.t()) @ self.lora_b.t() * self.lora_scale, 0)
-        return y
+        if self.lora_a is None or gate is None:
+            return y
+        delta = (x @ self.lora_a.t() * self.lora_scale) @ self.lora_b.t()
+        return y + delta if gate is True else y + torch.where(gate, delta, 0)
 
     def base_forward(self, x):
         rows = x.numel() // x.size(-1)
@@ -368,6 +370,7 @@ class Transformer(nn.Module):
         if self.lora is not None:  # gated LoRA: rows whose input is <MTP> get its embedding and the adapters
             gate = (idx == self.cfg.mask_id)[..., None]
             x = torch.where(gate, self.mask_embedding.to(x.dtype), x)
+            gate = True if gate.all() else gate if gate.any() else None  # all: training's branch passes
         cos = emb.cos().to(x.dtype).expand(B, T, -1)[:, None]
         sin = emb.sin().to(x.dtype).expand(B, T, -1)[:, None]
         for i, layer in enumerate(self.layers):
@@ -522,22 +525,25 @@ class Transformer(nn.Module):
             model.add_mask_token(tokenizer.n_vocab)
         return model.eval()
 
-    def save_pretrained(self, out_dir, extra_files: dict[str, str] | None = None):
+    def save_pretrained(self, out_dir, extra_files: dict[str, str] | None = None, original: bool = False):
         """Write a HF-format directory (config.json, model.safetensors, tokenizer files, and any
-        extra_files {name: text}) that transformers loads as-is. Written beside out_dir, then swapped
-        in (see swap_in_dir): a kill or a full disk at any instant leaves the old or the new version."""
+        extra_files {name: text}) that transformers loads as-is; for a gated-LoRA model the adapter
+        instead (adapter.safetensors, adapter_config.json), or with original=True its frozen original
+        weights. Written beside out_dir, then swapped in (see swap_in_dir): a kill or a full disk at
+        any instant leaves the old or the new version."""
         from safetensors.torch import save_file
         out_dir = Path(out_dir)
         recover_dir(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         dtype = self.embed_tokens.weight.dtype
-        if self.lora is not None:  # gated LoRA: the original weights stay where they are; save the adapter
-            state = {k: v.detach().contiguous() for k, v in self.adapter_state().items()}
+        adapter = self.adapter_state()
+        if adapter and not original:  # gated LoRA: the original weights stay where they are
+            state = {k: v.detach().contiguous() for k, v in adapter.items()}
             files = "adapter.safetensors", "adapter_config.json"
             config = {**self.lora, "mtp_mask_id": self.cfg.mask_id, "mtp_k_max": self.cfg.k_max}
         else:
             state = {("model." + k if not k.startswith("lm_head") else k): v.detach().contiguous()
-                     for k, v in self.state_dict().items()}
+                     for k, v in self.state_dict().items() if k not in adapter}
             if self.cfg.tie_embeddings:
                 state.pop("lm_head.weight")
             files, config = ("model.safetensors", "config.json"), self.cfg.to_hf(dtype)

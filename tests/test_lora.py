@@ -77,6 +77,12 @@ def test_adapter_round_trip(tiny_qwen, tmp_path):
         assert torch.equal(model(idx), loaded(idx))
     assert files_digest(tiny_qwen) == before  # the original weights are untouched
 
+    model.save_pretrained(tmp_path / "original", original=True)  # what bench.py gives transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "original").eval()
+    real = idx[:, :3]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(real).logits, model(real), rtol=0, atol=1e-5)
+
 
 def test_adapter_folder_errors(tiny_qwen, tmp_path):
     model = with_random_adapter(Transformer.from_pretrained(str(tiny_qwen)))
