@@ -240,11 +240,15 @@ def short_name(init: str) -> str:
     return init if not path.exists() else path.name if path.is_file() else "/".join(path.parts[-2:])
 
 
+MIN_PROBLEMS_FOR_ACCURACY = 50  # below this, one problem more or less solved is noise
+
+
 def quality_measure(report: dict) -> tuple[str, str]:
-    """Accuracy if every model has it and it is not the same everywhere (all zero says nothing),
-    else the teacher loss."""
+    """Accuracy if every model has it, over enough problems, and it is not the same everywhere
+    (all zero says nothing), else the teacher loss."""
     accs = [s["accuracy"] for m in report["models"] for s in m["all"].values()]
-    if None not in accs and len(set(accs)) > 1:
+    enough = all(s["problems"] >= MIN_PROBLEMS_FOR_ACCURACY for m in report["models"] for s in m["all"].values())
+    if None not in accs and len(set(accs)) > 1 and enough:
         return "accuracy", "accuracy (checkable problems)"
     return "teacher_loss", "teacher loss: reference NLL per token (lower is better)"
 
