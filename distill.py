@@ -98,7 +98,7 @@ def mtp_loss_gated(model, batch: MTPBatch, soft: bool = False, denom=None):
     the student (with gradient), then holding the student's own tokens for the teacher."""
     k, (B, S), n_slots = batch.k, batch.idx.shape, batch.fill.size(1)
     L = S - n_slots  # ground-truth slots; the branch slots follow
-    cache = model.new_cache(L, B)
+    cache = getattr(model, "module", model).new_cache(L, B)  # model may be the DDP wrapper
     with torch.no_grad():  # offset 1 of every branch: the logit at its cut, where student == teacher
         at_cut = model(batch.idx[:, :L], cache=cache, slots=batch.pred[:, ::k]).float()[:, :, None]
     branches = dict(pos=batch.pos[:, L:], mask=batch.mask[:, L:], cache=cache, keep=False)

@@ -7,7 +7,8 @@
 
 The student starts as the model, the teacher is a frozen copy of it (METHOD.md, "Training"); with
 --lora R the model is frozen and gated adapters act on <MTP> rows only, so it is its own teacher.
-Output: out/model, a Hugging Face directory that decode.py and transformers load as they are.
+Output: out/model, a Hugging Face directory that decode.py and transformers load as they are (with
+--lora: the adapter and the name of the untouched original, which decode.py loads together).
 Read main() at the bottom first: set-up, the loop, one step.
 """
 import argparse
