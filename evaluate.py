@@ -128,8 +128,10 @@ def strategies_of(args, k_max: int) -> list[tuple[int, float | None]]:
         [(1, t) for t in dict.fromkeys(args.eval_threshold)]
 
 
-def evaluate_model(model, tok, reference, reference_is_model: bool, tasks, args, k_max: int) -> dict:
-    """Tallies per task and strategy, summed per domain and over everything."""
+def evaluate_model(model, tok, reference, k1_is_reference: bool, tasks, args, k_max: int) -> dict:
+    """Tallies per task and strategy, summed per domain and over everything. k1_is_reference: the
+    model's k=1 decoding is the reference's (the model itself, or a gated adapter on it), so the
+    reference row is not decoded again."""
     strategies = strategies_of(args, k_max)
     verify = args.eval_verify or args.sweep  # lossless: its text must equal k=1's (decode.generate_verify)
     names = [strategy_name(k, t) for k, t in strategies] + (["verify"] if verify else []) + [REFERENCE_ROW]
@@ -144,7 +146,7 @@ def evaluate_model(model, tok, reference, reference_is_model: bool, tasks, args,
             if verify:
                 results["verify"] = generate(model, prompt, args.max_new_tokens, k_max=k_max, verify=True,
                                              stop_ids=tok.stop_ids)
-            results[REFERENCE_ROW] = results["k=1"] if reference_is_model else \
+            results[REFERENCE_ROW] = results["k=1"] if k1_is_reference else \
                 generate(reference, prompt, args.max_new_tokens, stop_ids=tok.stop_ids)
             texts = {name: tok.decode([t for t in r.tokens if t not in tok.stop_ids]) for name, r in results.items()}
             k1_tokens, k1_answer = results["k=1"].tokens, read_answer(problem.kind, texts["k=1"])
@@ -201,7 +203,9 @@ def run_eval(args) -> dict:
         ref_name = args.reference or default_reference(init)
         if ref_name not in references:
             references[ref_name] = load_reference(ref_name, args.device, args.dtype)
-        result = evaluate_model(model, tok, references[ref_name], ref_name == init, tasks, args, k_max)
+        # a gated adapter leaves real tokens to its base (model.add_lora), so k=1 is the base's k=1
+        k1_is_reference = ref_name == init or (model.lora is not None and model.lora["base"] == ref_name)
+        result = evaluate_model(model, tok, references[ref_name], k1_is_reference, tasks, args, k_max)
         report["models"].append({"model": init, "reference": ref_name, "k_max": k_max, **result})
         del model
     if args.json or not out_json:

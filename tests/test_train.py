@@ -25,7 +25,7 @@ def train(*args, nproc=1):
 def common(tiny_qwen, qa_jsonl, out, **kw):
     opts = dict(init=tiny_qwen, data=qa_jsonl, out=out, self_answers=0, steps=4, batch_size=2, grad_accum=1, seq_len=64,
                 k_max=6, branch_every=3, lr=1e-3, warmup=2, log_every=1, eval_every=0, save_every=2,
-                eval_prompts=2, amp="none")
+                eval_prompts=2, amp="none", lora=0)  # full fine-tuning; tests/test_lora.py has --lora
     opts.update(kw)
     return [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
@@ -118,3 +118,15 @@ def test_bad_input(tiny_qwen, qa_jsonl, tmp_path, args, message):
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_cpu_defaults_are_the_hour_recipe(tmp_path):
+    """No flags on a CPU: gated LoRA rank 32 at lr 1e-3 on the model's own answers, in a 60-minute
+    budget (README "Results", run 5); --lora 0 is full fine-tuning at lr 1e-4; a GPU stays full."""
+    from train import get_args
+    a = get_args(["--device", "cpu", "--out", str(tmp_path / "a")])
+    assert (a.lora, a.lr, a.self_answers, a.k_max, a.max_minutes) == (32, 1e-3, 512, 4, 60.0)
+    a = get_args(["--device", "cpu", "--out", str(tmp_path / "b"), "--lora", "0"])
+    assert (a.lora, a.lr) == (0, 1e-4)
+    a = get_args(["--device", "cpu", "--out", str(tmp_path / "c"), "--fsdp"])
+    assert a.lora == 0
