@@ -107,7 +107,11 @@ def load_reference(init: str, device: str, dtype: str | None):
 
 
 def default_reference(init: str) -> str:
-    """The model a tuned checkpoint started from (train.py writes it to train_args.json), else itself."""
+    """The model a tuned checkpoint started from: a gated adapter's base (adapter_config.json), the
+    --init of train.py (train_args.json), else the model itself."""
+    adapter_file = Path(init) / "adapter_config.json"
+    if adapter_file.is_file():
+        return json.loads(adapter_file.read_text())["base"]
     args_file = Path(init) / "train_args.json"
     if args_file.is_file():
         return json.loads(args_file.read_text())["init"]

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,7 +147,8 @@ def test_train_lora_saves_an_adapter_that_decodes_as_the_original(tiny_qwen, qa_
                         "--eval-every", "0", "--save-every", "3", "--eval-prompts", "2", "--amp", "none"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "gated LoRA rank 4" in r.stdout and "teacher" not in r.stdout
+    memory = next(line for line in r.stdout.splitlines() if line.startswith("memory per device"))
+    assert "gated LoRA rank 4" in r.stdout and "teacher" not in memory  # no second copy of the model
     model_dir = out / "model"
     assert (model_dir / "adapter.safetensors").exists() and not (model_dir / "model.safetensors").exists()
     tuned = Transformer.from_pretrained(str(model_dir))
@@ -159,3 +161,15 @@ def test_train_lora_saves_an_adapter_that_decodes_as_the_original(tiny_qwen, qa_
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert d.returncode == 0, d.stderr
     assert len(json.loads(d.stdout)["tokens"]) > 0
+    # --eval: the adapter's base is the reference, and its k=1 row is the base model's own k=1
+    def evaluate(init):
+        e = subprocess.run([sys.executable, "decode.py", "--init", init, "--eval", "gsm8k", "--limit", "2",
+                            "--max-new-tokens", "8", "--eval-threshold", "0.5", "--json"],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert e.returncode == 0, e.stderr
+        return json.loads(e.stdout)["models"][0]
+    tuned_report, base_report = evaluate(str(model_dir)), evaluate(str(tiny_qwen))
+    assert Path(tuned_report["reference"]).resolve() == tiny_qwen.resolve()
+    assert tuned_report["all"]["reference k=1"] == tuned_report["all"]["k=1"]
+    for key in ("teacher_loss", "new_tokens", "accuracy"):
+        assert tuned_report["all"]["reference k=1"][key] == base_report["all"]["k=1"][key], key
