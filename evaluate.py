@@ -9,6 +9,8 @@ answer, equal the same model's k=1 output; and the teacher loss, the mean negati
 per generated token that the original (reference) model gives the text, which is how the paper
 measures what multi-token decoding costs in quality. The reference model's own k=1 output is
 reported beside them as the row "reference k=1". --sweep adds a figure (plot() below).
+
+    python evaluate.py eval-0.json eval-20.json ...   # the table of --json reports on --offset chunks
 """
 import importlib.util
 import json
@@ -61,7 +63,8 @@ class Tally:
                 "text_agreement_with_k1": ratio(self.same_text, self.problems),
                 "answer_agreement_with_k1": ratio(self.same_answer, self.answers),
                 "teacher_loss": ratio(self.nll, self.tokens), "new_tokens": self.tokens,
-                "draft_acceptance": ratio(self.drafts_accepted, self.drafts_fed)}
+                "draft_acceptance": ratio(self.drafts_accepted, self.drafts_fed),
+                "sums": asdict(self)}  # what merge_reports adds up
 
 
 # -----------------------------------------------------------------------------
@@ -225,13 +228,40 @@ def run_eval(args) -> dict:
 
 def print_table(report: dict):
     cols = ("accuracy", "acceleration", "tokens_per_s", "text_agreement_with_k1", "answer_agreement_with_k1",
-            "teacher_loss")
-    heads = ("accuracy", "acceleration", "tokens/s", "same text", "same answer", "teacher loss")
+            "teacher_loss", "draft_acceptance")
+    heads = ("accuracy", "acceleration", "tokens/s", "same text", "same answer", "teacher loss", "drafts kept")
     print(f"{'model':<32} {'strategy':<16} " + " ".join(f"{h:>12}" for h in heads), file=sys.stderr)
     for m in report["models"]:
         for name, s in m["all"].items():
             cells = " ".join(f"{'-' if s[c] is None else format(s[c], '.3f'):>12}" for c in cols)
             print(f"{short_name(m['model'])[-32:]:<32} {name:<16} {cells}", file=sys.stderr)
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from several on disjoint problems (--offset chunks run side by side): the sums of
+    their tallies, model by model, strategy by strategy."""
+    merged = {**reports[0], "offset": min(r["offset"] for r in reports), "limit": None, "problems": {}}
+    for r in reports:
+        for task, n in r["problems"].items():
+            merged["problems"][task] = merged["problems"].get(task, 0) + n
+    merged["models"] = []
+    for models in zip(*(r["models"] for r in reports)):
+        if len({m["model"] for m in models}) > 1:
+            raise ValueError(f"the reports evaluate different models: {sorted({m['model'] for m in models})}")
+        model = {**models[0]}
+        for part in ("tasks", "domains"):  # tables keyed by task or domain, then by strategy
+            model[part] = {key: {name: sum_summaries([m[part][key][name] for m in models if key in m[part]])
+                                 for name in table} for key, table in models[0][part].items()}
+        model["all"] = {name: sum_summaries([m["all"][name] for m in models]) for name in models[0]["all"]}
+        merged["models"].append(model)
+    return merged
+
+
+def sum_summaries(summaries: list[dict]) -> dict:
+    total = Tally()
+    for s in summaries:
+        total.add(Tally(**s["sums"]))
+    return total.summary()
 
 
 # -----------------------------------------------------------------------------
@@ -315,3 +345,14 @@ def plot(report: dict, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # python evaluate.py eval-0.json eval-20.json ...: the table of their sum
+    try:
+        print_table(merge_reports([json.loads(Path(f).read_text()) for f in sys.argv[1:]]))
+    except IndexError:
+        sys.exit("evaluate.py: give the --json reports of decode.py --eval to sum")
+    except KeyError as e:
+        sys.exit(f"evaluate.py: a report lacks {e}: give reports of decode.py --eval ... --json")
+    except (OSError, ValueError) as e:
+        sys.exit(f"evaluate.py: {e}")

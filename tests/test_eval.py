@@ -270,6 +270,46 @@ def test_sweep_writes_report_and_figure(fixtures, tiny_pair, tmp_path):
     assert second["k=1"]["teacher_loss"] != pytest.approx(first["k=1"]["teacher_loss"])
 
 
+def assert_same_sums(table, expected):
+    """Strategy tables equal but for times (and float sums added in another order)."""
+    assert table.keys() == expected.keys()
+    for name, s in table.items():
+        for key, value in s.items():
+            if key in ("tokens_per_s", "sums"):
+                continue
+            assert value == (expected[name][key] if value is None else pytest.approx(expected[name][key])), key
+        for key, value in s["sums"].items():
+            assert key == "seconds" or value == pytest.approx(expected[name]["sums"][key]), key
+
+
+def test_chunks_merge_into_the_report_of_one_run(fixtures, tiny_pair, tmp_path):
+    """python evaluate.py on --offset chunks: the sums of one run over all problems (but the times)."""
+    _, tuned = tiny_pair
+    base = ["--init", str(tuned), "--eval", "gsm8k,bbh:boolean_expressions", "--max-new-tokens", "6", "--eval-k", "2",
+            "--eval-threshold", "0.5", "--json"]
+    files = []
+    for offset, limit in ((0, 3), (0, 1), (1, 2)):
+        r = run_cli(*base, "--limit", str(limit), "--offset", str(offset))
+        assert r.returncode == 0, r.stderr
+        files.append(tmp_path / f"eval-{offset}-{limit}.json")
+        files[-1].write_text(r.stdout)
+    whole = json.loads(files[0].read_text())["models"][0]
+    from evaluate import merge_reports
+    merged = merge_reports([json.loads(f.read_text()) for f in files[1:]])
+    assert merged["problems"] == {"gsm8k": 3, "bbh:boolean_expressions": 3}
+    for part in ("tasks", "domains"):
+        assert merged["models"][0][part].keys() == whole[part].keys()
+        for key in whole[part]:
+            assert_same_sums(merged["models"][0][part][key], whole[part][key])
+    assert_same_sums(merged["models"][0]["all"], whole["all"])
+    r = subprocess.run([sys.executable, "evaluate.py", *map(str, files[1:])], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0 and "ConfAdapt(0.5)" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "none.json")], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "none.json" in r.stderr
+
+
 def test_figure_without_matplotlib_is_one_line(monkeypatch):
     import evaluate
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed

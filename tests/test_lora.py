@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,11 +145,13 @@ def test_train_lora_saves_an_adapter_that_decodes_as_the_original(tiny_qwen, qa_
     r = subprocess.run([sys.executable, "train.py", "--init", str(tiny_qwen), "--data", str(qa_jsonl), "--out", str(out),
                         "--lora", "4", "--self-answers", "0", "--steps", "3", "--batch-size", "2", "--seq-len", "64",
                         "--k-max", "4", "--branch-every", "2", "--lr", "1e-2", "--warmup", "1", "--log-every", "1",
-                        "--eval-every", "0", "--save-every", "3", "--eval-prompts", "2", "--amp", "none"],
+                        "--eval-every", "2", "--save-every", "3", "--eval-prompts", "2", "--amp", "none"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     memory = next(line for line in r.stdout.splitlines() if line.startswith("memory per device"))
     assert "gated LoRA rank 4" in r.stdout and "teacher" not in memory  # no second copy of the model
+    assert re.search(r"eval step 2 \| minute [0-9.]+ \| ConfAdapt\(0.9\) on 2 held-out prompts: acceleration "
+                     r"[0-9.]+, same text as k=1 [0-2]/2, teacher loss [0-9.]+ \(k=1 [0-9.]+\)", r.stdout), r.stdout
     model_dir = out / "model"
     assert (model_dir / "adapter.safetensors").exists() and not (model_dir / "model.safetensors").exists()
     tuned = Transformer.from_pretrained(str(model_dir))
