@@ -52,16 +52,20 @@ def build_batch(tokens, lengths, k, mask_id, branch_every, start=None, generator
     """tokens: (B, L) padded ground truth, lengths: (B,) real tokens per row (the last one EOS).
     Branches are cut every `branch_every` tokens from a random offset (METHOD.md: the random offset
     rolls the region boundaries each step); start: (B,) first allowed cut per row (e.g. the end of
-    the prompt), default 0. A branch is valid if its k targets x_{i+1}..x_{i+k} are all real tokens."""
+    the prompt), default 0. A branch is valid if its k targets x_{i+1}..x_{i+k} are all real tokens;
+    a cut valid in no row is left out (unless none is valid), which changes no loss or gradient."""
     B, L = tokens.shape
     dev = tokens.device
     m = k - 1  # mask slots per branch
     offset0 = int(torch.randint(branch_every, (1,), generator=generator))
     cuts = torch.arange(offset0, L, branch_every, device=dev)  # candidate x_i slots, same for all rows
-    nb = len(cuts)
-    S = L + nb * m
     start = torch.zeros(B, dtype=torch.long, device=dev) if start is None else start
     valid_branch = (cuts[None] >= start[:, None]) & (cuts[None] + k <= lengths[:, None] - 1)  # (B, nb)
+    used = valid_branch.any(0)  # a cut no row can use (in every prompt, past every end) costs slots for nothing
+    if used.any():
+        cuts, valid_branch = cuts[used], valid_branch[:, used]
+    nb = len(cuts)
+    S = L + nb * m
 
     pos, mask = branch_layout(L, cuts, m)
     mask = mask[None].expand(B, S, S)

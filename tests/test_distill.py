@@ -1,6 +1,7 @@
 """distill.py: the MTP layout gives plain-forward logits; the teacher is student-forced and frozen."""
 import copy
 
+import pytest
 import torch
 import transformers
 
@@ -47,6 +48,23 @@ def test_branch_logits_equal_plain_forward(tmp_path):
                 assert (logits[row, p0:p0 + k] - want).abs().max().item() <= TOL
                 # validity: the k targets x_{i+1}..x_{i+k} are real tokens
                 assert b.valid[row, p0].item() == (cut + k <= lengths[row].item() - 1)
+
+
+@pytest.mark.parametrize("k,every", [(2, 1), (4, 1), (6, 3)])
+def test_a_branch_at_every_cut_some_row_uses_and_no_other(k, every):
+    """Cuts no row can use (inside every prompt, past every end) are dropped; each valid (row, cut)
+    keeps its branch. With test_branch_logits_equal_plain_forward: the same loss and gradients."""
+    g = torch.Generator().manual_seed(k)
+    tokens = torch.randint(0, MASK, (3, 50), generator=g)
+    lengths, start = torch.tensor([50, 31, 44]), torch.tensor([12, 20, 9])
+    b = build_batch(tokens, lengths, k, MASK, branch_every=every, start=start, generator=g)
+    cuts = b.pred[0, ::k].tolist()
+    offset0 = min(cuts) % every
+    wanted = {(r, c) for r in range(3) for c in range(offset0, 50, every)
+              if c >= start[r] and c + k <= lengths[r] - 1}
+    assert {c for _, c in wanted} == set(cuts)
+    assert {(r, c) for r in range(3) for j, c in enumerate(cuts) if b.valid[r, j * k]} == wanted
+    assert b.idx.size(1) == 50 + len(cuts) * (k - 1)
 
 
 def test_teacher_is_student_forced_and_frozen(tmp_path):

@@ -131,7 +131,8 @@ def test_branch_layout_is_the_training_layout():
     for a branch after every token, shifted past the cached tokens, which every query sees."""
     fed, k, base = 5, 4, 7
     pos, mask = branch_layout(fed, list(range(fed)), k - 1, base, "cpu")
-    b = build_batch(torch.arange(fed)[None], torch.tensor([fed]), k, MASK, branch_every=1)
+    # length fed + k: every cut is valid (its targets lie past the fed tokens), so none is dropped
+    b = build_batch(torch.arange(fed)[None], torch.tensor([fed + k]), k, MASK, branch_every=1)
     assert torch.equal(pos, b.pos[0] + base)
     assert mask[:, :base].all()
     assert torch.equal(mask[:, base:], b.mask[0])
