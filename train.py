@@ -90,7 +90,7 @@ def get_args(argv=None):
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=None, help="quick decode eval, 0 = never (default 1000 GPU, 15 CPU)")
+    p.add_argument("--eval-every", type=int, default=None, help="quick decode eval, 0 = never (default 1000 GPU, 60 CPU)")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts of the quick eval (default 4 GPU, "
                    "8 CPU)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default 1000 GPU, 50 CPU)")
@@ -113,7 +113,7 @@ def get_args(argv=None):
                     steps=100_000, batch_size=16 if gpu else 4, grad_accum=8 if gpu else 1,
                     seq_len=160 if gpu else 320, branch_every=32 if gpu else 1,
                     branch_from="all" if gpu else "response", warmup=2000 if gpu else 20,
-                    eval_every=1000 if gpu else 15, eval_prompts=4 if gpu else 8, save_every=1000 if gpu else 50)
+                    eval_every=1000 if gpu else 60, eval_prompts=4 if gpu else 8, save_every=1000 if gpu else 50)
     for key, value in defaults.items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -385,6 +385,7 @@ class Run:
     world: int = 1
     log: callable = print
     step: int = 0
+    last_eval: tuple = (-1, "")       # (step, result line) of the latest quick eval
     k1_texts: dict = field(default_factory=dict)  # quick eval: k=1 text per prompt, kept when it cannot change
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
     counts: torch.Tensor = field(default=None)
@@ -636,7 +637,8 @@ def train(run):
             t_log, preds_since = time.time(), 0
             run.hits.zero_(), run.counts.zero_()
         if (run.master or args.fsdp) and args.eval_every and run.eval_prompts and run.step % args.eval_every == 0:
-            log(f"eval step {run.step} | minute {(time.time() - T0) / 60:.1f} | {quick_eval(run)}")
+            run.last_eval = (run.step, quick_eval(run))
+            log(f"eval step {run.step} | minute {(time.time() - T0) / 60:.1f} | {run.last_eval[1]}")
         if run.step % args.save_every == 0:
             save_checkpoint(run, run.step)
         if time.time() > deadline:
@@ -651,7 +653,8 @@ def train(run):
 def summary(run):
     """What the hour bought: the saved model on the held-out prompts, and how to use it."""
     if run.eval_prompts:
-        run.log(f"done in {(time.time() - T0) / 60:.1f} min | {quick_eval(run)}")
+        result = run.last_eval[1] if run.last_eval[0] == run.step else quick_eval(run)
+        run.log(f"done in {(time.time() - T0) / 60:.1f} min | {result}")
     run.log(f"model: {run.out / 'model'}; try: python decode.py --init {run.out / 'model'} --threshold 0.9 "
             f"--show-chunks --prompt \"What is 15% of 80?\"")
 
