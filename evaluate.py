@@ -227,19 +227,22 @@ def run_eval(args) -> dict:
 
 
 def print_table(report: dict):
-    cols = ("accuracy", "acceleration", "tokens_per_s", "text_agreement_with_k1", "answer_agreement_with_k1",
-            "teacher_loss", "draft_acceptance")
-    heads = ("accuracy", "acceleration", "tokens/s", "same text", "same answer", "teacher loss", "drafts kept")
+    cols = ("problems", "accuracy", "acceleration", "tokens_per_s", "text_agreement_with_k1",
+            "answer_agreement_with_k1", "teacher_loss", "draft_acceptance")
+    heads = ("problems", "accuracy", "acceleration", "tokens/s", "same text", "same answer", "teacher loss",
+             "drafts kept")
     print(f"{'model':<32} {'strategy':<16} " + " ".join(f"{h:>12}" for h in heads), file=sys.stderr)
     for m in report["models"]:
         for name, s in m["all"].items():
-            cells = " ".join(f"{'-' if s[c] is None else format(s[c], '.3f'):>12}" for c in cols)
+            cells = " ".join(f"{'-' if s[c] is None else s[c] if c == 'problems' else format(s[c], '.3f'):>12}"
+                             for c in cols)
             print(f"{short_name(m['model'])[-32:]:<32} {name:<16} {cells}", file=sys.stderr)
 
 
 def merge_reports(reports: list[dict]) -> dict:
     """One report from several on disjoint problems (--offset chunks run side by side): the sums of
-    their tallies, model by model, strategy by strategy."""
+    their tallies, model by model, strategy by strategy (over the reports that have the strategy:
+    its "problems" says how many)."""
     merged = {**reports[0], "offset": min(r["offset"] for r in reports), "limit": None, "problems": {}}
     for r in reports:
         for task, n in r["problems"].items():
@@ -250,18 +253,20 @@ def merge_reports(reports: list[dict]) -> dict:
             raise ValueError(f"the reports evaluate different models: {sorted({m['model'] for m in models})}")
         model = {**models[0]}
         for part in ("tasks", "domains"):  # tables keyed by task or domain, then by strategy
-            model[part] = {key: {name: sum_summaries([m[part][key][name] for m in models if key in m[part]])
-                                 for name in table} for key, table in models[0][part].items()}
-        model["all"] = {name: sum_summaries([m["all"][name] for m in models]) for name in models[0]["all"]}
+            keys = dict.fromkeys(key for m in models for key in m[part])
+            model[part] = {key: sum_tables([m[part][key] for m in models if key in m[part]]) for key in keys}
+        model["all"] = sum_tables([m["all"] for m in models])
         merged["models"].append(model)
     return merged
 
 
-def sum_summaries(summaries: list[dict]) -> dict:
-    total = Tally()
-    for s in summaries:
-        total.add(Tally(**s["sums"]))
-    return total.summary()
+def sum_tables(tables: list[dict]) -> dict:
+    """Strategy -> summary tables summed, strategy by strategy, in their first order."""
+    totals = {}
+    for table in tables:
+        for name, s in table.items():
+            totals.setdefault(name, Tally()).add(Tally(**s["sums"]))
+    return {name: t.summary() for name, t in totals.items()}
 
 
 # -----------------------------------------------------------------------------

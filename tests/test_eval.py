@@ -302,6 +302,13 @@ def test_chunks_merge_into_the_report_of_one_run(fixtures, tiny_pair, tmp_path):
         for key in whole[part]:
             assert_same_sums(merged["models"][0][part][key], whole[part][key])
     assert_same_sums(merged["models"][0]["all"], whole["all"])
+    # a chunk without static k=2: its row sums the chunks that have it
+    r = run_cli(*[a for a in base if a not in ("--eval-k", "2")], "--limit", "1", "--offset", "3")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "eval-3-1.json").write_text(r.stdout)
+    files.append(tmp_path / "eval-3-1.json")
+    merged = merge_reports([json.loads(f.read_text()) for f in files[1:]])["models"][0]["all"]
+    assert merged["k=2"]["problems"] == 6 and merged["k=1"]["problems"] == merged["ConfAdapt(0.5)"]["problems"] == 8
     r = subprocess.run([sys.executable, "evaluate.py", *map(str, files[1:])], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode == 0 and "ConfAdapt(0.5)" in r.stderr, r.stderr
