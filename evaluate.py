@@ -109,12 +109,11 @@ def load_reference(init: str, device: str, dtype: str | None):
                                        add_mask=False)
 
 
-def default_reference(init: str) -> str:
-    """The model a tuned checkpoint started from: a gated adapter's base (adapter_config.json), the
+def default_reference(init: str, model) -> str:
+    """The model a tuned checkpoint started from: a gated adapter's base (read with the adapter), the
     --init of train.py (train_args.json), else the model itself."""
-    adapter_file = Path(init) / "adapter_config.json"
-    if adapter_file.is_file():
-        return json.loads(adapter_file.read_text())["base"]
+    if model.lora is not None:
+        return model.lora["base"]
     args_file = Path(init) / "train_args.json"
     if args_file.is_file():
         return json.loads(args_file.read_text())["init"]
@@ -207,7 +206,7 @@ def run_eval(args) -> dict:
     for init in args.init or [default_init()]:
         model, tok = load(init, args.device, args.dtype)
         k_max = args.k_max or model.cfg.k_max or 16
-        ref_name = args.reference or default_reference(init)
+        ref_name = args.reference or default_reference(init, model)
         if ref_name not in references:
             references[ref_name] = load_reference(ref_name, args.device, args.dtype)
         # a gated adapter leaves real tokens to its base (model.add_lora), so k=1 is the base's k=1

@@ -386,7 +386,7 @@ class Run:
     log: callable = print
     step: int = 0
     last_eval: tuple = (-1, "")       # (step, result line) of the latest quick eval
-    k1_texts: dict = field(default_factory=dict)  # quick eval: k=1 text per prompt, kept when it cannot change
+    k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
     counts: torch.Tensor = field(default=None)
 
@@ -585,16 +585,20 @@ def quick_eval(run, max_new=128) -> str:
     model.eval()
     accel, same, nll, n_tokens = [], 0, [0.0, 0.0], [0, 0]
     for i, p in enumerate(run.eval_prompts):
-        # with gated LoRA k=1 is the untouched original, so its text never changes: decode it once
-        ref = run.k1_texts.get(i) or generate(model, p, max_new, k=1, stop_ids=stop_ids).tokens
-        if run.args.lora:
-            run.k1_texts[i] = ref
+        if i in run.k1_texts:  # with gated LoRA k=1 is the untouched original: its text and loss never change
+            ref, ref_nll = run.k1_texts[i]
+        else:
+            ref = generate(model, p, max_new, k=1, stop_ids=stop_ids).tokens
+            ref_nll = teacher_nll(run.teacher, p, ref)
+            if run.args.lora:
+                run.k1_texts[i] = ref, ref_nll
         mtp = generate(model, p, max_new, threshold=0.9, k_max=run.args.k_max, stop_ids=stop_ids)
         accel.append(mtp.acceleration)
         same += mtp.tokens == ref
-        for j, tokens in enumerate((ref, mtp.tokens)):
-            nll[j] += teacher_nll(run.teacher, p, tokens)
-            n_tokens[j] += len(tokens)
+        nll[0] += ref_nll
+        nll[1] += teacher_nll(run.teacher, p, mtp.tokens)
+        n_tokens[0] += len(ref)
+        n_tokens[1] += len(mtp.tokens)
     model.train()
     return (f"ConfAdapt(0.9) on {len(run.eval_prompts)} held-out prompts: acceleration "
             f"{sum(accel) / len(accel):.2f}, same text as k=1 {same}/{len(run.eval_prompts)}, teacher loss "
