@@ -1,7 +1,9 @@
-"""Decoding speed, measured side by side in one run on the same model and prompts.
+"""Decoding speed, measured side by side in one run on the same model and prompts; and the cost of
+a training step.
 
     python bench.py                       # out/model if train.py wrote one, else SmolLM2-135M
     python bench.py --init out/cpu-run/model --prompts 8 --max-new-tokens 128
+    python bench.py --train-step 2 --amp none   # N MTP steps against N plain steps (train.py's flags)
 
 (a) our k=1 decoding vs transformers' generate (greedy, KV cache, same weights, dtype and threads);
 (b) ConfAdapt wall-clock tokens/s vs our k=1, next to its acceleration (tokens per forward pass);
@@ -23,11 +25,11 @@ from unittest import mock
 
 import torch
 import torch.nn as nn
-
-import model as model_py
+import torch.nn.functional as F
 
 from data import gsm8k_prompt, load_gsm8k
 from decode import encode_prompt, generate, load
+from weights import save_model
 
 
 def bandwidth_gbs(device, n_bytes=1 << 28, reps=5):
@@ -51,13 +53,59 @@ def zeros_linear(self, x):
 
 @contextlib.contextmanager
 def without_matmuls():
-    """Every nn.Linear (ours subclasses it) returns zeros: a decode step then costs only its overhead."""
+    """Every linear layer returns zeros: a decode step then costs only its overhead."""
+    from kernels import FewRowLinear
     with mock.patch.object(nn.Linear, "forward", zeros_linear), \
-            mock.patch.object(model_py.Linear, "forward", zeros_linear):
+            mock.patch.object(FewRowLinear, "forward", zeros_linear):
         yield
 
 
+def bench_train_step(run, n_steps: int):
+    """The cost of one MTP step against one plain fine-tuning step (student forward + backward with
+    next-token cross-entropy) on the same ground-truth rows. The paper reports about 4/3
+    (docs/METHOD.md, "The paper's numbers")."""
+    from distill import mtp_loss, mtp_loss_gated
+    from train import autocast, micro_batches
+    args, model = run.args, run.model
+
+    def mtp(b):
+        with autocast(args):
+            loss, _ = mtp_loss_gated(model, b) if args.lora else mtp_loss(model, run.teacher, b)
+        loss.backward()
+
+    def plain(b):
+        L = b.idx.size(1) - b.fill.size(1)
+        tokens = b.idx[:, :L]
+        with autocast(args):
+            logits = model(tokens)
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+
+    times = {"mtp": 0.0, "plain": 0.0}
+    for step in range(n_steps + 1):
+        batches = micro_batches(run, step)
+        for name, fn in (("mtp", mtp), ("plain", plain)):
+            t0 = time.perf_counter()
+            for b in batches:
+                fn(b)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if step:  # the first step is warm-up
+                times[name] += time.perf_counter() - t0
+            run.optimizer.zero_grad(set_to_none=True)
+    ratio = times["mtp"] / times["plain"]
+    run.log(f"bench: {n_steps} steps | mtp {times['mtp'] / n_steps:.3f} s/step | plain "
+            f"{times['plain'] / n_steps:.3f} s/step | ratio {ratio:.2f} (the paper: about 1.33)")
+    return ratio
+
+
 def main():
+    if "--train-step" in sys.argv:  # the rest of the command line is train.py's
+        import train
+        i = sys.argv.index("--train-step")
+        n_steps, rest = int(sys.argv[i + 1]), sys.argv[1:i] + sys.argv[i + 2:]
+        args = train.get_args(rest, fresh_out=False)  # own answers an earlier run wrote are reused
+        return bench_train_step(train.setup(args), n_steps)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default=None)
     p.add_argument("--prompts", type=int, default=8, help="GSM8K test questions used as prompts")
@@ -84,7 +132,7 @@ def main():
     model, tok = load(args.init, args.device, args.dtype)
     k_max = args.k_max or model.cfg.k_max or 16
     with tempfile.TemporaryDirectory() as d:  # the very same weights, in transformers
-        model.save_pretrained(d, original=True)  # a gated-LoRA model's k=1 is its original
+        save_model(model, d, original=True)  # a gated-LoRA model's k=1 is its original
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, args.dtype)).to(args.device)
     hf.eval()
     if args.compile:

@@ -4,10 +4,9 @@
     python decode.py --init smollm2-135m --prompt "..." --k 3       # static k = 3
     python decode.py --prompt "..." --verify                        # lossless: the output of k = 1
     python decode.py --prompt "..." --threshold 0.9 --show-chunks   # colour each pass's tokens
-    python decode.py --eval gsm8k,bbh --limit 20 --sweep            # evaluate.py: report + figure
 
 Every forward pass feeds the tokens accepted in the previous pass as real inputs, followed by
-<MTP> mask slots, under a plain causal mask (METHOD.md, "Decoding"). Mask slots never stay in the
+<MTP> mask slots, under a plain causal mask (docs/METHOD.md, "Decoding"). Mask slots never stay in the
 KV cache: after each pass it is cut back to the committed real tokens. --verify feeds the drafts of
 the previous pass as real inputs and keeps them only where the model agrees (generate_verify).
 """
@@ -19,13 +18,14 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from distill import branch_layout as branch_layout_of_chunk
+from kernels import fast_dtype, use_few_row_kernels
+from weights import load_model, trained_model
 
-DEFAULT_OUT = Path("out")  # where train.py writes its final model
+DEFAULT_OUT = "out"  # where train.py writes (train.py --out)
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Result:
     rows_fed: int = 0         # --verify: rows (tokens and masks) fed in the passes after the prompt's
 
     @property
-    def acceleration(self):  # METHOD.md: tokens emitted / forward passes
+    def acceleration(self):  # tokens per forward pass (docs/METHOD.md, "Decoding")
         return len(self.tokens) / max(self.passes, 1)
 
     @property
@@ -125,7 +125,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
 
 
 # -----------------------------------------------------------------------------
-# lossless decoding: the model verifies its own drafts (README, "Lossless decoding: --verify")
+# lossless decoding: the model verifies its own drafts (docs/METHOD.md, "Lossless decoding (--verify)")
 
 def branch_layout(n_fed: int, anchors: list[int], n_masks: int, base: int, device):
     """RoPE positions (T,) and attention mask (T, base + T) of a pass over `base` cached tokens that
@@ -239,27 +239,26 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
 
 
 # -----------------------------------------------------------------------------
-# loading and the command line (evaluation: evaluate.py)
+# loading and the command line (evaluation has its own: evaluate.py)
 
 def default_init() -> str:
-    """No --init: the model train.py last wrote (out/model), else SmolLM2."""
-    from model import recover_dir
-    recover_dir(DEFAULT_OUT / "model")  # a save that a kill interrupted leaves the previous model
-    init = str(DEFAULT_OUT / "model") if (DEFAULT_OUT / "model" / "config.json").exists() else "smollm2-135m"
-    print(f"no --init given: using {init}", file=sys.stderr)
+    """No --init: the model train.py last wrote (out/model: a full model or an adapter), else SmolLM2."""
+    found = trained_model(DEFAULT_OUT)
+    init = str(found) if found else "smollm2-135m"
+    kind = " (gated-LoRA adapter)" if found and (found / "adapter_config.json").is_file() else ""
+    print(f"no --init given: using {init}{kind}", file=sys.stderr)
     return init
 
 
 def load(init: str | None, device: str, dtype: str | None):
-    """Load a model for decoding (init None: default_init())."""
-    from model import Transformer, fast_dtype
+    """Load a model for decoding (init None: default_init()), with the CPU's fastest few-row kernels."""
     init = init or default_init()
-    model = Transformer.from_pretrained(init, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    model = load_model(init, device=device, dtype=getattr(torch, dtype) if dtype else None)
     weights = model.embed_tokens.weight.dtype
     if dtype is None and fast_dtype(device, weights) != weights:  # a bf16 checkpoint on an AVX2-only CPU
         print(f"{weights} is slow on this CPU (no bf16 hardware): decoding in float32", file=sys.stderr)
         model.float()
-    return model, model.tokenizer
+    return use_few_row_kernels(model), model.tokenizer
 
 
 def strategy_name(k: int, threshold: float | None) -> str:
@@ -316,9 +315,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", nargs="+", default=None, help="preset, hub repo id, HF directory or .gguf (default: "
-                   "out/model if train.py wrote one, else smollm2-135m); --eval takes several to compare")
-    p.add_argument("--prompt", default=None)
+    p.add_argument("--init", default=None, help="preset, hub repo id, HF directory, .gguf or adapter folder "
+                   "(default: out/model if train.py wrote one, else smollm2-135m)")
+    p.add_argument("--prompt", required=True)
     p.add_argument("--k", type=int, default=None, help="static k: accept k tokens per pass (1 = plain decoding)")
     p.add_argument("--threshold", type=float, default=None, help="ConfAdapt: accept while top-1 prob >= this")
     p.add_argument("--k-max", type=int, default=None, help="ConfAdapt block size, --verify: up to k_max - 1 "
@@ -331,48 +330,22 @@ def get_args(argv=None):
     p.add_argument("--no-chat", dest="chat", action="store_false", help="raw text, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--show-chunks", action="store_true", help="colour the tokens of each pass by how many it accepted")
-    p.add_argument("--eval", default=None, help="evaluate (evaluate.py) on comma-separated gsm8k, bbh, bbh:<task>, "
-                   "humaneval, or JSONL files of prompt (or question) rows with an optional answer")
-    p.add_argument("--limit", type=int, default=None, help="first N problems of each --eval task (each BBH task)")
-    p.add_argument("--offset", type=int, default=0, help="skip the first N problems of each task (to split a run)")
-    p.add_argument("--eval-k", type=int, nargs="*", default=[], help="static k values to evaluate besides k=1")
-    p.add_argument("--eval-verify", action="store_true", help="add a --verify row to --eval (always with --sweep)")
-    p.add_argument("--eval-threshold", type=float, nargs="*", default=[0.9], help="ConfAdapt thresholds to evaluate")
-    p.add_argument("--sweep", action="store_true", help="k=1, static k=2..4, ConfAdapt 0.99..0.5; writes the "
-                   "report and a figure")
-    p.add_argument("--out-json", default=None, help="write the --eval report here and its figure beside it "
-                   "(.png; default with --sweep: eval.json)")
-    p.add_argument("--reference", default=None, help="the original model whose loss on the generated text is "
-                   "the teacher loss (default: train_args.json's init, else the model itself)")
-    p.add_argument("--exec-code", action="store_true", help="HumanEval: RUN the generated code (in a subprocess "
-                   "with a time limit, but unsandboxed) to check it")
-    p.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per HumanEval program")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
     a = p.parse_args(argv)
-    if a.prompt is None and a.eval is None:
-        p.error("give --prompt TEXT (or --eval gsm8k)")
-    if a.eval is None and a.init and len(a.init) > 1:
-        p.error("--init names several models: only --eval compares models")
-    if a.eval is None and (a.sweep or a.out_json or a.exec_code):
-        p.error("--sweep, --out-json and --exec-code go with --eval")
-    if a.show_chunks and (a.json or a.eval):
-        p.error("--show-chunks colours the streamed text: not with --json or --eval")
-    if (a.limit is not None and a.limit < 0) or a.offset < 0:
-        p.error("--limit and --offset must not be negative")
-    if a.prompt is not None and not a.prompt.strip():
+    if a.show_chunks and a.json:
+        p.error("--show-chunks colours the streamed text: not with --json")
+    if not a.prompt.strip():
         p.error("--prompt is empty")
     if a.threshold is not None and a.k is not None:
         p.error("give either --k (static) or --threshold (ConfAdapt), not both")
     if a.verify and (a.k is not None or a.threshold is not None):
         p.error("--verify checks its own drafts; it takes no --k or --threshold")
-    if a.verify and a.eval:
-        p.error("--verify decodes a --prompt; --eval does not evaluate it")
     if a.draft_threshold is not None and not a.verify:
         p.error("--draft-threshold is an option of --verify")
     if a.verify and a.k_max is not None and a.k_max < 2:
         p.error(f"--verify needs --k-max >= 2 (k_max - 1 drafts per pass), not {a.k_max}")
-    for t in [a.threshold, a.draft_threshold] + a.eval_threshold:
+    for t in (a.threshold, a.draft_threshold):
         if t is not None and not 0 < t <= 1:
             p.error(f"threshold {t} is outside (0, 1]")
     if a.k_max is not None and a.k_max < 1:
@@ -388,11 +361,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args, parser = get_args(argv)
-    if args.eval:
-        from evaluate import run_eval
-        run_eval(args)
-        return
-    model, tok = load(args.init and args.init[0], args.device, args.dtype)
+    model, tok = load(args.init, args.device, args.dtype)
     args.k_max = args.k_max or model.cfg.k_max or 16
     k = 1 if args.k is None else args.k
     if not 1 <= k <= args.k_max:
@@ -424,9 +393,9 @@ def main(argv=None):
               f"{r.tokens_per_s:.1f} tokens/s | chunk sizes {hist}{drafts}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def cli(argv=None):
     try:
-        main()
+        main(argv)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): stop quietly
@@ -434,3 +403,7 @@ if __name__ == "__main__":
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

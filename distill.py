@@ -1,4 +1,4 @@
-"""The MTP self-distillation objective (METHOD.md, "Training"), readable next to the paper.
+"""The MTP self-distillation objective (docs/METHOD.md, "Training"), readable next to the paper.
 
 One step, for a batch of token rows and a block size k:
   1. layout: keep each row's ground truth once and append mask branches after it. A branch cut
@@ -33,7 +33,7 @@ def branch_layout(n_real: int, anchors: torch.Tensor, n_masks: int):
     """RoPE positions (T,) and attention mask (T, T), True = may attend, of n_real real tokens followed
     by a branch of n_masks <MTP> slots after each real token in `anchors` (T = n_real + branches).
     A branch after token i takes positions i+1 .. i+n_masks and sees real tokens 0..i and its own
-    earlier slots only (METHOD.md, "Layout"); real tokens are causal. decode.py's --verify uses it too."""
+    earlier slots only (docs/METHOD.md, "Layout"); real tokens are causal. decode.py's --verify uses it too."""
     T = n_real + len(anchors) * n_masks
     slot = torch.arange(T, device=anchors.device)
     is_real = slot < n_real
@@ -50,7 +50,7 @@ def branch_layout(n_real: int, anchors: torch.Tensor, n_masks: int):
 
 def build_batch(tokens, lengths, k, mask_id, branch_every, start=None, generator=None) -> MTPBatch:
     """tokens: (B, L) padded ground truth, lengths: (B,) real tokens per row (the last one EOS).
-    Branches are cut every `branch_every` tokens from a random offset (METHOD.md: the random offset
+    Branches are cut every `branch_every` tokens from a random offset (docs/METHOD.md, "Layout": the random offset
     rolls the region boundaries each step); start: (B,) first allowed cut per row (e.g. the end of
     the prompt), default 0. A branch is valid if its k targets x_{i+1}..x_{i+k} are all real tokens;
     a cut valid in no row is left out (unless none is valid), which changes no loss or gradient."""
@@ -95,7 +95,7 @@ def mtp_loss(student, teacher, batch: MTPBatch, soft: bool = False, denom=None):
 
 
 def mtp_loss_gated(model, batch: MTPBatch, soft: bool = False, denom=None):
-    """mtp_loss for a gated-LoRA model (Transformer.add_lora), the same loss and gradients, cheaper.
+    """mtp_loss for a gated-LoRA model (lora.add_lora), the same loss and gradients, cheaper.
     Real tokens see the original weights, so the teacher is the model itself, and the ground truth
     part of a row is the same in student and teacher: it runs once, without gradient, and leaves its
     keys and values in a cache. Only the branch slots run twice over that cache: as <MTP> slots for
@@ -132,3 +132,20 @@ def distillation_loss(s, t, batch: MTPBatch, soft: bool, denom):
         per_offset_hit = torch.zeros(k, device=v.device).index_add_(0, batch.offset - 1, agree.sum(0).float())
     metrics = {"n": n.item(), "agree_n": per_offset_n, "agree_hit": per_offset_hit}
     return loss, metrics
+
+
+@torch.no_grad()
+def teacher_nll(reference, prompt: list[int], new_tokens: list[int]) -> float:
+    """The teacher loss of a decoded text (docs/METHOD.md, "Evaluation"): the sum over the new tokens
+    of -log p_reference(token | prompt, the new tokens before it), from one teacher-forced forward
+    pass of the reference (original) model over prompt + new tokens."""
+    if not new_tokens:
+        return 0.0
+    if max(new_tokens) >= reference.cfg.vocab_size:
+        raise ValueError(f"generated token id {max(new_tokens)} is outside the reference model's vocabulary "
+                         f"({reference.cfg.vocab_size}); pass a --reference with the same tokenizer")
+    device = reference.embed_tokens.weight.device
+    idx = torch.tensor([prompt + new_tokens], device=device)
+    slots = torch.arange(len(prompt) - 1, idx.size(1) - 1, device=device)[None]  # each predicts the next
+    logits = reference(idx, slots=slots)[0].float()
+    return F.cross_entropy(logits, idx[0, len(prompt):], reduction="sum").item()

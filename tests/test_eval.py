@@ -4,31 +4,22 @@ sweep's report and figure, the chunk colours and multi-byte streaming of decode.
 import io
 import itertools
 import json
-import os
 import re
-import shutil
 import struct
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
-import transformers
 
-from conftest import FIXTURES, ROOT, need
 from data.evalsets import (humaneval_program, load_eval_tasks, load_prompts_jsonl, read_answer,
                            read_bbh_file, read_humaneval_file)
 from decode import TextStream, generate
-from evaluate import load_reference, run_program, teacher_nll
+from distill import teacher_nll
+from evaluate import load_reference, merge_reports, run_program
+from tokenizer import Tokenizer
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def run_cli(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "decode.py", *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
 
 
 # -----------------------------------------------------------------------------
@@ -37,9 +28,9 @@ def run_cli(*args):
 def test_bbh_loads_every_task_with_its_chain_of_thought_prompt(fixtures):
     tasks = load_eval_tasks("bbh")
     assert len(tasks) == 27 and sum(len(p) for p in tasks.values()) == 6511
-    ex = read_bbh_file(need(FIXTURES / "bbh" / "navigate.json"))[0]
+    ex = read_bbh_file(fixtures / "bbh" / "navigate.json")[0]
     first = tasks["bbh:navigate"][0]
-    shots = (FIXTURES / "bbh" / "cot-prompts" / "navigate.txt").read_text()
+    shots = (fixtures / "bbh" / "cot-prompts" / "navigate.txt").read_text()
     assert first.prompt.startswith("Given a series of navigation instructions")  # not the canary header
     assert "canary" not in first.prompt and shots.split("-----\n")[1].strip() in first.prompt
     assert first.prompt.endswith(f"\n\nQ: {ex['input']}\nA: Let's think step by step.")
@@ -98,12 +89,12 @@ def test_humaneval_file_rejects_malformed_rows(tmp_path, rows, message):
     (['{"question": "2+2?", "answer": 4}'], ":1: 'answer' must be a string, not int"),
     (['"just a string"'], ":1 is not a JSON object"),
 ])
-def test_prompt_jsonl_rejects_malformed_rows(tmp_path, rows, message):
+def test_prompt_jsonl_rejects_malformed_rows(script, tmp_path, rows, message):
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(rows) + "\n")
     with pytest.raises(ValueError, match=re.escape(message)):
         load_prompts_jsonl(path)
-    r = run_cli("--eval", str(path))  # the command line: one line, no traceback, before any model loads
+    r = script("evaluate.py", "--tasks", path)  # the command line: one line, no traceback, before any model loads
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: {path}{message}"]
 
@@ -119,14 +110,14 @@ def test_prompt_jsonl_rows(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--eval", "gsm8k", "--limit", "0"], "gsm8k: no problems selected"),
-    (["--eval", "bbh:navigate", "--offset", "250"], "bbh:navigate: no problems selected (250 in all"),
-    (["--eval", "bbh:no_such_task"], "unknown BBH task 'no_such_task'"),
-    (["--eval", "nothing.jsonl"], "is none of gsm8k, bbh, bbh:<task>, humaneval or a JSONL file"),
-    (["--eval", "gsm8k,,bbh"], "has an empty entry"),
+    (["--tasks", "gsm8k", "--limit", "0"], "gsm8k: no problems selected"),
+    (["--tasks", "bbh:navigate", "--offset", "250"], "bbh:navigate: no problems selected (250 in all"),
+    (["--tasks", "bbh:no_such_task"], "unknown BBH task 'no_such_task'"),
+    (["--tasks", "nothing.jsonl"], "is none of gsm8k, bbh, bbh:<task>, humaneval or a JSONL file"),
+    (["--tasks", "gsm8k,,bbh"], "has an empty entry"),
 ])
-def test_cli_empty_or_unknown_selection(fixtures, args, message):
-    r = run_cli(*args)
+def test_cli_empty_or_unknown_selection(script, fixtures, args, message):
+    r = script("evaluate.py", *args)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
 
@@ -159,7 +150,7 @@ def test_cli_empty_or_unknown_selection(fixtures, args, message):
     ("movie_recommendation", None, "Monsters, Inc", "So the answer is Monsters, Inc.", True),
 ])
 def test_bbh_answers(fixtures, task, n, target, output, right):
-    examples = read_bbh_file(FIXTURES / "bbh" / f"{task}.json")
+    examples = read_bbh_file(fixtures / "bbh" / f"{task}.json")
     n = n if n is not None else [e["target"] for e in examples].index(target)
     assert examples[n]["target"] == target  # the target written above is the file's
     problem = load_eval_tasks(f"bbh:{task}")[f"bbh:{task}"][n]
@@ -175,7 +166,7 @@ def test_bbh_answer_is_read_from_the_first_answer_not_an_invented_next_question(
 
 def test_every_bbh_target_reads_back_from_a_stated_answer(fixtures):
     for task, problems in load_eval_tasks("bbh").items():
-        targets = read_bbh_file(FIXTURES / "bbh" / f"{task[4:]}.json")
+        targets = read_bbh_file(fixtures / "bbh" / f"{task[4:]}.json")
         for problem, ex in zip(problems, targets):
             assert problem.answer is not None
             assert read_answer(problem.kind, f"Let's think.\nSo the answer is {ex['target']}.") == problem.answer
@@ -216,26 +207,17 @@ def test_teacher_loss_equals_transformers(smollm2, smollm2_gguf, smollm2_hf):
 # -----------------------------------------------------------------------------
 # the sweep on tiny random models: report and figure
 
-def tiny_model(path, seed, init_of=None):
-    """A random 2-layer Qwen3 with the real Qwen3 tokenizer; init_of: write train_args.json naming it."""
-    tok_dir = need(FIXTURES / "tokenizers" / "qwen3")
-    cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                   tie_word_embeddings=False, max_position_embeddings=2048)
-    torch.manual_seed(seed)
-    transformers.Qwen3ForCausalLM(cfg).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, path / name)  # into the test's temp folder only
-    if init_of:
-        (path / "train_args.json").write_text(json.dumps({"init": str(init_of)}))
-    return path
-
-
 @pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
+def tiny_pair(make_tiny, tmp_path_factory):
+    """Two random 2-layer Qwen3 with the real Qwen3 tokenizer: an original, and a "tuned" one whose
+    train_args.json names the original as its --init."""
     root = tmp_path_factory.mktemp("tiny")
-    original = tiny_model(root / "original", 0)
-    return original, tiny_model(root / "tuned", 1, init_of=original)
+    shape = dict(tokenizer=True, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                 head_dim=16, tie_word_embeddings=False, max_position_embeddings=2048, initializer_range=0.02)
+    _, original = make_tiny(root / "original", seed=0, **shape)
+    _, tuned = make_tiny(root / "tuned", seed=1, **shape)
+    (tuned / "train_args.json").write_text(json.dumps({"init": str(original)}))
+    return original, tuned
 
 
 def png_size(path):
@@ -244,11 +226,11 @@ def png_size(path):
     return struct.unpack(">II", data[16:24])
 
 
-def test_sweep_writes_report_and_figure(fixtures, tiny_pair, tmp_path):
+def test_sweep_writes_report_and_figure(script, fixtures, tiny_pair, tmp_path):
     original, tuned = tiny_pair
     out = tmp_path / "sweep" / "report.json"
-    r = run_cli("--init", str(original), str(tuned), "--eval", "gsm8k", "--limit", "2", "--max-new-tokens", "4",
-                "--sweep", "--out-json", str(out))
+    r = script("evaluate.py", "--init", original, tuned, "--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "4",
+               "--sweep", "--out-json", out)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert png_size(out.with_suffix(".png")) == (1200, 500)
@@ -282,19 +264,18 @@ def assert_same_sums(table, expected):
             assert key == "seconds" or value == pytest.approx(expected[name]["sums"][key]), key
 
 
-def test_chunks_merge_into_the_report_of_one_run(fixtures, tiny_pair, tmp_path):
+def test_chunks_merge_into_the_report_of_one_run(script, fixtures, tiny_pair, tmp_path):
     """python evaluate.py on --offset chunks: the sums of one run over all problems (but the times)."""
     _, tuned = tiny_pair
-    base = ["--init", str(tuned), "--eval", "gsm8k,bbh:boolean_expressions", "--max-new-tokens", "6", "--eval-k", "2",
+    base = ["--init", str(tuned), "--tasks", "gsm8k,bbh:boolean_expressions", "--max-new-tokens", "6", "--eval-k", "2",
             "--eval-threshold", "0.5", "--json"]
     files = []
     for offset, limit in ((0, 3), (0, 1), (1, 2)):
-        r = run_cli(*base, "--limit", str(limit), "--offset", str(offset))
+        r = script("evaluate.py", *base, "--limit", limit, "--offset", offset)
         assert r.returncode == 0, r.stderr
         files.append(tmp_path / f"eval-{offset}-{limit}.json")
         files[-1].write_text(r.stdout)
     whole = json.loads(files[0].read_text())["models"][0]
-    from evaluate import merge_reports
     merged = merge_reports([json.loads(f.read_text()) for f in files[1:]])
     assert merged["problems"] == {"gsm8k": 3, "bbh:boolean_expressions": 3}
     for part in ("tasks", "domains"):
@@ -303,17 +284,15 @@ def test_chunks_merge_into_the_report_of_one_run(fixtures, tiny_pair, tmp_path):
             assert_same_sums(merged["models"][0][part][key], whole[part][key])
     assert_same_sums(merged["models"][0]["all"], whole["all"])
     # a chunk without static k=2: its row sums the chunks that have it
-    r = run_cli(*[a for a in base if a not in ("--eval-k", "2")], "--limit", "1", "--offset", "3")
+    r = script("evaluate.py", *[a for a in base if a not in ("--eval-k", "2")], "--limit", "1", "--offset", "3")
     assert r.returncode == 0, r.stderr
     (tmp_path / "eval-3-1.json").write_text(r.stdout)
     files.append(tmp_path / "eval-3-1.json")
     merged = merge_reports([json.loads(f.read_text()) for f in files[1:]])["models"][0]["all"]
     assert merged["k=2"]["problems"] == 6 and merged["k=1"]["problems"] == merged["ConfAdapt(0.5)"]["problems"] == 8
-    r = subprocess.run([sys.executable, "evaluate.py", *map(str, files[1:])], capture_output=True, text=True,
-                       cwd=ROOT)
+    r = script("evaluate.py", "--merge", *files[1:])
     assert r.returncode == 0 and "ConfAdapt(0.5)" in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "none.json")], capture_output=True,
-                       text=True, cwd=ROOT)
+    r = script("evaluate.py", "--merge", tmp_path / "none.json")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "none.json" in r.stderr
 
 
@@ -324,12 +303,12 @@ def test_figure_without_matplotlib_is_one_line(monkeypatch):
         evaluate.require_matplotlib()
 
 
-def test_humaneval_runs_code_only_when_asked(fixtures, tiny_pair):
+def test_humaneval_runs_code_only_when_asked(script, fixtures, tiny_pair):
     original, _ = tiny_pair
-    base = ["--init", str(original), "--eval", "humaneval", "--limit", "1", "--max-new-tokens", "4", "--json"]
-    quiet = json.loads(run_cli(*base).stdout)["models"][0]["tasks"]["humaneval"]
+    base = ["--init", original, "--tasks", "humaneval", "--limit", "1", "--max-new-tokens", "4", "--json"]
+    quiet = json.loads(script("evaluate.py", *base).stdout)["models"][0]["tasks"]["humaneval"]
     assert all(s["accuracy"] is None for s in quiet.values())
-    ran = json.loads(run_cli(*base, "--exec-code", "--exec-timeout", "5").stdout)["models"][0]["tasks"]["humaneval"]
+    ran = json.loads(script("evaluate.py", *base, "--exec-code", "--exec-timeout", "5").stdout)["models"][0]["tasks"]["humaneval"]
     assert all(s["accuracy"] == 0.0 for s in ran.values())  # 4 random tokens do not solve it
 
 
@@ -337,8 +316,7 @@ def test_humaneval_runs_code_only_when_asked(fixtures, tiny_pair):
 # decode.py: chunk colours and multi-byte characters while streaming
 
 def test_streaming_prints_characters_split_across_tokens(fixtures):
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_dir(need(FIXTURES / "tokenizers" / "qwen3"))
+    tok = Tokenizer.from_dir(fixtures / "tokenizers" / "qwen3")
     text = "A parrot 🦜, a dragon 龘 and a clef 𝄞 — fine."
     ids = tok.encode(text)
     assert any(tok.decode([i]) == "\ufffd" for i in ids)  # some characters are split across tokens
@@ -356,10 +334,10 @@ def test_streaming_prints_characters_split_across_tokens(fixtures):
         assert ("\x1b[" in out.getvalue()) is show_chunks
 
 
-def test_show_chunks_on_the_command_line(fixtures, tiny_pair):
+def test_show_chunks_on_the_command_line(script, fixtures, tiny_pair):
     original, _ = tiny_pair
     base = ["--init", str(original), "--prompt", "Count to ten.", "--k", "3", "--max-new-tokens", "9"]
-    plain, coloured, as_json = run_cli(*base), run_cli(*base, "--show-chunks"), run_cli(*base, "--json")
+    plain, coloured, as_json = (script("decode.py", *base, *extra) for extra in ([], ["--show-chunks"], ["--json"]))
     assert plain.returncode == coloured.returncode == as_json.returncode == 0, coloured.stderr
     assert "\x1b[" in coloured.stdout and "\x1b[" not in plain.stdout
     assert ANSI.sub("", coloured.stdout) == plain.stdout == json.loads(as_json.stdout)["text"]

@@ -4,28 +4,25 @@ ground-truth computation (distill.mtp_loss_gated) gives the loss and gradients o
 import copy
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from conftest import ROOT
 from decode import generate
 from distill import build_batch, mtp_loss, mtp_loss_gated
-from model import Transformer
+from lora import adapter_state, add_lora
+from weights import load_model, save_model
 
 
 def with_random_adapter(model, rank=4, seed=0):
     """add_lora starts with B = 0 (no change at all); a trained adapter is nonzero everywhere."""
-    model.add_lora(rank, alpha=2.0 * rank)
+    add_lora(model, rank, alpha=2.0 * rank)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.adapter_state().values():
+        for p in adapter_state(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (0.3 if p.dim() == 1 else 0))
     return model
 
@@ -61,18 +58,18 @@ def files_digest(folder):
 
 def test_adapter_round_trip(tiny_qwen, tmp_path):
     before = files_digest(tiny_qwen)
-    model = with_random_adapter(Transformer.from_pretrained(str(tiny_qwen)))
+    model = with_random_adapter(load_model(str(tiny_qwen)))
     model.lora["base"] = str(tiny_qwen)
     model.cfg.k_max = 5
-    model.save_pretrained(tmp_path / "adapter", {"train_args.json": "{}\n"})
+    save_model(model, tmp_path / "adapter", {"train_args.json": "{}\n"})
     saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert "adapter.safetensors" in saved and "adapter_config.json" in saved and "model.safetensors" not in saved
     conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert conf["rank"] == 4 and conf["mtp_mask_id"] == 151669 and conf["mtp_k_max"] == 5
-    n_adapter = sum(p.numel() for p in model.adapter_state().values())
+    n_adapter = sum(p.numel() for p in adapter_state(model).values())
     assert n_adapter < 0.1 * sum(p.numel() for p in model.parameters())
 
-    loaded = Transformer.from_pretrained(str(tmp_path / "adapter"))
+    loaded = load_model(str(tmp_path / "adapter"))
     assert loaded.cfg.k_max == 5 and loaded.tokenizer is not None
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -81,7 +78,7 @@ def test_adapter_round_trip(tiny_qwen, tmp_path):
         assert torch.equal(model(idx), loaded(idx))
     assert files_digest(tiny_qwen) == before  # the original weights are untouched
 
-    model.save_pretrained(tmp_path / "original", original=True)  # what bench.py gives transformers
+    save_model(model, tmp_path / "original", original=True)  # what bench.py gives transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "original").eval()
     real = idx[:, :3]
     with torch.no_grad():
@@ -89,36 +86,33 @@ def test_adapter_round_trip(tiny_qwen, tmp_path):
 
 
 def test_adapter_folder_errors(tiny_qwen, tmp_path):
-    model = with_random_adapter(Transformer.from_pretrained(str(tiny_qwen)))
+    model = with_random_adapter(load_model(str(tiny_qwen)))
     model.lora["base"] = str(tiny_qwen)
-    model.save_pretrained(tmp_path / "a")
+    save_model(model, tmp_path / "a")
     conf = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**conf, "rank": 8}))
     with pytest.raises(ValueError, match=r"lora_a has shape \(4, 32\), expected \(8, 32\)"):
-        Transformer.from_pretrained(str(tmp_path / "a"))
+        load_model(str(tmp_path / "a"))
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"rank": 4}))
     with pytest.raises(ValueError, match="lacks base"):
-        Transformer.from_pretrained(str(tmp_path / "a"))
+        load_model(str(tmp_path / "a"))
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(conf))
     (tmp_path / "a" / "adapter.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors"):
-        Transformer.from_pretrained(str(tmp_path / "a"))
+        load_model(str(tmp_path / "a"))
 
 
-def tiny_llama(tmp_path):
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    model = Transformer.from_pretrained(str(tmp_path / "tiny"), add_mask=False)
+@pytest.fixture
+def tiny_llama(make_tiny, tmp_path):
+    _, path = make_tiny(tmp_path / "tiny", "llama", tie_word_embeddings=False)
+    model = load_model(str(path), add_mask=False)
     model.cfg.mask_id = 299
     return with_random_adapter(model)
 
 
 @pytest.mark.parametrize("k,soft", [(2, False), (4, False), (5, True)])
-def test_shared_ground_truth_gives_the_plain_layout_loss_and_gradients(tmp_path, k, soft):
-    model = tiny_llama(tmp_path)
+def test_shared_ground_truth_gives_the_plain_layout_loss_and_gradients(tiny_llama, k, soft):
+    model = tiny_llama
     g = torch.Generator().manual_seed(k)
     tokens = torch.randint(0, 299, (2, 30), generator=g)
     lengths, start = torch.tensor([30, 21]), torch.tensor([0, 6])
@@ -129,7 +123,7 @@ def test_shared_ground_truth_gives_the_plain_layout_loss_and_gradients(tmp_path,
         model.zero_grad()
         loss, metrics = fn()
         loss.backward()
-        return loss.item(), metrics, {n: p.grad.clone() for n, p in model.adapter_state().items()}
+        return loss.item(), metrics, {n: p.grad.clone() for n, p in adapter_state(model).items()}
     plain = run(lambda: mtp_loss(model, model, b, soft=soft))
     shared = run(lambda: mtp_loss_gated(model, b, soft=soft))
     assert shared[0] == pytest.approx(plain[0], rel=1e-5)
@@ -139,36 +133,30 @@ def test_shared_ground_truth_gives_the_plain_layout_loss_and_gradients(tmp_path,
         torch.testing.assert_close(shared[2][name], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_train_lora_saves_an_adapter_that_decodes_as_the_original(tiny_qwen, qa_jsonl, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+def test_train_lora_saves_an_adapter_that_decodes_as_the_original(script, train_tiny, tiny_qwen, tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "train.py", "--init", str(tiny_qwen), "--data", str(qa_jsonl), "--out", str(out),
-                        "--lora", "4", "--self-answers", "0", "--steps", "3", "--batch-size", "2", "--seq-len", "64",
-                        "--k-max", "4", "--branch-every", "2", "--lr", "1e-2", "--warmup", "1", "--log-every", "1",
-                        "--eval-every", "2", "--save-every", "3", "--eval-prompts", "2", "--amp", "none"],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    r = train_tiny(out, lora=4, steps=3, k_max=4, branch_every=2, lr=1e-2, warmup=1, eval_every=2, save_every=3)
     assert r.returncode == 0, r.stderr
     memory = next(line for line in r.stdout.splitlines() if line.startswith("memory per device"))
     assert "gated LoRA rank 4" in r.stdout and "teacher" not in memory  # no second copy of the model
     assert re.search(r"eval step 2 \| minute [0-9.]+ \| ConfAdapt\(0.9\) on 2 held-out prompts: acceleration "
-                     r"[0-9.]+, same text as k=1 [0-2]/2, teacher loss [0-9.]+ \(k=1 [0-9.]+\)", r.stdout), r.stdout
+                     r"[0-9.]+ tokens per pass \(k=1: 1.00\), same text as k=1 [0-2]/2, teacher loss [0-9.]+ "
+                     r"\(k=1 [0-9.]+\)", r.stdout), r.stdout
     model_dir = out / "model"
     assert (model_dir / "adapter.safetensors").exists() and not (model_dir / "model.safetensors").exists()
-    tuned = Transformer.from_pretrained(str(model_dir))
-    base = Transformer.from_pretrained(str(tiny_qwen))
-    assert any(p.abs().max() > 0 for n, p in tuned.adapter_state().items() if "lora_b" in n)  # it trained
+    tuned = load_model(str(model_dir))
+    base = load_model(str(tiny_qwen))
+    assert any(p.abs().max() > 0 for n, p in adapter_state(tuned).items() if "lora_b" in n)  # it trained
     prompt = base.tokenizer.encode("What is 3 plus 4?")
     assert generate(tuned, prompt, 12).tokens == generate(base, prompt, 12).tokens
-    d = subprocess.run([sys.executable, "decode.py", "--init", str(model_dir), "--prompt", "What is 3 plus 4?",
-                        "--max-new-tokens", "8", "--threshold", "0.5", "--json"],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    d = script("decode.py", "--init", model_dir, "--prompt", "What is 3 plus 4?", "--max-new-tokens", "8",
+               "--threshold", "0.5", "--json")
     assert d.returncode == 0, d.stderr
     assert len(json.loads(d.stdout)["tokens"]) > 0
     # --eval: the adapter's base is the reference, and its k=1 row is the base model's own k=1
     def evaluate(init):
-        e = subprocess.run([sys.executable, "decode.py", "--init", init, "--eval", "gsm8k", "--limit", "2",
-                            "--max-new-tokens", "8", "--eval-threshold", "0.5", "--json"],
-                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        e = script("evaluate.py", "--init", init, "--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "8",
+                   "--eval-threshold", "0.5", "--json")
         assert e.returncode == 0, e.stderr
         return json.loads(e.stdout)["models"][0]
     tuned_report, base_report = evaluate(str(model_dir)), evaluate(str(tiny_qwen))

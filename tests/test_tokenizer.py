@@ -11,7 +11,6 @@ import re
 import unicodedata
 
 import pytest
-from conftest import need
 
 from tokenizer import LLAMA3_PAT, QWEN2_PAT, Tokenizer
 
@@ -38,7 +37,7 @@ NAMES = ["qwen3", *LLAMA3, "smollm2"]
 
 @pytest.fixture(scope="module")
 def texts(fixtures):
-    rows = [json.loads(line) for line in need(fixtures / "gsm8k" / "test.jsonl").read_text().splitlines()[:150]]
+    rows = [json.loads(line) for line in (fixtures / "gsm8k" / "test.jsonl").read_text().splitlines()[:150]]
     return [r[k] for r in rows for k in ("question", "answer")] + HARD
 
 
@@ -68,7 +67,7 @@ def hf_from_gguf(path):
 @pytest.fixture(scope="module")
 def hf_dirs(fixtures, tmp_path_factory):
     """name -> (ours, HF tokenizers reference) for the Hugging Face folders."""
-    q, l3 = need(fixtures / "tokenizers" / "qwen3"), need(fixtures / "tokenizers" / "llama3")
+    q, l3 = fixtures / "tokenizers" / "qwen3", fixtures / "tokenizers" / "llama3"
     bare = tmp_path_factory.mktemp("llama3_model")  # tokenizer.model alone: Llama-3.1 special names, no template
     (bare / "tokenizer.model").symlink_to((l3 / "tokenizer.model").resolve())
     cfg = tmp_path_factory.mktemp("llama3_model_cfg")  # tokenizer.model + the fixture's tokenizer_config.json
@@ -181,7 +180,7 @@ def hf_chat(hf, conv, gen):
 @pytest.fixture(scope="module")
 def transformers_dirs(fixtures):
     from transformers import AutoTokenizer
-    return {m: AutoTokenizer.from_pretrained(need(fixtures / "tokenizers" / m)) for m in ("qwen3", "llama3")}
+    return {m: AutoTokenizer.from_pretrained(fixtures / "tokenizers" / m) for m in ("qwen3", "llama3")}
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama3_json", "llama3_model_cfg", "smollm2"])

@@ -1,41 +1,23 @@
 """train.py end to end on a tiny Qwen3-shaped model with the real Qwen3 tokenizer: output loads in
 decode.py and transformers, --resume is exact, 2 data-parallel processes equal 1, bad input."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 
-from conftest import ROOT
-
-
-def train(*args, nproc=1):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "train.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "train.py"]
-    r = subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    return r
-
-
-def common(tiny_qwen, qa_jsonl, out, **kw):
-    opts = dict(init=tiny_qwen, data=qa_jsonl, out=out, self_answers=0, steps=4, batch_size=2, grad_accum=1, seq_len=64,
-                k_max=6, branch_every=3, lr=1e-3, warmup=2, log_every=1, eval_every=0, save_every=2,
-                eval_prompts=2, amp="none", lora=0)  # full fine-tuning; tests/test_lora.py has --lora
-    opts.update(kw)
-    return [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+from decode import generate
+from weights import load_model
 
 
 def losses(stdout):
     return [float(x) for x in re.findall(r"^step \d+ \| loss ([0-9.]+)", stdout, re.M)]  # not the evals' teacher loss
 
 
-def test_train_writes_a_model_decode_and_transformers_load(tiny_qwen, qa_jsonl, tmp_path):
-    r = train(*common(tiny_qwen, qa_jsonl, tmp_path / "out", eval_every=4))
+def test_train_writes_a_model_decode_and_transformers_load(script, train_tiny, tmp_path):
+    r = train_tiny(tmp_path / "out", eval_every=4)
     assert r.returncode == 0, r.stderr
     assert "memory per device" in r.stdout and "eval step 4" in r.stdout
     assert len(losses(r.stdout)) == 4
@@ -44,38 +26,34 @@ def test_train_writes_a_model_decode_and_transformers_load(tiny_qwen, qa_jsonl, 
     assert cfg["mtp_mask_id"] == 151669 and cfg["mtp_k_max"] == 6 and cfg["vocab_size"] == 151936
     assert not list((tmp_path / "out").glob("*.tmp"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    from model import Transformer
-    ours = Transformer.from_pretrained(str(model_dir))
+    ours = load_model(str(model_dir))
     idx = torch.tensor([[9707, 11, 151669, 151669]])
     with torch.no_grad():
         assert (hf(idx).logits - ours(idx)).abs().max().item() <= 1e-4
-    d = subprocess.run([sys.executable, "decode.py", "--init", str(model_dir), "--prompt", "What is 3 plus 4?",
-                        "--threshold", "0.9", "--max-new-tokens", "8", "--json"],
-                       capture_output=True, text=True, cwd=ROOT)
+    d = script("decode.py", "--init", model_dir, "--prompt", "What is 3 plus 4?", "--threshold", "0.9",
+               "--max-new-tokens", "8", "--json")
     assert d.returncode == 0, d.stderr
     assert json.loads(d.stdout)["passes"] >= 1
 
 
-def test_self_answers(tiny_qwen, qa_jsonl, tmp_path):
+def test_self_answers(train_tiny, tiny_qwen, tmp_path):
     """--self-answers N: N of the training questions answered by the model itself (prompt + its
     greedy answer, the same tokens decode.py produces), written once and trained on."""
-    r = train(*common(tiny_qwen, qa_jsonl, tmp_path / "out", steps=1, seq_len=48), "--self-answers", "3")
+    r = train_tiny(tmp_path / "out", steps=1, seq_len=48, self_answers=3)
     assert r.returncode == 0, r.stderr
     assert "self-answers: " in r.stdout and "3 examples" in r.stdout
     meta, *rows = [json.loads(line) for line in (tmp_path / "out" / "self_answers.jsonl").read_text().splitlines()]
     assert meta["meta"]["n"] == 3 and len(rows) == 3
-    from model import Transformer
-    from decode import generate
-    model = Transformer.from_pretrained(str(tiny_qwen))
+    model = load_model(str(tiny_qwen))
     for row in rows:
         prompt, answer = row["ids"][:row["prompt_len"]], row["ids"][row["prompt_len"]:]
         assert answer == generate(model, prompt, 24, stop_ids=model.tokenizer.stop_ids).tokens
 
 
-def test_resume_is_exact(tiny_qwen, qa_jsonl, tmp_path):
-    straight = train(*common(tiny_qwen, qa_jsonl, tmp_path / "a"))
-    first = train(*common(tiny_qwen, qa_jsonl, tmp_path / "b", steps=2))
-    resumed = train(*common(tiny_qwen, qa_jsonl, tmp_path / "b"), "--resume")
+def test_resume_is_exact(train_tiny, tmp_path):
+    straight = train_tiny(tmp_path / "a")
+    first = train_tiny(tmp_path / "b", steps=2)
+    resumed = train_tiny(tmp_path / "b", "--resume")
     for r in (straight, first, resumed):
         assert r.returncode == 0, r.stderr
     assert "resumed from" in resumed.stdout
@@ -86,12 +64,12 @@ def test_resume_is_exact(tiny_qwen, qa_jsonl, tmp_path):
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_equal_one(tiny_qwen, qa_jsonl, tmp_path, sharding):
+def test_two_processes_equal_one(train_tiny, tmp_path, sharding):
     """Same global batch (4 rows): 1 process x 2 micro-batches vs 2 processes x 1 (gloo), with
     DistributedDataParallel or with the student sharded by FSDP."""
-    one = train(*common(tiny_qwen, qa_jsonl, tmp_path / "one", steps=3, grad_accum=2))
+    one = train_tiny(tmp_path / "one", steps=3, grad_accum=2)
     extra = ["--fsdp"] if sharding == "fsdp" else []
-    two = train(*common(tiny_qwen, qa_jsonl, tmp_path / "two", steps=3), *extra, nproc=2)
+    two = train_tiny(tmp_path / "two", *extra, steps=3, nproc=2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert "2 process(es)" in two.stdout
@@ -107,26 +85,43 @@ def test_two_processes_equal_one(tiny_qwen, qa_jsonl, tmp_path, sharding):
     (["--resume"], "no checkpoint"),
     (["--dtype", "int8"], "--dtype must be"),
     (["--k-max", "1"], "--k-max must be at least 2"),
+    (["--recipe", "gpu"], "argument --recipe: invalid choice"),
 ])
-def test_bad_input(tiny_qwen, qa_jsonl, tmp_path, args, message):
-    base = common(tiny_qwen, qa_jsonl, tmp_path / "out")
+def test_bad_input(script, train_tiny, tmp_path, args, message):
+    base = train_tiny.args(tmp_path / "out")
     for flag in args[::2] if len(args) > 1 else args:  # let the bad value replace the good one
         if flag in base:
             i = base.index(flag)
             del base[i:i + 2]
-    r = train(*base, *args)
+    r = script("train.py", *base, *args)
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "model").exists()
 
 
 def test_cpu_defaults_are_the_hour_recipe(tmp_path):
-    """No flags on a CPU: gated LoRA rank 32 at lr 1e-3 on the model's own answers, in a 60-minute
-    budget (README "Results", run 5); --lora 0 is full fine-tuning at lr 1e-4; a GPU stays full."""
-    from train import get_args
+    """No flags on a CPU: the cpu-hour recipe, gated LoRA rank 32 at lr 1e-3 on the model's own
+    answers, in a 60-minute budget (docs/RESULTS.md); --lora 0 is full fine-tuning at lr 1e-4; with
+    --fsdp it stays full; --recipe paper-gpu is the paper's; a flag overrides its setting."""
+    from train import RECIPES, get_args
     a = get_args(["--device", "cpu", "--out", str(tmp_path / "a")])
-    assert (a.lora, a.lr, a.self_answers, a.k_max, a.max_minutes) == (32, 1e-3, 512, 4, 60.0)
+    assert (a.recipe, a.lora, a.lr, a.self_answers, a.k_max, a.max_minutes) == ("cpu-hour", 32, 1e-3, 512, 4, 60.0)
     a = get_args(["--device", "cpu", "--out", str(tmp_path / "b"), "--lora", "0"])
     assert (a.lora, a.lr) == (0, 1e-4)
     a = get_args(["--device", "cpu", "--out", str(tmp_path / "c"), "--fsdp"])
     assert a.lora == 0
+    a = get_args(["--device", "cpu", "--out", str(tmp_path / "d"), "--recipe", "paper-gpu", "--seq-len", "96"])
+    want = {k: v for k, v in RECIPES["paper-gpu"].items() if k not in ("lora_lr", "seq_len")}
+    assert {k: getattr(a, k) for k in want} == want and a.seq_len == 96
+
+
+def test_help_shows_the_recipes_that_run(script):
+    """--help prints the recipes table from the RECIPES dict itself, so it cannot drift."""
+    from train import RECIPES
+    r = script("train.py", "--help")
+    assert r.returncode == 0
+    for name, recipe in RECIPES.items():
+        assert name in r.stdout
+    for key in RECIPES["cpu-hour"]:
+        line = [line for line in r.stdout.splitlines() if line.split()[:1] == [key]][-1]  # the table is last
+        assert line.split()[1:] == [str(recipe[key]) for recipe in RECIPES.values()], line

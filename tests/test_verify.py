@@ -5,30 +5,27 @@ import random
 
 import pytest
 import torch
-import transformers
 
 from decode import branch_layout, generate
 from distill import build_batch
-from model import Transformer
+from weights import load_model
 
 TOL = 1e-4
 V, MASK = 300, 299
 
 
-def tiny(tmp_path, family, tied):
-    """A random 2-layer Llama or Qwen3 (transformers' own), and ours loaded from it with a mask id."""
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
-    cfg = cls[0](vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.2,
-                 tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    hf = cls[1](cfg).eval()
-    hf.generation_config.eos_token_id = None  # stop only where a test says so
-    hf.save_pretrained(tmp_path / family)
-    model = Transformer.from_pretrained(str(tmp_path / family), add_mask=False)
-    model.cfg.mask_id = MASK
-    return hf, model
+@pytest.fixture
+def tiny(make_tiny, tmp_path):
+    """tiny(family, tied): a random 2-layer Llama or Qwen3 (transformers' own), and ours loaded from
+    it with a mask id."""
+    def make(family, tied):
+        hf, path = make_tiny(tmp_path / family, family, vocab_size=V, head_dim=16, max_position_embeddings=512,
+                             tie_word_embeddings=tied)
+        hf.generation_config.eos_token_id = None  # stop only where a test says so
+        model = load_model(str(path), add_mask=False)
+        model.cfg.mask_id = MASK
+        return hf, model
+    return make
 
 
 def hf_greedy(hf, prompt, max_new, stop=None):
@@ -88,8 +85,8 @@ def check_verify(model, prompt, max_new, want, stop_ids, settings, seed=0):
 
 
 @pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("qwen3", False)])
-def test_verify_equals_k1_and_transformers_on_tiny_models(tmp_path, family, tied):
-    hf, model = tiny(tmp_path, family, tied)
+def test_verify_equals_k1_and_transformers_on_tiny_models(tiny, family, tied):
+    hf, model = tiny(family, tied)
     g = torch.Generator().manual_seed(1)
     early_stops = 0
     for n in range(6):
@@ -140,8 +137,8 @@ def test_branch_layout_is_the_training_layout():
 
 @pytest.mark.parametrize("family,tied", [("llama", True), ("qwen3", False)])
 @pytest.mark.parametrize("n_masks", [1, 3, 7])
-def test_cache_pass_with_mask_equals_plain_forward(tmp_path, family, tied, n_masks):
-    _, model = tiny(tmp_path, family, tied)
+def test_cache_pass_with_mask_equals_plain_forward(tiny, family, tied, n_masks):
+    _, model = tiny(family, tied)
     g = torch.Generator().manual_seed(n_masks)
     prefix, fed = torch.randint(0, MASK, (1, 11), generator=g), torch.randint(0, MASK, (1, 4), generator=g)
     for anchors in ([0, 1, 2, 3], [3], [1, 3]):
@@ -166,10 +163,10 @@ def test_cache_pass_with_mask_equals_plain_forward(tmp_path, family, tied, n_mas
 
 
 @pytest.mark.parametrize("layout", ["quadratic", "simple"])
-def test_fed_drafts_are_plain_forward_predictions(tmp_path, layout):
+def test_fed_drafts_are_plain_forward_predictions(tiny, layout):
     """Every draft fed in a pass is the argmax, at its mask slot, of a plain forward over the committed
     tokens before the pending one + k_max - 1 masks (up to float32 rounding)."""
-    _, model = tiny(tmp_path, "llama", False)
+    _, model = tiny("llama", False)
     calls = []
     forward = model.forward
 

@@ -1,0 +1,97 @@
+"""Gated LoRA (docs/METHOD.md, "Gated LoRA"; Samragh et al. 2025, "Your LLM Knows the Future").
+
+add_lora(model, rank) freezes every weight and swaps in two kinds of module:
+- the embedding becomes MaskEmbedding: a row whose input token is <MTP> gets a trainable
+  embedding, and the embedding records which rows those are (the gate);
+- each projection of each block becomes GatedLoRALinear: the original linear, plus a rank-r update
+  (alpha / r) * B @ A that is added on the gated rows only.
+A real token's row therefore computes exactly what the original model computes: k=1 decoding is
+the original model, and the model is its own teacher (distill.mtp_loss_gated). B starts at zero.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+class Gate:
+    """Which rows of the current forward pass are <MTP> rows: None (none), True (all) or a
+    (..., 1) boolean mask. Written by MaskEmbedding, read by every GatedLoRALinear."""
+    rows = None
+
+
+class MaskEmbedding(nn.Embedding):
+    def __init__(self, embed: nn.Embedding, mask_id: int, gate: Gate):
+        super().__init__(*embed.weight.shape, device="meta")
+        self.weight = embed.weight  # the same (frozen) parameter: a tied lm_head stays tied
+        self.mask_id, self.gate = mask_id, gate
+        self.mask_embedding = nn.Parameter(embed.weight[mask_id].detach().clone())
+
+    def forward(self, idx):
+        is_mask = (idx == self.mask_id)[..., None]
+        # all: training's branch passes; none: the ground truth and the teacher; else a decode pass
+        self.gate.rows = True if is_mask.all() else is_mask if is_mask.any() else None
+        x = super().forward(idx)
+        return x if self.gate.rows is None else torch.where(is_mask, self.mask_embedding.to(x.dtype), x)
+
+
+class GatedLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, gate: Gate):
+        super().__init__()
+        self.base, self.gate, self.scale = base, gate, alpha / rank
+        w = base.weight
+        self.lora_a = nn.Parameter(torch.randn(rank, w.size(1), device=w.device, dtype=w.dtype) / math.sqrt(w.size(1)))
+        self.lora_b = nn.Parameter(torch.zeros(w.size(0), rank, device=w.device, dtype=w.dtype))
+
+    def forward(self, x):
+        y = self.base(x)
+        rows = self.gate.rows
+        if rows is None:  # no <MTP> row: the adapter math is skipped altogether
+            return y
+        delta = (x @ self.lora_a.t() * self.scale) @ self.lora_b.t()
+        return y + delta if rows is True else y + torch.where(rows, delta, 0)
+
+
+def add_lora(model, rank: int, alpha: float | None = None, base: str | None = None):
+    """Freeze model and give it gated adapters of this rank. base: where its original weights are
+    loaded from, saved with the adapter (weights.save_model)."""
+    alpha = float(rank if alpha is None else alpha)
+    model.requires_grad_(False)
+    gate = Gate()
+    model.embed_tokens = MaskEmbedding(model.embed_tokens, model.cfg.mask_id, gate)
+    for block in model.layers:
+        for path in PROJECTIONS:
+            parent, name = path.split(".")
+            module = getattr(block, parent)
+            setattr(module, name, GatedLoRALinear(getattr(module, name), rank, alpha, gate))
+
+    @contextlib.contextmanager
+    def restore(rows):  # a block recomputed in backward sees the gate of its own forward pass
+        outer, gate.rows = gate.rows, rows
+        try:
+            yield
+        finally:
+            gate.rows = outer
+    model.recompute_context = lambda: (contextlib.nullcontext(), restore(gate.rows))
+    model.lora = {"base": base, "rank": rank, "alpha": alpha}
+    return model
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """What gated LoRA trains, under the names of its saved file: every lora_a / lora_b, and
+    mask_embedding (empty for a model without adapters)."""
+    if getattr(model, "lora", None) is None:
+        return {}
+    state = {"mask_embedding": model.embed_tokens.mask_embedding}
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            state[name] = p
+    return state
+
+
+def is_adapter_param(name: str) -> bool:
+    return ".lora_" in name or name.endswith("mask_embedding")

@@ -1,0 +1,70 @@
+"""The optimizer and the memory a run needs: the two things a precision choice decides.
+
+AdamW keeps a float32 master copy of every low-precision weight, so that bfloat16 training keeps
+every update; memory_estimate says what a run costs per device, before it starts.
+"""
+import math
+
+import torch
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay), the same arithmetic as torch.optim.AdamW, except that a
+    parameter stored in a low-precision dtype gets a float32 master copy in the optimizer state: the
+    update is applied to the master and the parameter becomes its rounding. A bfloat16 weight alone
+    silently drops every update smaller than half its ulp (|w| / 256): at lr 1e-5 most of the model."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                    if p.dtype != torch.float32:
+                        state["master"] = p.detach().float()
+                w = state.get("master", p)
+                g = p.grad.float()
+                state["step"] += 1
+                t = state["step"].item()
+                w.mul_(1 - lr * wd)
+                state["exp_avg"].lerp_(g, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                w.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+                if w is not p:
+                    p.copy_(w)
+
+
+def memory_estimate(cfg, n_params, args, world=1, checkpointing=False, n_trained=None):
+    """GiB per device for a run: weights, gradients, AdamW moments, master copy, teacher, activations.
+    Activations: what backward keeps per token and layer (norms, q/k/v, attention, the SwiGLU
+    products) at the longest layout (k = k_max), plus the float32 logits at the predicted slots.
+    Gated LoRA (n_trained adapter parameters): no teacher copy, and backward keeps only the branch
+    slots; the ground truth leaves its keys and values in a cache."""
+    w = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    c = 2 if args.amp in ("bfloat16", "float16") else w  # bytes of what the matmuls produce
+    shard = world if args.fsdp else 1
+    n, t = n_params, n_params if n_trained is None else n_trained
+    qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    branches = math.ceil(args.seq_len / args.branch_every)
+    tokens = args.batch_size * ((0 if args.lora else args.seq_len) + branches * (args.k_max - 1))
+    cache = 2 * w * kvd * cfg.n_layers * args.batch_size * args.seq_len if args.lora else 0
+    per_token_layer = (8 + 2 * c) * cfg.dim + c * (4 * qd + 4 * kvd) + 4 * c * cfg.hidden_dim
+    per_token_layer += (4 + c) * (qd + kvd) if cfg.qk_norm else 0  # Qwen3's q/k norms keep float32 inputs
+    layers = tokens * per_token_layer * (1 if checkpointing else cfg.n_layers)
+    if checkpointing:  # block inputs of every layer, and one block recomputed at a time
+        layers += tokens * c * cfg.dim * cfg.n_layers
+    logits = 3 * 4 * args.batch_size * branches * args.k_max * cfg.vocab_size
+    parts = {"weights": n * w / shard, "grads": t * w / shard, "adamw": 8 * t / shard,
+             "master": (4 * t if w < 4 else 0) / shard, "autocast copies": (2 * n if c < w else 0) / shard,
+             "teacher": 0 if args.lora else n * w, "activations": layers + logits + cache}
+    return {k: v / 2**30 for k, v in parts.items()}

