@@ -73,13 +73,20 @@ def bench_train_step(run, n_steps: int):
             loss, _ = mtp_loss_gated(model, b) if args.lora else mtp_loss(model, run.teacher, b)
         loss.backward()
 
-    def plain(b):
+    frozen = [p for p in run.student.parameters() if not p.requires_grad]
+
+    def plain(b):  # with gated LoRA no real token reaches the adapter: the plain step trains every weight
         L = b.idx.size(1) - b.fill.size(1)
         tokens = b.idx[:, :L]
+        for p in frozen:
+            p.requires_grad_(True)
         with autocast(args):
             logits = model(tokens)
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
+        for p in frozen:
+            p.requires_grad_(False)
+            p.grad = None
 
     times = {"mtp": 0.0, "plain": 0.0}
     for step in range(n_steps + 1):

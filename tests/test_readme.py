@@ -1,0 +1,59 @@
+"""README's main job, run exactly as README writes it (read from README itself, so it cannot drift),
+on a tiny model for a few steps: decode.py, and evaluate.py, must use the model train.py wrote,
+whether an adapter (the CPU default) or a full model, and after a save that a kill interrupted."""
+import json
+import os
+import re
+import shlex
+
+import pytest
+
+from decode import encode_prompt, generate
+from weights import load_model
+
+SIZE = ["--self-answers", "4", "--steps", "3", "--eval-prompts", "2", "--max-minutes", "5"]  # + --init: the tiny model
+
+
+def main_job(readme: str) -> list[list[str]]:
+    """The command lines of the first bash block under '## The main job'."""
+    section = readme.split("\n## The main job\n", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [shlex.split(line) for line in block.splitlines() if line.startswith("python ")]
+
+
+@pytest.mark.parametrize("lora", [None, "0"], ids=["gated-lora-default", "full-fine-tuning"])
+def test_readme_main_job(script, root, tiny_qwen, tmp_path, lora):
+    readme = (root / "README.md").read_text()
+    (python, train_py, *train_args), (_, decode_py, *decode_args) = main_job(readme)
+    assert (python, train_py, decode_py) == ("python", "train.py", "decode.py")
+    extra = SIZE + ["--init", str(tiny_qwen)] + (["--lora", lora] if lora else [])
+    t = script(train_py, *train_args, *extra, cwd=tmp_path)
+    assert t.returncode == 0, t.stderr
+    # the end of the run says what to do next, in README's words, and what it should show
+    decode_line = next(line for line in readme.splitlines() if line.startswith("python decode.py"))
+    assert f"next: {decode_line}" in t.stdout
+    assert re.search(r"'acceleration': [0-9.]+ on average on the held-out prompts here, where the original "
+                     r"model gives 1\.00", t.stdout), t.stdout
+    saved = tmp_path / "out" / "model"
+    assert (saved / ("adapter_config.json" if lora is None else "config.json")).is_file()
+
+    def decode():
+        d = script(decode_py, *decode_args, "--max-new-tokens", "16", cwd=tmp_path)
+        assert d.returncode == 0, d.stderr
+        assert "no --init given: using out/model" in d.stderr, d.stderr
+        assert ("gated-LoRA adapter" in d.stderr) == (lora is None)
+        return d
+    d = decode()
+    # what it printed is what the saved model decodes with ConfAdapt(0.9)
+    model = load_model(str(saved))
+    prompt = encode_prompt(model.tokenizer, decode_args[decode_args.index("--prompt") + 1], True)
+    want = generate(model, prompt, 16, threshold=0.9, k_max=model.cfg.k_max, stop_ids=model.tokenizer.stop_ids)
+    assert f"] {len(want.tokens)} new tokens in {want.passes} passes" in d.stderr, d.stderr
+    assert d.stdout.startswith(model.tokenizer.decode([t for t in want.tokens if t not in model.tokenizer.stop_ids]))
+    # a save interrupted between its two renames leaves model.old: it is still found, and used
+    os.replace(saved, saved.with_name("model.old"))
+    assert decode().stdout == d.stdout
+    # evaluation looks for the same model
+    e = script("evaluate.py", "--tasks", "gsm8k", "--limit", "1", "--max-new-tokens", "4", "--json", cwd=tmp_path)
+    assert e.returncode == 0, e.stderr
+    assert json.loads(e.stdout)["models"][0]["model"] == "out/model"
