@@ -62,6 +62,20 @@ def candidates(model, logits, trusted: int):
     return logits.softmax(-1).max(-1)
 
 
+def check_fits(model, n_prompt: int, max_new_tokens: int, n_masks: int):
+    """The last position a decode can reach, n_prompt + max_new_tokens + n_masks, must lie within the
+    model's context; if not, the message names the setting that takes the room."""
+    context = model.cfg.max_seq_len
+    if n_masks + 2 > context:
+        raise ValueError(f"k_max {n_masks + 1} (--k-max) does not fit the model's context of {context} positions")
+    if max_new_tokens + n_masks + 1 > context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} with {n_masks} mask slots leaves no room for a prompt "
+                         f"in the model's context of {context} positions")
+    if n_prompt + max_new_tokens + n_masks > context:
+        raise ValueError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+                         f"{context}; shorten the prompt or --max-new-tokens")
+
+
 def commit(tokens: list[int], stop_ids, out: list[int], chunks: list[int], on_tokens) -> bool:
     """Append one pass's accepted tokens to the output, cut after a stop token; True if it stopped."""
     stop_at = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
@@ -92,11 +106,9 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     n_masks = (k_max if threshold is not None else k) - 1
     if n_masks and model.cfg.mask_id is None:
         raise ValueError("this model has no <MTP> mask id; use k = 1")
+    check_fits(model, len(prompt), max_new_tokens, n_masks)
     need = len(prompt) + max_new_tokens + n_masks
     if cache is None or cache.max_len < need:
-        if need > model.cfg.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the "
-                             f"model's context of {model.cfg.max_seq_len}; shorten the prompt or --max-new-tokens")
         cache = model.new_cache(need)
     cache.truncate(0)
     device = model.embed_tokens.weight.device
@@ -169,9 +181,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
         raise ValueError("this model has no <MTP> mask id; it cannot propose drafts")
     if layout not in ("quadratic", "simple"):
         raise ValueError(f"layout must be quadratic or simple, not {layout!r}")
-    if len(prompt) + max_new_tokens + n_masks > model.cfg.max_seq_len:
-        raise ValueError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the "
-                         f"model's context of {model.cfg.max_seq_len}; shorten the prompt or --max-new-tokens")
+    check_fits(model, len(prompt), max_new_tokens, n_masks)
     need = len(prompt) + max_new_tokens + k_max * k_max  # a pass holds at most k_max fed tokens + branches
     if cache is None or cache.max_len < need:
         cache = model.new_cache(need)
@@ -348,15 +358,20 @@ def get_args(argv=None):
     for t in (a.threshold, a.draft_threshold):
         if t is not None and not 0 < t <= 1:
             p.error(f"threshold {t} is outside (0, 1]")
+    check_decoding_args(a, p)
+    return a, p
+
+
+def check_decoding_args(a, p):
+    """The settings decode.py and evaluate.py share."""
     if a.k_max is not None and a.k_max < 1:
         p.error(f"--k-max must be at least 1, not {a.k_max}")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
     if a.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
     if a.dtype not in (None, "float32", "bfloat16", "float16"):
         p.error(f"--dtype must be float32, bfloat16 or float16, not {a.dtype}")
-    return a, p
 
 
 def main(argv=None):

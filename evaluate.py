@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from data.evalsets import humaneval_program, is_correct, load_eval_tasks, read_answer
-from decode import ArgumentParser, default_init, encode_prompt, generate, load, strategy_name
+from decode import ArgumentParser, check_decoding_args, default_init, encode_prompt, generate, load, strategy_name
 from distill import teacher_nll
 from weights import load_model
 
@@ -373,14 +373,7 @@ def get_args(argv=None):
     for t in a.eval_threshold:
         if not 0 < t <= 1:
             p.error(f"threshold {t} is outside (0, 1]")
-    if a.k_max is not None and a.k_max < 1:
-        p.error(f"--k-max must be at least 1, not {a.k_max}")
-    if a.max_new_tokens < 1:
-        p.error("--max-new-tokens must be at least 1")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
-    if a.dtype not in (None, "float32", "bfloat16", "float16"):
-        p.error(f"--dtype must be float32, bfloat16 or float16, not {a.dtype}")
+    check_decoding_args(a, p)
     return a
 
 

@@ -94,6 +94,45 @@ def _pattern(pre: dict | None) -> str:
                      "or Digits+ByteLevel as in Llama-3, Qwen and SmolLM2")
 
 
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{file} is not valid JSON") from None
+
+
+def _check_tokenizer_json(file: Path, tj) -> None:
+    """The parts of tokenizer.json we read, with the types we read them as: one line if not."""
+    model = tj.get("model") if isinstance(tj, dict) else None
+    problem = None
+    if not isinstance(model, dict):
+        problem = "has no 'model' object"
+    elif model.get("type") != "BPE":
+        return  # another kind of tokenizer: _from_tokenizer_json says which kinds are supported
+    elif not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+        problem = "has no model.vocab (token -> id) and model.merges (list)"
+    elif not all(isinstance(i, int) for i in model["vocab"].values()) or not all(
+            isinstance(m, str) and m.count(" ") == 1 or isinstance(m, list) and len(m) == 2 for m in model["merges"]):
+        problem = "has a model.vocab id that is not an integer, or a merge that is not a pair"
+    elif not isinstance(tj.get("added_tokens", []), list) or not all(
+            isinstance(a, dict) and isinstance(a.get("content"), str) and isinstance(a.get("id"), int)
+            for a in tj.get("added_tokens", [])):
+        problem = "has an added_tokens entry without a string content and an integer id"
+    if problem:
+        raise ValueError(f"{file} is not a Hugging Face tokenizer.json: it {problem}")
+
+
+def _check_tokenizer_config(file: Path, cfg) -> None:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file} must hold a JSON object, not {type(cfg).__name__}")
+    for key in ("bos_token", "eos_token"):
+        value = cfg.get(key)
+        if not (value is None or isinstance(value, str) or isinstance(value, dict) and isinstance(value.get("content"), str)):
+            raise ValueError(f"{file}: {key} is {value!r}, not a token string")
+    if not isinstance(cfg.get("chat_template"), (str, list, type(None))):
+        raise ValueError(f"{file}: chat_template is a {type(cfg['chat_template']).__name__}, not a template string")
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -236,7 +275,8 @@ class Tokenizer:
         """A Hugging Face model folder: tokenizer.json, or Llama-3's tokenizer.model (+ tokenizer_config.json)."""
         path = Path(path)
         cfg_file = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text("utf-8")) if cfg_file.exists() else {}
+        cfg = _read_json(cfg_file) if cfg_file.exists() else {}
+        _check_tokenizer_config(cfg_file, cfg)
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -252,7 +292,8 @@ class Tokenizer:
 
     @classmethod
     def _from_tokenizer_json(cls, file: Path, cfg: dict, template, bos, eos) -> "Tokenizer":
-        tj = json.loads(file.read_text("utf-8"))
+        tj = _read_json(file)
+        _check_tokenizer_json(file, tj)
         model, norm = tj["model"], tj.get("normalizer")
         decoder = (tj.get("decoder") or {}).get("type")
         if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
@@ -260,14 +301,14 @@ class Tokenizer:
                              "supported); use a Llama-3, Qwen or SmolLM2 style model")
         if norm not in (None, {"type": "NFC"}):
             raise ValueError(f"unsupported normalizer {norm} in {file} (only NFC is supported)")
-        added = {a["content"]: a["id"] for a in tj["added_tokens"]}
-        special = {a["content"] for a in tj["added_tokens"] if a["special"]}
+        added = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
+        special = {a["content"] for a in tj.get("added_tokens", []) if a.get("special")}
         add_bos = cfg.get("add_bos_token")  # unset: whether the post-processor adds it
         if not (add_bos or add_bos is None and f'"{bos}"' in json.dumps(tj.get("post_processor"))):
             bos = None
         merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
         eos = eos or next((t for t in END_OF_TURN if t in added), None)
-        return cls._from_bpe(model["vocab"], merges, added, special=special, pre=tj["pre_tokenizer"], bos=bos,
+        return cls._from_bpe(model["vocab"], merges, added, special=special, pre=tj.get("pre_tokenizer"), bos=bos,
                              eos=eos, chat_template=template, nfc=norm is not None, source=file)
 
     @classmethod
@@ -279,6 +320,8 @@ class Tokenizer:
         except ValueError:
             raise ValueError(f"{file} is not a tiktoken BPE file (SentencePiece models are not supported); "
                              "use a folder with tokenizer.json") from None
+        if len(ranks) < 256:
+            raise ValueError(f"{file} holds {len(ranks)} tokens, fewer than the 256 bytes a byte-level BPE needs")
         names = {int(i): t["content"] for i, t in cfg.get("added_tokens_decoder", {}).items()}
         added = {names.get(len(ranks) + i, t): len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
         bos = None if cfg.get("add_bos_token") is False else bos or "<|begin_of_text|>"
@@ -300,7 +343,14 @@ class Tokenizer:
         pre = get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE:
             raise ValueError(f"{path}: unknown tokenizer.ggml.pre {pre!r}; add its regex to GGUF_PRE in tokenizer.py")
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                    "tokenizer.ggml.eos_token_id"):
+            if key not in fields:
+                raise ValueError(f"{path}: the GGUF metadata lacks {key}, so it holds no usable tokenizer")
         tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
+        if len(tokens) != len(types) or not 0 <= get("tokenizer.ggml.eos_token_id") < len(tokens):
+            raise ValueError(f"{path}: the GGUF tokenizer metadata is inconsistent ({len(tokens)} tokens, "
+                             f"{len(types)} token types, eos id {get('tokenizer.ggml.eos_token_id')})")
         added = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty not in (1, 6)}  # 1 normal, 6 byte
         special = {t for t, ty in zip(tokens, types) if ty not in (1, 4, 6)}  # 4 user-defined: plain text
         bos = tokens[get("tokenizer.ggml.bos_token_id")] if get("tokenizer.ggml.add_bos_token", False) else None

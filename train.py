@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from data import format_example, gsm8k_prompt, load_dataset, load_gsm8k
 from data.own_answers import own_answer_examples
-from decode import encode_prompt, generate
+from decode import ArgumentParser, encode_prompt, generate
 from distill import build_batch, mtp_loss, mtp_loss_gated, teacher_nll
 from kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
 from lora import add_lora
@@ -56,11 +56,6 @@ FINISH_RESERVE_S = 150  # kept for the final quick eval and the save
 SHAPING = ("init", "data", "format", "k_max", "batch_size", "grad_accum", "seq_len", "branch_every",
            "branch_from", "self_answers", "loss", "seed", "dtype", "lora", "lora_alpha")
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block: bad input says what is wrong and stops
-        sys.exit(f"error: {message} (see --help)")
 
 
 def recipe_table() -> str:
@@ -230,17 +225,55 @@ def all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_floating_point(t))
 
 
+class Diverged(ValueError):
+    """Training went where nothing should be saved: non-finite steps in a row, or weights that give
+    non-finite logits. main() puts the last good checkpoint in place as the model."""
+
+    def __init__(self, step: int, why: str):
+        super().__init__(why)
+        self.step, self.why = step, why
+
+
+@torch.no_grad()
+def model_works(run) -> bool:
+    """Does a probe forward (the start of the first training text, then k_max - 1 masks) give
+    finite logits? Finite weights are not enough: enormous ones overflow in the forward pass."""
+    ids = run.examples[0][0][:64] + [run.student.cfg.mask_id] * (run.args.k_max - 1)
+    training = run.student.training
+    run.student.eval()
+    with autocast(run.args):  # every process calls it: an FSDP-sharded student needs them all
+        logits = run.student(torch.tensor([ids], device=run.args.device))
+    run.student.train(training)
+    return bool(torch.isfinite(logits).all())
+
+
 def save_checkpoint(run, step):
-    """OUT/ckpt.pt, replaced atomically; never written from non-finite weights."""
+    """OUT/ckpt.pt, replaced atomically, and only from a model that works (model_works)."""
+    if not model_works(run):
+        raise Diverged(step, "the model gives non-finite logits")
     model_state, optim_state = gather_state(run.student, run.optimizer)
     if run.master:
         if not all_finite(model_state.values()):
-            raise ValueError(f"the weights are not finite at step {step}; nothing was saved, "
-                             f"{run.ckpt_path} keeps the last good checkpoint")
+            raise Diverged(step, "the weights are not finite")
         state = {"model": model_state, "optimizer": optim_state, "step": step, "args": vars(run.args)}
         nbytes = 2 * sum(t.numel() * t.element_size() for t in model_state.values())
         write_file_atomically(run.ckpt_path, lambda tmp: torch.save(state, tmp), nbytes)
+    run.last_good_step = step
     return model_state
+
+
+def restore_last_good(run, diverged: Diverged):
+    """After a run diverged: OUT/model from the last checkpoint that passed model_works (this run's
+    or the one it resumed), then the one-line error that says which step it holds."""
+    what = f"{diverged.why} at step {diverged.step}"
+    if run.last_good_step is None:
+        raise ValueError(f"{what}; nothing was saved from this run (try a lower --lr)")
+    run.step = load_checkpoint(run)
+    model_state = gather_state(run.student, run.optimizer)[0]
+    if run.master:
+        save_final_model(run, run.step, model_state)
+    raise ValueError(f"{what}; {run.out / 'model'} holds step {run.step}, the last good checkpoint "
+                     f"(try a lower --lr)")
 
 
 def load_checkpoint(run):
@@ -301,6 +334,7 @@ class Run:
     t0: float = 0.0                   # when the run started (time.time())
     step: int = 0
     last_eval: tuple = (-1, "")       # (step, result line) of the latest quick eval
+    last_good_step: int | None = None  # of the latest checkpoint that passed model_works
     last_tokens_per_pass: float = 0.0  # its ConfAdapt(0.9) tokens per pass
     k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
@@ -360,6 +394,7 @@ def setup(args) -> Run:
 
     dtype = getattr(torch, args.dtype)
     student = load_model(args.init, device=args.device, dtype=dtype)
+    check_settings_against(student.cfg, args)
     tok = student.tokenizer
     if args.lora:  # gated LoRA: real tokens see the frozen original, so it is its own teacher
         init = str(Path(args.init).resolve()) if Path(args.init).exists() else args.init
@@ -410,7 +445,7 @@ def setup(args) -> Run:
     run = Run(args, student, model, teacher, optimizer, tok, examples, eval_prompts, out, rank, world, log,
               t0=t0, hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
     if args.resume:
-        run.step = load_checkpoint(run)
+        run.step = run.last_good_step = load_checkpoint(run)
         log(f"resumed from {run.ckpt_path} at step {run.step}")
     return run
 
@@ -431,6 +466,17 @@ def plan_memory(student, args, world, log):
     student.checkpointing = on
     log("memory per device (GiB, estimate): " + ", ".join(f"{k} {v:.2f}" for k, v in gib.items() if v)
         + f"; total {sum(gib.values()):.1f} of {available:.0f}" + (" (activation checkpointing on)" if on else ""))
+
+
+def check_settings_against(cfg, args):
+    """The settings whose range depends on the model, each named in its message."""
+    last = args.seq_len + args.k_max - 1  # the last position a branch reaches
+    if last > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} with --k-max {args.k_max} reaches position {last}, beyond "
+                         f"the model's context of {cfg.max_seq_len} positions")
+    if args.lora > min(cfg.dim, cfg.n_heads * cfg.head_dim):
+        raise ValueError(f"--lora {args.lora} is more than the model's width ({cfg.dim}); gated LoRA needs a "
+                         f"rank below it")
 
 
 def check_branches(examples, args):
@@ -550,9 +596,10 @@ def train_loop(run, stop):
             why = "no valid branch in this batch" if r["empty"] else \
                 f"non-finite {'loss' if not math.isfinite(r['loss']) else 'gradient'}"
             log(f"step {run.step + 1}: {why}; step skipped ({bad} in a row)")
+            if bad >= MAX_BAD_STEPS and r["empty"]:
+                raise ValueError(f"{bad} steps in a row were skipped ({why}); stopping")
             if bad >= MAX_BAD_STEPS:
-                raise ValueError(f"{bad} steps in a row were skipped ({why}); stopping. Nothing was saved from "
-                                 f"this run after step {run.step}" + ("; try a lower --lr" if not r["empty"] else ""))
+                raise Diverged(run.step + 1, f"{bad} steps in a row were skipped ({why})")
             run.step += 1
             continue
         bad, learned = 0, learned + r["preds"]
@@ -597,8 +644,11 @@ def summary(run):
 
 def main(args):
     run = setup(args)
-    step = train(run)
-    model_state = save_checkpoint(run, step)
+    try:
+        step = train(run)
+        model_state = save_checkpoint(run, step)
+    except Diverged as diverged:
+        restore_last_good(run, diverged)
     if run.master:
         save_final_model(run, step, model_state)
     if run.master or args.fsdp:  # a sharded student needs every process for a forward pass

@@ -63,12 +63,11 @@ def load_model(init: str, device="cpu", dtype=None, add_mask: bool = True) -> Tr
     with torch.device("meta"):
         model = Transformer(cfg)
     state = model.state_dict()
+    check_tensor_names(path, cfg, state, tensors)
     for name, meta in state.items():
         key = "model." + name if not name.startswith("lm_head") else name
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        if key not in tensors:
-            raise ValueError(f"{path}: weight {key} is missing from the checkpoint")
         t = tensors[key]()
         if tuple(t.shape) != tuple(meta.shape):
             raise ValueError(f"{path}: weight {key} has shape {tuple(t.shape)}, the config says "
@@ -86,13 +85,45 @@ def load_model(init: str, device="cpu", dtype=None, add_mask: bool = True) -> Tr
     return model.eval()
 
 
+def check_tensor_names(path: Path, cfg: ModelConfig, state: dict, tensors: dict):
+    """The checkpoint holds every tensor the config implies, under its name, and no other: a missing
+    or unknown tensor means weights and config.json disagree (fatal). Tensors that transformers
+    also passes over with a word (a tied lm_head saved anyway, RoPE buffers) are named in a warning."""
+    want = {("model." + n if not n.startswith("lm_head") else n) for n in state}
+    if cfg.tie_embeddings:
+        want.discard("lm_head.weight")
+    missing = sorted(want - set(tensors))
+    if missing:
+        raise ValueError(f"{path}: weight {missing[0]} is missing from the checkpoint"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + "; it does not match "
+                         f"its config ({cfg.n_layers} layers, tie_word_embeddings={cfg.tie_embeddings})")
+    extra = sorted(set(tensors) - want)
+    harmless = [k for k in extra if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and cfg.tie_embeddings)]
+    unknown = [k for k in extra if k not in harmless]
+    if unknown:
+        raise ValueError(f"{path}: the checkpoint holds {unknown[0]}" + (f" and {len(unknown) - 1} more tensors"
+                         if len(unknown) > 1 else "") + f" that its config does not describe ({cfg.n_layers} "
+                         f"layers, model_type {cfg.model_type}); weights and config.json disagree")
+    if harmless:
+        log(f"warning: {path}: not used: {', '.join(harmless)} (the config ties lm_head to the embedding, "
+            f"or the tensor is recomputed)")
+
+
+ADAPTER_FIELDS = {"base": (str, "a string"), "rank": (int, "a positive integer"), "alpha": ((int, float), "a number"),
+                  "mtp_mask_id": (int, "an integer")}
+
+
 def load_adapter(path: Path, device="cpu", dtype=None) -> Transformer:
     """A gated-LoRA folder (adapter_config.json, adapter.safetensors): the original model, loaded
     from where it is, untouched, with the adapter added (lora.py)."""
     from safetensors import SafetensorError, safe_open
     conf = read_json(path / "adapter_config.json")
-    if not isinstance(conf, dict) or not {"base", "rank", "alpha", "mtp_mask_id"} <= set(conf):
+    if not isinstance(conf, dict) or not set(ADAPTER_FIELDS) <= set(conf):
         raise ValueError(f"{path / 'adapter_config.json'} lacks base, rank, alpha or mtp_mask_id")
+    for name, (kind, what) in ADAPTER_FIELDS.items():
+        value = conf[name]
+        if not isinstance(value, kind) or isinstance(value, bool) or (name == "rank" and value < 1):
+            raise ValueError(f"{path / 'adapter_config.json'}: {name} is {value!r}, which is not {what}")
     model = load_model(conf["base"], device=device, dtype=dtype)
     if model.cfg.mask_id != conf["mtp_mask_id"]:
         raise ValueError(f"{path}: the adapter was trained with <MTP> id {conf['mtp_mask_id']}, but "
@@ -178,12 +209,13 @@ def hf_state(model: Transformer) -> dict[str, torch.Tensor]:
 # config.json <-> ModelConfig
 
 def config_from_hf(d: dict) -> ModelConfig:
+    """The fields of a HF config.json that shape the network, checked (the caller names the file)."""
     if not isinstance(d, dict):
-        raise ValueError(f"config.json must hold a JSON object, not {type(d).__name__}")
+        raise ValueError(f"it must hold a JSON object, not {type(d).__name__}")
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size") if not isinstance(d.get(k), int) or d[k] <= 0]
     if missing:
-        raise ValueError(f"config.json lacks a positive integer {', '.join(missing)}")
+        raise ValueError(f"it lacks a positive integer {', '.join(missing)}")
     mt = d.get("model_type")
     if mt not in MODEL_TYPES:
         raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(MODEL_TYPES)}")
@@ -200,6 +232,18 @@ def config_from_hf(d: dict) -> ModelConfig:
         scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                         "original_max_position_embeddings")}
     n_heads = d["num_attention_heads"]
+    for key, kind in (("num_key_value_heads", int), ("head_dim", int), ("max_position_embeddings", int),
+                      ("rms_norm_eps", (int, float)), ("rope_theta", (int, float)), ("tie_word_embeddings", bool),
+                      ("mtp_mask_id", int), ("mtp_k_max", int)):
+        value = d.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+                                  or (kind is not bool and value <= 0 and key != "mtp_mask_id")):
+            raise ValueError(f"{key} is {value!r}, which is not a positive "
+                             f"{'integer' if kind is int else 'number' if kind is not bool else 'boolean'}")
+    n_kv = d.get("num_key_value_heads") or n_heads
+    if n_heads % n_kv:
+        raise ValueError(f"num_attention_heads ({n_heads}) is not a multiple of "
+                         f"num_key_value_heads ({n_kv})")
     return ModelConfig(
         model_type=mt, vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
@@ -278,10 +322,19 @@ def read_hf_dir(path: Path):
     from safetensors import SafetensorError, safe_open
     if not (path / "config.json").exists():
         raise ValueError(f"{path} has no config.json; pass a Hugging Face model directory")
-    cfg = config_from_hf(read_json(path / "config.json"))
+    try:
+        cfg = config_from_hf(read_json(path / "config.json"))
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map") if isinstance(read_json(index), dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor name -> file name")
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not (path / f).is_file()]
+        if absent:
+            raise ValueError(f"{index} names {absent[0]}, which is not in {path}; re-download the model")
     else:
         files = sorted(f.name for f in path.glob("*.safetensors"))
     if not files:
@@ -327,24 +380,34 @@ def read_gguf(path: Path):
     except Exception as e:
         raise ValueError(f"{path} is not a readable GGUF file ({e})") from None
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-    arch = meta["general.architecture"]
+
+    def field(key):
+        if key not in meta:
+            raise ValueError(f"{path}: the GGUF metadata lacks {key}")
+        return meta[key]
+    arch = field("general.architecture")
     if arch not in MODEL_TYPES:
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(MODEL_TYPES)}")
     by_name = {t.name: t for t in reader.tensors}
-    n_heads = meta[f"{arch}.attention.head_count"]
-    dim = meta[f"{arch}.embedding_length"]
+    if "token_embd.weight" not in by_name:
+        raise ValueError(f"{path}: the GGUF file has no token_embd.weight tensor")
+    n_heads = field(f"{arch}.attention.head_count")
+    dim = field(f"{arch}.embedding_length")
     hf = {
         "model_type": arch, "vocab_size": int(by_name["token_embd.weight"].shape[-1]), "hidden_size": dim,
-        "num_hidden_layers": meta[f"{arch}.block_count"], "num_attention_heads": n_heads,
+        "num_hidden_layers": field(f"{arch}.block_count"), "num_attention_heads": n_heads,
         "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", n_heads),
         "head_dim": meta.get(f"{arch}.attention.key_length", dim // n_heads),
-        "intermediate_size": meta[f"{arch}.feed_forward_length"],
-        "rms_norm_eps": meta[f"{arch}.attention.layer_norm_rms_epsilon"],
+        "intermediate_size": field(f"{arch}.feed_forward_length"),
+        "rms_norm_eps": field(f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": meta.get(f"{arch}.rope.freq_base", 10000.0),
-        "max_position_embeddings": meta[f"{arch}.context_length"],
+        "max_position_embeddings": field(f"{arch}.context_length"),
         "tie_word_embeddings": "output.weight" not in by_name, "attention_bias": "blk.0.attn_q.bias" in by_name,
     }
-    cfg = config_from_hf(hf)
+    try:
+        cfg = config_from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     hf_names = {}
     for gname in by_name:
         parts = gname.split(".")
