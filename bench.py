@@ -65,7 +65,8 @@ def bench_train_step(run, n_steps: int):
     next-token cross-entropy) on the same ground-truth rows. The paper reports about 4/3
     (docs/METHOD.md, "The paper's numbers")."""
     from distill import mtp_loss, mtp_loss_gated
-    from train import autocast, micro_batches
+    from optim import autocast
+    from train import micro_batches
     args, model = run.args, run.model
 
     def mtp(b):

@@ -1,9 +1,12 @@
-"""The optimizer and the memory a run needs: the two things a precision choice decides.
+"""Precision and memory: the optimizer, autocast, and what a run costs per device.
 
 AdamW keeps a float32 master copy of every low-precision weight, so that bfloat16 training keeps
-every update; memory_estimate says what a run costs per device, before it starts.
+every update; memory_estimate says what a run needs before it starts, and plan_memory turns
+activation checkpointing on when the device would not hold it otherwise.
 """
+import contextlib
 import math
+import os
 
 import torch
 
@@ -68,3 +71,27 @@ def memory_estimate(cfg, n_params, args, world=1, checkpointing=False, n_trained
              "master": (4 * t if w < 4 else 0) / shard, "autocast copies": (2 * n if c < w else 0) / shard,
              "teacher": 0 if args.lora else n * w, "activations": layers + logits + cache}
     return {k: v / 2**30 for k, v in parts.items()}
+
+
+def plan_memory(student, args, world, log):
+    """Print the memory estimate; turn activation checkpointing on if the device needs it."""
+    n = sum(p.numel() for p in student.parameters())
+    n_trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    if args.device.startswith("cuda"):
+        available = torch.cuda.get_device_properties(args.device).total_memory / 2**30
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gib = memory_estimate(student.cfg, n, args, world, n_trained=n_trained)
+    on = args.checkpoint_activations == "on" or (args.checkpoint_activations == "auto"
+                                                 and sum(gib.values()) > 0.9 * available)
+    if on:
+        gib = memory_estimate(student.cfg, n, args, world, checkpointing=True, n_trained=n_trained)
+    student.checkpointing = on
+    log("memory per device (GiB, estimate): " + ", ".join(f"{k} {v:.2f}" for k, v in gib.items() if v)
+        + f"; total {sum(gib.values()):.1f} of {available:.0f}" + (" (activation checkpointing on)" if on else ""))
+
+
+def autocast(args):
+    if args.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.amp))

@@ -14,8 +14,6 @@ below) gives every setting a default; a flag overrides it. Read main() at the bo
 import argparse
 import contextlib
 import copy
-import functools
-import json
 import math
 import os
 import shutil
@@ -28,15 +26,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data import format_example, gsm8k_prompt, load_dataset, load_gsm8k
+from ckpt import Diverged, load_checkpoint, restore_last_good, save_checkpoint, save_final_model
+from data import check_branches, get_rows, gsm8k_prompt, load_dataset, load_gsm8k, tokenize
 from data.own_answers import own_answer_examples
 from decode import ArgumentParser, encode_prompt, generate
 from distill import build_batch, mtp_loss, mtp_loss_gated, teacher_nll
 from kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
 from lora import add_lora
-from model import Transformer, rope_frequencies
-from optim import AdamW, memory_estimate
-from weights import load_model, recover_dir, save_model, write_file_atomically
+from optim import AdamW, autocast, plan_memory
+from weights import load_model, recover_dir
 
 RECIPES = {
     # the paper's recipe (docs/METHOD.md, "Training"): its data, k up to 16, a branch every 32 tokens
@@ -52,9 +50,6 @@ RECIPES = {
                      eval_prompts=8, save_every=50),
 }
 FINISH_RESERVE_S = 150  # kept for the final quick eval and the save
-# settings that shape a run: --resume refuses a checkpoint written with other values
-SHAPING = ("init", "data", "format", "k_max", "batch_size", "grad_accum", "seq_len", "branch_every",
-           "branch_from", "self_answers", "loss", "seed", "dtype", "lora", "lora_alpha")
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
 
 
@@ -163,155 +158,10 @@ def check_args(a, p, fresh_out: bool):
 
 
 # -----------------------------------------------------------------------------
-# data: tokenized examples, in a fixed order derived from (seed, epoch), so resuming is exact
-
-def tokenize(rows, tok, style, seq_len):
-    examples = []
-    for row in rows:
-        ids = format_example(tok, row, style)[:seq_len]
-        prompt_len = 0
-        if "question" in row:  # where the answer starts (for --branch-from response)
-            prompt_len = len(tok.encode_chat([{"role": "user", "content": row["question"]}])
-                             if style == "chat" and tok.chat_format else tok.encode(row["question"] + "\n\n"))
-        examples.append((ids, min(prompt_len, len(ids))))
-    return examples
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n: int, seed: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def get_rows(examples, first: int, count: int, seed: int, pad_id: int):
-    """Rows first .. first+count-1 of the endless stream: epoch e is a permutation seeded by seed+e."""
-    n = len(examples)
-    picked = []
-    for i in range(first, first + count):
-        epoch, j = divmod(i, n)
-        picked.append(examples[epoch_order(n, seed + epoch)[j]])
-    L = max(len(ids) for ids, _ in picked)
-    tokens = torch.full((count, L), pad_id, dtype=torch.long)
-    for r, (ids, _) in enumerate(picked):
-        tokens[r, :len(ids)] = torch.tensor(ids)
-    lengths = torch.tensor([len(ids) for ids, _ in picked])
-    starts = torch.tensor([max(p - 1, 0) for _, p in picked])  # first cut: the last prompt token
-    return tokens, lengths, starts
-
-
-# -----------------------------------------------------------------------------
-# precision and the learning rate
-
-def autocast(args):
-    if args.amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.amp))
-
+# the learning rate
 
 def lr_at(step, args):
     return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))  # warm-up, then constant (paper)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def gather_state(student, optimizer):
-    """Model and optimizer state as whole tensors keyed by name (collected from every process when
-    the student is sharded with FSDP, so every process must call this)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_floating_point(t))
-
-
-class Diverged(ValueError):
-    """Training went where nothing should be saved: non-finite steps in a row, or weights that give
-    non-finite logits. main() puts the last good checkpoint in place as the model."""
-
-    def __init__(self, step: int, why: str):
-        super().__init__(why)
-        self.step, self.why = step, why
-
-
-@torch.no_grad()
-def model_works(run) -> bool:
-    """Does a probe forward (the start of the first training text, then k_max - 1 masks) give
-    finite logits? Finite weights are not enough: enormous ones overflow in the forward pass."""
-    ids = run.examples[0][0][:64] + [run.student.cfg.mask_id] * (run.args.k_max - 1)
-    training = run.student.training
-    run.student.eval()
-    with autocast(run.args):  # every process calls it: an FSDP-sharded student needs them all
-        logits = run.student(torch.tensor([ids], device=run.args.device))
-    run.student.train(training)
-    return bool(torch.isfinite(logits).all())
-
-
-def save_checkpoint(run, step):
-    """OUT/ckpt.pt, replaced atomically, and only from a model that works (model_works)."""
-    if not model_works(run):
-        raise Diverged(step, "the model gives non-finite logits")
-    model_state, optim_state = gather_state(run.student, run.optimizer)
-    if run.master:
-        if not all_finite(model_state.values()):
-            raise Diverged(step, "the weights are not finite")
-        state = {"model": model_state, "optimizer": optim_state, "step": step, "args": vars(run.args)}
-        nbytes = 2 * sum(t.numel() * t.element_size() for t in model_state.values())
-        write_file_atomically(run.ckpt_path, lambda tmp: torch.save(state, tmp), nbytes)
-    run.last_good_step = step
-    return model_state
-
-
-def restore_last_good(run, diverged: Diverged):
-    """After a run diverged: OUT/model from the last checkpoint that passed model_works (this run's
-    or the one it resumed), then the one-line error that says which step it holds."""
-    what = f"{diverged.why} at step {diverged.step}"
-    if run.last_good_step is None:
-        raise ValueError(f"{what}; nothing was saved from this run (try a lower --lr)")
-    run.step = load_checkpoint(run)
-    model_state = gather_state(run.student, run.optimizer)[0]
-    if run.master:
-        save_final_model(run, run.step, model_state)
-    raise ValueError(f"{what}; {run.out / 'model'} holds step {run.step}, the last good checkpoint "
-                     f"(try a lower --lr)")
-
-
-def load_checkpoint(run):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    path = run.ckpt_path
-    if not path.exists():
-        raise ValueError(f"--resume: no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, tensors only
-        saved = state["args"]
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); remove it or "
-                         f"use --overwrite to start afresh") from None
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(run.args, k)}" for k in SHAPING
-               if saved.get(k) != getattr(run.args, k)]
-    if changed:
-        raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
-                         f"use the same ones, or --overwrite to start afresh")
-    set_state_dict(run.student, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
-    return state["step"]
-
-
-def save_final_model(run, step, model_state):
-    """The final Hugging Face folder (model.safetensors, config.json, tokenizer, train_args.json),
-    from model_state: what save_checkpoint gathered and checked to be finite just before."""
-    final = run.student
-    if run.args.fsdp:  # a plain copy of the gathered weights to write out
-        with torch.device("meta"):
-            final = Transformer(run.student.cfg)
-        final.load_state_dict(model_state, assign=True)
-        if final.cfg.tie_embeddings:
-            final.lm_head.weight = final.embed_tokens.weight
-        final.inv_freq = rope_frequencies(final.cfg)
-        final.tokenizer = run.tok
-    final.cfg.k_max = run.args.k_max  # decode.py uses as many masks as the model was trained for
-    save_model(final, run.out / "model", {"train_args.json": json.dumps(vars(run.args), indent=2) + "\n"})
-    run.log(f"saved {run.out / 'model'} (step {step})")
 
 
 # -----------------------------------------------------------------------------
@@ -365,14 +215,9 @@ def make_logger(master):
 
 
 def setup(args) -> Run:
+    """Processes, data, models and optimizer: everything the loop needs, in a Run."""
     t0 = time.time()  # the run's wall-clock budget (--max-minutes) counts from here
-    rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
+    rank, world = start_processes(args)
     log = make_logger(rank == 0)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -381,40 +226,9 @@ def setup(args) -> Run:
         if args.overwrite and not args.resume:
             (out / "ckpt.pt").unlink(missing_ok=True)
             shutil.rmtree(out / "model", ignore_errors=True)
-
-    # data first: bad data fails in seconds, before a large model is loaded
-    rows = load_dataset(args.data)
-    if args.data.startswith("gsm8k"):  # held-out prompts for the quick eval: GSM8K test, else the last rows
-        held_out = load_gsm8k("test")[:args.eval_prompts]
-    else:
-        if len(rows) <= args.eval_prompts:
-            raise ValueError(f"{args.data} has {len(rows)} rows; it needs more than --eval-prompts "
-                             f"({args.eval_prompts}), which are held out for the quick eval")
-        held_out, rows = rows[len(rows) - args.eval_prompts:], rows[:len(rows) - args.eval_prompts]
-
-    dtype = getattr(torch, args.dtype)
-    student = load_model(args.init, device=args.device, dtype=dtype)
-    check_settings_against(student.cfg, args)
+    rows, held_out = load_rows(args)  # data first: bad data fails in seconds, before a large model loads
+    student, teacher = load_student_and_teacher(args, world, log)
     tok = student.tokenizer
-    if args.lora:  # gated LoRA: real tokens see the frozen original, so it is its own teacher
-        init = str(Path(args.init).resolve()) if Path(args.init).exists() else args.init
-        teacher = add_lora(student, args.lora, args.lora_alpha, base=init)
-    else:
-        teacher = copy.deepcopy(student).requires_grad_(False).eval()  # frozen original
-    if args.device == "cpu":  # the quick eval and the own answers decode a few rows at a time
-        use_few_row_kernels(student), use_few_row_kernels(teacher)
-    student.train()
-    where = f"{args.device} ({cpu_flags() or 'no avx2/avx512 flags'})" if args.device == "cpu" else args.device
-    trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    log(f"model {args.init}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, "
-        f"{f'gated LoRA rank {args.lora}: {trained / 1e6:.2f}M trained' if args.lora else 'all trained'}, "
-        f"mask id {student.cfg.mask_id}, {world} process(es) on {where}")
-    log(f"precision: {args.dtype} weights{' + float32 master copy' if args.dtype != 'float32' else ''}, "
-        f"matmuls in {args.amp if args.amp != 'none' else args.dtype}"
-        + (f" (bfloat16 is {'fast' if cpu_bf16_is_fast() else 'slow'} on this CPU, measured)"
-           if args.device == "cpu" else ""))
-    plan_memory(student, args, world, log)
-
     if args.max_minutes:
         log(f"plan: {args.max_minutes:.0f} min in all: {f'{args.self_answers} own answers, then ' if args.self_answers else ''}"
             f"training until minute {args.max_minutes - FINISH_RESERVE_S / 60:.1f} (now {(time.time() - t0) / 60:.1f}), "
@@ -450,22 +264,52 @@ def setup(args) -> Run:
     return run
 
 
-def plan_memory(student, args, world, log):
-    """Print the memory estimate; turn activation checkpointing on if the device needs it."""
-    n = sum(p.numel() for p in student.parameters())
-    n_trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+def start_processes(args) -> tuple[int, int]:
+    """(rank, world size): one process, or one of several started by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     if args.device.startswith("cuda"):
-        available = torch.cuda.get_device_properties(args.device).total_memory / 2**30
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def load_rows(args):
+    """The training rows, and the held-out ones of the quick eval (GSM8K test, else the last rows)."""
+    rows = load_dataset(args.data)
+    if args.data.startswith("gsm8k"):
+        return rows, load_gsm8k("test")[:args.eval_prompts]
+    if len(rows) <= args.eval_prompts:
+        raise ValueError(f"{args.data} has {len(rows)} rows; it needs more than --eval-prompts "
+                         f"({args.eval_prompts}), which are held out for the quick eval")
+    return rows[:len(rows) - args.eval_prompts], rows[len(rows) - args.eval_prompts:]
+
+
+def load_student_and_teacher(args, world, log):
+    """The student, and the frozen original as its teacher: a copy, or with gated LoRA the student
+    itself (real tokens see the frozen original)."""
+    student = load_model(args.init, device=args.device, dtype=getattr(torch, args.dtype))
+    check_settings_against(student.cfg, args)
+    if args.lora:
+        init = str(Path(args.init).resolve()) if Path(args.init).exists() else args.init
+        teacher = add_lora(student, args.lora, args.lora_alpha, base=init)
     else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gib = memory_estimate(student.cfg, n, args, world, n_trained=n_trained)
-    on = args.checkpoint_activations == "on" or (args.checkpoint_activations == "auto"
-                                                 and sum(gib.values()) > 0.9 * available)
-    if on:
-        gib = memory_estimate(student.cfg, n, args, world, checkpointing=True, n_trained=n_trained)
-    student.checkpointing = on
-    log("memory per device (GiB, estimate): " + ", ".join(f"{k} {v:.2f}" for k, v in gib.items() if v)
-        + f"; total {sum(gib.values()):.1f} of {available:.0f}" + (" (activation checkpointing on)" if on else ""))
+        teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    if args.device == "cpu":  # the quick eval and the own answers decode a few rows at a time
+        use_few_row_kernels(student), use_few_row_kernels(teacher)
+    student.train()
+    where = f"{args.device} ({cpu_flags() or 'no avx2/avx512 flags'})" if args.device == "cpu" else args.device
+    trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    log(f"model {args.init}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, "
+        f"{f'gated LoRA rank {args.lora}: {trained / 1e6:.2f}M trained' if args.lora else 'all trained'}, "
+        f"mask id {student.cfg.mask_id}, {world} process(es) on {where}")
+    log(f"precision: {args.dtype} weights{' + float32 master copy' if args.dtype != 'float32' else ''}, "
+        f"matmuls in {args.amp if args.amp != 'none' else args.dtype}"
+        + (f" (bfloat16 is {'fast' if cpu_bf16_is_fast() else 'slow'} on this CPU, measured)"
+           if args.device == "cpu" else ""))
+    plan_memory(student, args, world, log)
+    return student, teacher
 
 
 def check_settings_against(cfg, args):
@@ -477,16 +321,6 @@ def check_settings_against(cfg, args):
     if args.lora > min(cfg.dim, cfg.n_heads * cfg.head_dim):
         raise ValueError(f"--lora {args.lora} is more than the model's width ({cfg.dim}); gated LoRA needs a "
                          f"rank below it")
-
-
-def check_branches(examples, args):
-    """Fail now, not after an hour, if no training text is long enough to hold one branch."""
-    need = 2  # a branch at cut i needs k >= 2 targets x_{i+1}..x_{i+k} before the last token
-    starts = [max(p - 1, 0) if args.branch_from == "response" else 0 for _, p in examples]
-    if not any(len(ids) - 1 - s >= need for (ids, _), s in zip(examples, starts)):
-        raise ValueError(f"no training text leaves room for a branch: with --branch-from {args.branch_from} and "
-                         f"--seq-len {args.seq_len}, every answer is shorter than 2 tokens (longer --seq-len, "
-                         f"--branch-from all, or other data)")
 
 
 def micro_batches(run, step):

@@ -5,6 +5,7 @@ Every loader here returns a list of {"question": str, "answer": str}. Files are 
 fixtures folder (MTP_FIXTURES, default ../shared/fixtures), then in the cache (MTP_CACHE, default
 ~/.cache/mtp), and only then downloaded from their public homes.
 """
+import functools
 import gzip
 import json
 import os
@@ -15,6 +16,8 @@ import sys
 import urllib.request
 import zipfile
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("MTP_FIXTURES", ROOT.parent / "shared" / "fixtures"))
@@ -165,3 +168,49 @@ def extract_number(text: str) -> str | None:
         return None
     n = nums[-1].replace(",", "").rstrip(".")
     return n[:-2] if n.endswith(".0") else n
+
+
+# -----------------------------------------------------------------------------
+# training rows: tokenized examples, in a fixed order derived from (seed, epoch), so resuming is exact
+
+def tokenize(rows, tok, style, seq_len):
+    examples = []
+    for row in rows:
+        ids = format_example(tok, row, style)[:seq_len]
+        prompt_len = 0
+        if "question" in row:  # where the answer starts (for --branch-from response)
+            prompt_len = len(tok.encode_chat([{"role": "user", "content": row["question"]}])
+                             if style == "chat" and tok.chat_format else tok.encode(row["question"] + "\n\n"))
+        examples.append((ids, min(prompt_len, len(ids))))
+    return examples
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def get_rows(examples, first: int, count: int, seed: int, pad_id: int):
+    """Rows first .. first+count-1 of the endless stream: epoch e is a permutation seeded by seed+e."""
+    n = len(examples)
+    picked = []
+    for i in range(first, first + count):
+        epoch, j = divmod(i, n)
+        picked.append(examples[epoch_order(n, seed + epoch)[j]])
+    L = max(len(ids) for ids, _ in picked)
+    tokens = torch.full((count, L), pad_id, dtype=torch.long)
+    for r, (ids, _) in enumerate(picked):
+        tokens[r, :len(ids)] = torch.tensor(ids)
+    lengths = torch.tensor([len(ids) for ids, _ in picked])
+    starts = torch.tensor([max(p - 1, 0) for _, p in picked])  # first cut: the last prompt token
+    return tokens, lengths, starts
+
+
+def check_branches(examples, args):
+    """Fail now, not after an hour, if no training text is long enough to hold one branch."""
+    need = 2  # a branch at cut i needs k >= 2 targets x_{i+1}..x_{i+k} before the last token
+    starts = [max(p - 1, 0) if args.branch_from == "response" else 0 for _, p in examples]
+    if not any(len(ids) - 1 - s >= need for (ids, _), s in zip(examples, starts)):
+        raise ValueError(f"no training text leaves room for a branch: with --branch-from {args.branch_from} and "
+                         f"--seq-len {args.seq_len}, every answer is shorter than 2 tokens (longer --seq-len, "
+                         f"--branch-from all, or other data)")
