@@ -6,12 +6,14 @@ a training step.
     python bench.py --train-step 2 --amp none   # N MTP steps against N plain steps (train.py's flags)
 
 (a) our k=1 decoding vs transformers' generate (greedy, KV cache, same weights, dtype and threads);
-(b) ConfAdapt wall-clock tokens/s vs our k=1, next to its acceleration (tokens per forward pass);
 (c) our k=1 against the memory-bandwidth bound: weight bytes read per pass / measured bandwidth;
 (d) where the time of a k=1 token goes, for both: the same decoding with every linear layer
     replaced by one that returns zeros leaves the time spent outside the matrix products;
-(e) --verify wall-clock tokens/s vs our k=1, its acceleration, draft acceptance, rows per pass,
-    and whether its output is k=1's, token for token.
+(e) k=1, ConfAdapt and --verify on the same prompts, interleaved: tokens/s and its ratio to k=1,
+    tokens per pass (acceleration), rows per pass, whether the text is k=1's (verify: always);
+    passes sized by their cost (decode.py's default) and/or the whole block (--blocks);
+(f) the cost of a pass by rows fed, against the floors of reading every weight once and of the
+    FLOPs, both measured on this machine; the machine's class heads the report.
 Only ratios are meant to be compared; absolute numbers depend on the machine and its load.
 transformers is needed here (pip install transformers); nothing else in the project uses it.
 """
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 
 from data import gsm8k_prompt, load_gsm8k
 from decode import encode_prompt, generate, load
+from kernels import machine
+from sizing import PassCost
 from weights import save_model
 
 
@@ -107,11 +111,40 @@ def bench_train_step(run, n_steps: int):
     return ratio
 
 
-def main():
-    if "--train-step" in sys.argv:  # the rest of the command line is train.py's
+def matmul_gflops(device, dtype, n=1024, reps=5):
+    """Measured matrix-multiply rate (GFLOP/s) of an n x n x n product in this dtype."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        if a.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def pass_cost_table(model, device, dtype, max_rows=32):
+    """(f) the cost of a pass by rows fed, against its two floors: every weight read once (weight
+    bytes / copy bandwidth) and every row multiplied through every matrix (FLOPs / matmul rate)."""
+    cost = PassCost.measure(model, max_rows, reps=3)
+    weights = {t.data_ptr(): t for t in model.state_dict().values()}.values()  # tied embeddings: one storage
+    weight_bytes = sum(t.numel() * t.element_size() for t in weights)
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    bw, rate = bandwidth_gbs(device), matmul_gflops(device, dtype)
+    rows = {r: {"ms": 1e3 * s, "vs_one_row": s / cost.seconds[0],
+                "bytes_floor_ms": 1e3 * weight_bytes / (bw * 1e9),
+                "flops_floor_ms": 1e3 * 2 * matmul_params * r / (rate * 1e9)}
+            for r, s in zip(cost.rows, cost.seconds)}
+    return cost, {"bandwidth_GBps": bw, "matmul_GFLOPs": rate, "weight_MB": weight_bytes / 1e6, "rows": rows}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--train-step" in argv:  # the rest of the command line is train.py's
         import train
-        i = sys.argv.index("--train-step")
-        n_steps, rest = int(sys.argv[i + 1]), sys.argv[1:i] + sys.argv[i + 2:]
+        i = argv.index("--train-step")
+        n_steps, rest = int(argv[i + 1]), argv[:i] + argv[i + 2:]
         args = train.get_args(rest, fresh_out=False)  # own answers an earlier run wrote are reused
         return bench_train_step(train.setup(args), n_steps)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,12 +157,14 @@ def main():
     p.add_argument("--draft-threshold", type=float, default=None, help="--verify: feed only drafts this confident")
     p.add_argument("--layouts", nargs="+", default=["quadratic"], choices=["quadratic", "simple"],
                    help="--verify branch layouts to time (each interleaved with the rest)")
+    p.add_argument("--blocks", nargs="+", default=["sized"], choices=["sized", "full"],
+                   help="ConfAdapt and --verify passes: sized by their cost (decode.py's default) or the whole block")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both implementations")
     p.add_argument("--compile", action="store_true", help="torch.compile our model's forward (GPU)")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -147,43 +182,46 @@ def main():
         model.forward = torch.compile(model.forward, dynamic=True)
     prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), True) for r in load_gsm8k("test")[:args.prompts]]
     stop = sorted(tok.stop_ids)
+    n_new = args.max_new_tokens
 
     def run_hf(prompt):
         t0 = time.perf_counter()
-        out = hf.generate(torch.tensor([prompt], device=args.device), max_new_tokens=args.max_new_tokens,
+        out = hf.generate(torch.tensor([prompt], device=args.device), max_new_tokens=n_new,
                           do_sample=False, eos_token_id=stop, pad_token_id=tok.eos_id)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return out.size(1) - len(prompt), time.perf_counter() - t0
 
-    generate(model, prompts[0], 8, stop_ids=stop)  # warm-up both
-    generate(model, prompts[0], 8, verify=True, k_max=k_max)
+    cost, floors = pass_cost_table(model, args.device, getattr(torch, args.dtype), max(32, min(k_max ** 2, 64)))
+    strategies = {"k=1": lambda prompt: generate(model, prompt, n_new, k=1, stop_ids=stop)}
+    for block in args.blocks:
+        c = cost if block == "sized" else None
+        strategies[f"ConfAdapt({args.threshold}), {block}"] = lambda prompt, c=c: generate(
+            model, prompt, n_new, threshold=args.threshold, k_max=k_max, stop_ids=stop, pass_cost=c)
+        for layout in args.layouts:
+            strategies[f"verify {layout}, {block}"] = lambda prompt, c=c, layout=layout: generate(
+                model, prompt, n_new, verify=True, k_max=k_max, layout=layout, draft_threshold=args.draft_threshold,
+                stop_ids=stop, pass_cost=c)
+    for run in strategies.values():  # warm-up: every kernel has chosen for its rows
+        run(prompts[0][:16])
     run_hf(prompts[0][:16])
-    total = {"ours_k1": [0, 0.0], "hf": [0, 0.0], "confadapt": [0, 0.0], "passes": 0}
-    verify = {layout: dict(tokens=0, seconds=0.0, passes=0, fed=0, accepted=0, rows=0, same=0)
-              for layout in args.layouts}
-    same_tokens = 0
+    totals = {name: dict(tokens=0, seconds=0.0, passes=0, rows=0, fed=0, accepted=0, same=0) for name in strategies}
+    hf_total = [0, 0.0]
     for prompt in prompts:  # interleaved, so that load on the machine hits all of them alike
-        ref = generate(model, prompt, args.max_new_tokens, k=1, stop_ids=stop)
-        n_hf, t_hf = run_hf(prompt)
-        ca = generate(model, prompt, args.max_new_tokens, threshold=args.threshold, k_max=k_max, stop_ids=stop)
-        total["ours_k1"][0] += len(ref.tokens)
-        total["ours_k1"][1] += ref.seconds
-        total["hf"][0] += n_hf
-        total["hf"][1] += t_hf
-        total["confadapt"][0] += len(ca.tokens)
-        total["confadapt"][1] += ca.seconds
-        total["passes"] += ca.passes
-        same_tokens += n_hf == len(ref.tokens)
-        for layout, v in verify.items():
-            r = generate(model, prompt, args.max_new_tokens, verify=True, k_max=k_max, layout=layout,
-                         draft_threshold=args.draft_threshold, stop_ids=stop)
-            for key, value in (("tokens", len(r.tokens)), ("seconds", r.seconds), ("passes", r.passes),
-                               ("fed", r.drafts_fed), ("accepted", r.drafts_accepted),
-                               ("rows", r.rows_fed), ("same", r.tokens == ref.tokens)):
-                v[key] += value
+        ref = None
+        for name, run in strategies.items():
+            r = run(prompt)
+            ref = ref or r.tokens
+            for key, value in (("tokens", len(r.tokens)), ("seconds", r.seconds), ("passes", r.passes - 1),
+                               ("rows", r.rows_fed), ("fed", r.drafts_fed), ("accepted", r.drafts_accepted),
+                               ("same", r.tokens == ref)):
+                totals[name][key] += value
+            if name == "k=1":
+                n_hf, t_hf = run_hf(prompt)
+                hf_total[0] += n_hf
+                hf_total[1] += t_hf
     # (d) k=1 with and without the matrix products: a fixed number of tokens, no stop token
-    n_tok, breakdown = min(32, args.max_new_tokens), {}
+    n_tok, breakdown = min(32, n_new), {}
     for matmuls in (True, False):
         with contextlib.nullcontext() if matmuls else without_matmuls():
             ours = generate(model, prompts[0], n_tok, k=1)
@@ -193,48 +231,53 @@ def main():
             breakdown[matmuls] = (ours.seconds / len(ours.tokens), (time.perf_counter() - t0) / n_tok)
     ms_per_token = {name: {"total": 1e3 * breakdown[True][i], "outside_matmuls": 1e3 * breakdown[False][i]}
                     for i, name in enumerate(("ours", "hf"))}
-    tps = {name: n / t for name, (n, t) in ((k, total[k]) for k in ("ours_k1", "hf", "confadapt"))}
-    acceleration = total["confadapt"][0] / total["passes"]
-    # bytes read per pass: every weight once (tied embeddings share one storage)
-    weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
-    bw = bandwidth_gbs(args.device)
-    bound = bw * 1e9 / weight_bytes
+    k1_tps = totals["k=1"]["tokens"] / totals["k=1"]["seconds"]
+    hf_tps = hf_total[0] / hf_total[1]
+    bound = floors["bandwidth_GBps"] * 1e3 / floors["weight_MB"]
     report = {
-        "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "prompts": len(prompts),
-        "tokens_per_s": tps,
-        "a_ours_k1_vs_transformers": tps["ours_k1"] / tps["hf"],
-        "b_confadapt_speedup_vs_k1": tps["confadapt"] / tps["ours_k1"], "b_confadapt_acceleration": acceleration,
-        "b_speedup_over_acceleration": tps["confadapt"] / tps["ours_k1"] / acceleration,
-        "c_bandwidth_GBps": bw, "c_weight_MB": weight_bytes / 1e6, "c_k1_bound_tokens_per_s": bound,
-        "c_k1_fraction_of_bound": tps["ours_k1"] / bound,
+        "machine": machine(), "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "prompts": len(prompts), "k_max": k_max,
+        "a_ours_k1_vs_transformers": k1_tps / hf_tps, "a_tokens_per_s": {"ours_k1": k1_tps, "transformers": hf_tps},
+        "c_k1_bound_tokens_per_s": bound, "c_k1_fraction_of_bound": k1_tps / bound,
         "d_ms_per_token": ms_per_token,
-        "same_length_outputs": f"{same_tokens}/{len(prompts)}",
-        "e_verify": {layout: {
-            "tokens_per_s": v["tokens"] / v["seconds"], "speedup_vs_k1": v["tokens"] / v["seconds"] / tps["ours_k1"],
-            "acceleration": v["tokens"] / v["passes"], "draft_acceptance": v["accepted"] / max(v["fed"], 1),
-            "rows_per_pass": v["rows"] / max(v["passes"] - len(prompts), 1),  # passes after the prompt's
-            "same_tokens_as_k1": f"{v['same']}/{len(prompts)}"} for layout, v in verify.items()},
+        "e_strategies": {name: {
+            "tokens_per_s": t["tokens"] / t["seconds"], "vs_k1": t["tokens"] / t["seconds"] / k1_tps,
+            "acceleration": t["tokens"] / (t["passes"] + len(prompts)),
+            "rows_per_pass": t["rows"] / max(t["passes"], 1),  # the passes after the prompt's
+            "draft_acceptance": t["accepted"] / t["fed"] if t["fed"] else None,
+            "same_text_as_k1": f"{t['same']}/{len(prompts)}"} for name, t in totals.items()},
+        "f_pass_cost": floors,
     }
     if args.json:
         print(json.dumps(report))
         return
+    print(f"machine: {report['machine']}")
     print(f"{args.device} {args.dtype}, {report['threads']} threads, {len(prompts)} GSM8K prompts, "
-          f"up to {args.max_new_tokens} new tokens")
-    print(f"(a) ours k=1 {tps['ours_k1']:.1f} tok/s vs transformers {tps['hf']:.1f} tok/s: "
+          f"up to {n_new} new tokens, k_max {k_max}")
+    print(f"(a) ours k=1 {k1_tps:.1f} tok/s vs transformers {hf_tps:.1f} tok/s: "
           f"{report['a_ours_k1_vs_transformers']:.2f}x")
-    print(f"(b) ConfAdapt({args.threshold}, k_max {k_max}) {tps['confadapt']:.1f} tok/s: "
-          f"{report['b_confadapt_speedup_vs_k1']:.2f}x wall-clock at acceleration {acceleration:.2f} "
-          f"(ratio {report['b_speedup_over_acceleration']:.2f})")
-    print(f"(c) bandwidth {bw:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB: k=1 bound {bound:.1f} tok/s, "
-          f"ours at {report['c_k1_fraction_of_bound']:.0%} of it")
+    print(f"(c) bandwidth {floors['bandwidth_GBps']:.1f} GB/s, weights {floors['weight_MB']:.0f} MB: k=1 bound "
+          f"{bound:.1f} tok/s, ours at {report['c_k1_fraction_of_bound']:.0%} of it")
     print("(d) ms per k=1 token, total / outside matrix products: " + ", ".join(
         f"{name} {d['total']:.1f} / {d['outside_matmuls']:.1f}" for name, d in ms_per_token.items()))
-    for layout, e in report["e_verify"].items():
-        drafts = f", drafts >= {args.draft_threshold}" if args.draft_threshold else ""
-        print(f"(e) verify(k_max {k_max}{drafts}, {layout}) {e['tokens_per_s']:.1f} tok/s: {e['speedup_vs_k1']:.2f}x "
-              f"wall-clock at acceleration {e['acceleration']:.2f}, drafts accepted {e['draft_acceptance']:.0%}, "
-              f"{e['rows_per_pass']:.1f} rows per pass, output = k=1 on {e['same_tokens_as_k1']} prompts")
+    print("(e) strategy: tokens/s, against k=1, tokens per pass (acceleration), rows per pass, text = k=1")
+    for name, e in report["e_strategies"].items():
+        drafts = f", drafts accepted {e['draft_acceptance']:.0%}" if e["draft_acceptance"] is not None else ""
+        print(f"    {name:<28} {e['tokens_per_s']:6.1f} tok/s {e['vs_k1']:5.2f}x  acceleration "
+              f"{e['acceleration']:.2f}  {e['rows_per_pass']:4.1f} rows  same text {e['same_text_as_k1']}{drafts}")
+    print(f"(f) pass cost by rows fed (matmul rate {floors['matmul_GFLOPs']:.0f} GFLOP/s): rows, ms, against one row, "
+          f"floors: weight bytes / bandwidth, FLOPs / matmul rate")
+    for r, f in floors["rows"].items():
+        print(f"    {r:>3} {f['ms']:7.1f} ms {f['vs_one_row']:5.2f}x   floors {f['bytes_floor_ms']:.1f} / "
+              f"{f['flops_floor_ms']:.1f} ms")
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -23,6 +23,7 @@ import torch
 
 from distill import branch_layout as branch_layout_of_chunk
 from kernels import fast_dtype, use_few_row_kernels
+from sizing import Acceptance, PassCost, best_n
 from weights import load_model, trained_model
 
 DEFAULT_OUT = "out"  # where train.py writes (train.py --out)
@@ -36,7 +37,7 @@ class Result:
     chunks: list[int] = field(default_factory=list)  # tokens accepted per pass
     drafts_fed: int = 0       # --verify: drafts fed as real inputs, over all passes
     drafts_accepted: int = 0  # --verify: of those, the ones equal to the model's own next token
-    rows_fed: int = 0         # --verify: rows (tokens and masks) fed in the passes after the prompt's
+    rows_fed: int = 0         # rows (tokens and masks) fed in the passes after the prompt's
 
     @property
     def acceleration(self):  # tokens per forward pass (docs/METHOD.md, "Decoding")
@@ -45,6 +46,10 @@ class Result:
     @property
     def draft_acceptance(self):
         return self.drafts_accepted / max(self.drafts_fed, 1)
+
+    @property
+    def rows_per_pass(self):  # after the prompt's pass
+        return self.rows_fed / max(self.passes - 1, 1)
 
     @property
     def tokens_per_s(self):
@@ -90,17 +95,19 @@ def commit(tokens: list[int], stop_ids, out: list[int], chunks: list[int], on_to
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, threshold: float | None = None,
              k_max: int = 16, stop_ids=(), on_tokens=None, cache=None, verify: bool = False,
-             draft_threshold: float | None = None, layout: str = "quadratic") -> Result:
+             draft_threshold: float | None = None, layout: str = "quadratic", pass_cost: PassCost | None = None) -> Result:
     """Greedy batch-1 decoding. threshold None: static k (k=1 is plain next-token decoding).
-    threshold T: ConfAdapt, k_max - 1 masks per pass, accept the longest leading run of candidates
-    whose top-1 probability is >= T, and always at least one.
+    threshold T: ConfAdapt, up to k_max - 1 masks per pass, accept the longest leading run of
+    candidates whose top-1 probability is >= T, and always at least one.
     verify: the output of k=1 decoding, with up to k_max - 1 drafts per pass checked by the model
-    itself (generate_verify; draft_threshold and layout are its options)."""
+    itself (generate_verify; draft_threshold and layout are its options).
+    pass_cost None: every pass feeds the whole block (the paper's ConfAdapt); a PassCost: each pass
+    feeds the masks (or drafts) that pay off on this machine (sizing.py)."""
     if verify:
         if k != 1 or threshold is not None:
             raise ValueError("--verify checks its own drafts; it takes no --k or --threshold")
         return generate_verify(model, prompt, max_new_tokens, k_max, draft_threshold, layout, stop_ids,
-                               on_tokens, cache)
+                               on_tokens, cache, pass_cost)
     if draft_threshold is not None:
         raise ValueError("a draft threshold is an option of --verify")
     n_masks = (k_max if threshold is not None else k) - 1
@@ -114,26 +121,31 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     device = model.embed_tokens.weight.device
     masks = torch.full((n_masks,), model.cfg.mask_id or 0, dtype=torch.long, device=device)
     pending = torch.tensor(prompt, dtype=torch.long, device=device)
-    out, chunks, stop_ids = [], [], set(stop_ids)
+    out, chunks, stop_ids, acceptance, rows = [], [], set(stop_ids), Acceptance(n_masks), 0
     t0 = time.perf_counter()
     while len(out) < max_new_tokens:
-        inp = torch.cat([pending, masks])[None]
+        m = n_masks  # masks this pass: the whole block, or what pays off (sizing.py)
+        if threshold is not None and pass_cost is not None:
+            m = best_n(n_masks, acceptance, pass_cost, rows=lambda n: len(pending) + n)
+        inp = torch.cat([pending, masks[:m]])[None]
         slots = torch.arange(len(pending) - 1, inp.size(1), device=device)[None]  # last real token + masks
         logits = model(inp, cache=cache, slots=slots)[0].float()
-        cache.truncate(cache.length - n_masks)  # drop the mask slots' keys/values
+        cache.truncate(cache.length - m)  # drop the mask slots' keys/values
+        rows += inp.size(1) if chunks else 0
         conf, cand = candidates(model, logits, k if threshold is None else 1)
         if threshold is None:
             n = k
         else:
             clears = conf >= threshold  # (a NaN confidence never clears it)
             n = max(1, len(cand) if clears.all() else int(clears.int().argmin()))
+            acceptance.record(m, n - 1)
         accepted = cand[:min(n, max_new_tokens - len(out))].tolist()
         if commit(accepted, stop_ids, out, chunks, on_tokens):
             break
         pending = torch.tensor(accepted, dtype=torch.long, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return Result(out, len(chunks), time.perf_counter() - t0, chunks)
+    return Result(out, len(chunks), time.perf_counter() - t0, chunks, rows_fed=rows)
 
 
 # -----------------------------------------------------------------------------
@@ -165,7 +177,7 @@ def pick_drafts(cand, conf, mask_id, threshold, limit, stop_ids) -> list[int]:
 
 @torch.no_grad()
 def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, draft_threshold=None,
-                    layout: str = "quadratic", stop_ids=(), on_tokens=None, cache=None) -> Result:
+                    layout: str = "quadratic", stop_ids=(), on_tokens=None, cache=None, pass_cost=None) -> Result:
     """Each pass feeds, as real inputs, the pending token (the whole prompt in the first pass) and the
     drafts the previous pass proposed. The logit at each fed token is the model's own next-token
     prediction there; drafts are kept while they equal it, and the first mismatch is replaced by it (if
@@ -173,7 +185,9 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
     the model's argmax after the committed tokens: exactly what k=1 decoding emits, in fewer passes.
     layout "quadratic" (Samragh et al. 2025): a branch of k_max - 1 masks after every fed token, so
     that whichever prefix is accepted, the branch after its last token holds drafts conditioned on it.
-    "simple": one branch after the last draft; after a rejection the next pass has no drafts."""
+    "simple": one branch after the last draft; after a rejection the next pass has no drafts.
+    pass_cost (sizing.py): each pass feeds the n drafts, and branches of n masks, that pay off; else
+    n = k_max - 1. Which drafts are fed never changes the output, only the number of passes."""
     n_masks = k_max - 1
     if n_masks < 1:
         raise ValueError(f"--verify needs k_max >= 2 (k_max - 1 drafts per pass), not {k_max}")
@@ -190,14 +204,19 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
     mask_id, stop_ids = model.cfg.mask_id, set(stop_ids)
     known, drafts = list(prompt), []  # fed tokens already committed to the output / to be checked
     out, chunks, fed_drafts, accepted_drafts, rows = [], [], 0, 0, 0
+    acceptance, width = Acceptance(n_masks), n_masks  # width: masks per branch, the most drafts of a pass
     t0 = time.perf_counter()
     while len(out) < max_new_tokens:
+        if pass_cost is not None:  # n drafts with a branch of n masks: (1 + n)^2 rows, or 1 + 2n (simple)
+            width = best_n(n_masks, acceptance, pass_cost,
+                           rows=lambda n: (1 + n) ** 2 if layout == "quadratic" else 1 + 2 * n)
+            drafts = drafts[:width]
         fed = known + drafts
         first = len(known) - 1  # the fed token whose logit checks the first draft
-        anchors = list(range(first, len(fed))) if layout == "quadratic" else [len(fed) - 1]
+        anchors = (list(range(first, len(fed))) if layout == "quadratic" else [len(fed) - 1]) if width else []
         base = cache.length
-        pos, mask = branch_layout(len(fed), anchors, n_masks, base, device)
-        idx = torch.tensor(fed + [mask_id] * (len(anchors) * n_masks), dtype=torch.long, device=device)[None]
+        pos, mask = branch_layout(len(fed), anchors, width, base, device) if anchors else (None, None)
+        idx = torch.tensor(fed + [mask_id] * (len(anchors) * width), dtype=torch.long, device=device)[None]
         slots = torch.arange(first, idx.size(1), device=device)[None]
         logits = model(idx, pos, mask, cache=cache, slots=slots)[0].float()
         conf, cand = candidates(model, logits, len(drafts) + 1)  # the model's own tokens at the fed inputs
@@ -208,6 +227,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
             n_ok += 1
         cache.truncate(base + len(known) + n_ok)  # the committed inputs are a prefix of the chunk
         fed_drafts, accepted_drafts = fed_drafts + len(drafts), accepted_drafts + n_ok
+        acceptance.record(len(drafts), n_ok)
         new = drafts[:n_ok] + [own[n_ok]]  # accepted drafts + the model's token (correction or bonus)
         if commit(new, stop_ids, out, chunks, on_tokens) or len(out) == max_new_tokens:
             break
@@ -215,8 +235,8 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
         anchor = first + n_ok
         known, drafts = [own[n_ok]], []
         if anchor in anchors:
-            row = len(own) + anchors.index(anchor) * n_masks
-            drafts = pick_drafts(cand[row:row + n_masks], conf[row:row + n_masks], mask_id, draft_threshold,
+            row = len(own) + anchors.index(anchor) * width
+            drafts = pick_drafts(cand[row:row + width], conf[row:row + width], mask_id, draft_threshold,
                                  max_new_tokens - len(out) - 1, stop_ids)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -261,14 +281,26 @@ def default_init() -> str:
 
 
 def load(init: str | None, device: str, dtype: str | None):
-    """Load a model for decoding (init None: default_init()), with the CPU's fastest few-row kernels."""
+    """Load a model for decoding (init None: default_init()), with the CPU's fastest few-row kernels
+    for the passes its block can feed."""
     init = init or default_init()
     model = load_model(init, device=device, dtype=getattr(torch, dtype) if dtype else None)
     weights = model.embed_tokens.weight.dtype
     if dtype is None and fast_dtype(device, weights) != weights:  # a bf16 checkpoint on an AVX2-only CPU
         print(f"{weights} is slow on this CPU (no bf16 hardware): decoding in float32", file=sys.stderr)
         model.float()
-    return use_few_row_kernels(model), model.tokenizer
+    k_max = model.cfg.k_max or 16
+    use_few_row_kernels(model, max_rows=min(k_max * k_max, 32), pack=True, log=lambda line: print(line, file=sys.stderr))
+    return model, model.tokenizer
+
+
+def measure_pass_cost(model, k_max: int, verify: bool) -> PassCost:
+    """The cost of a pass by rows, up to the most a ConfAdapt or --verify pass of this block feeds
+    (beyond 64 rows: extrapolated), said in one line."""
+    cost = PassCost.measure(model, min(k_max * k_max if verify else 2 * k_max - 1, 64))
+    print(f"pass cost by rows fed: {', '.join(f'{r}: {1e3 * s:.0f} ms' for r, s in zip(cost.rows, cost.seconds))}"
+          f" (each pass feeds what pays off; --full-block: the whole block)", file=sys.stderr)
+    return cost
 
 
 def strategy_name(k: int, threshold: float | None) -> str:
@@ -335,7 +367,10 @@ def get_args(argv=None):
     p.add_argument("--verify", action="store_true", help="lossless: the output of k = 1, with the model checking "
                    "its own drafts (several tokens per pass where they hold)")
     p.add_argument("--draft-threshold", type=float, default=None, help="--verify: feed only the leading drafts "
-                   "whose top-1 prob is >= this (default: all)")
+                   "whose top-1 prob is >= this (default: as many as pay off)")
+    p.add_argument("--full-block", action="store_true", help="ConfAdapt and --verify: feed the whole block every "
+                   "pass, as the paper does (default: the masks and drafts that pay off on this machine, measured; "
+                   "also the case when --k-max or --draft-threshold is given)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--no-chat", dest="chat", action="store_false", help="raw text, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -377,14 +412,19 @@ def check_decoding_args(a, p):
 def main(argv=None):
     args, parser = get_args(argv)
     model, tok = load(args.init, args.device, args.dtype)
+    k_max_given = args.k_max is not None
     args.k_max = args.k_max or model.cfg.k_max or 16
     k = 1 if args.k is None else args.k
     if not 1 <= k <= args.k_max:
         parser.error(f"k = {k} is outside 1..k_max ({args.k_max})")
     prompt = encode_prompt(tok, args.prompt, args.chat)
+    pass_cost = None
+    if (args.threshold is not None or args.verify) and not (args.full_block or k_max_given or args.draft_threshold):
+        pass_cost = measure_pass_cost(model, args.k_max, args.verify)
     stream = None if args.json else TextStream(tok, args.show_chunks)
     r = generate(model, prompt, args.max_new_tokens, k=k, threshold=args.threshold, k_max=args.k_max,
-                 stop_ids=tok.stop_ids, on_tokens=stream, verify=args.verify, draft_threshold=args.draft_threshold)
+                 stop_ids=tok.stop_ids, on_tokens=stream, verify=args.verify, draft_threshold=args.draft_threshold,
+                 pass_cost=pass_cost)
     if stream:
         stream.finish()
     if args.show_chunks:
@@ -398,14 +438,15 @@ def main(argv=None):
         print(json.dumps({"text": text, "tokens": r.tokens, "passes": r.passes, "acceleration": r.acceleration,
                           "tokens_per_s": r.tokens_per_s, "chunks": r.chunks, "strategy": name,
                           "drafts_fed": r.drafts_fed, "drafts_accepted": r.drafts_accepted,
-                          "draft_acceptance": r.draft_acceptance}))
+                          "draft_acceptance": r.draft_acceptance, "rows_per_pass": r.rows_per_pass}))
     else:
         hist = " ".join(f"{n}:{c}" for n, c in sorted(Counter(r.chunks).items()))
         drafts = ""
         if args.verify:
             drafts = f" | drafts accepted {r.drafts_accepted}/{r.drafts_fed} ({r.draft_acceptance:.0%})"
         print(f"\n[{name}] {len(r.tokens)} new tokens in {r.passes} passes | acceleration {r.acceleration:.2f} | "
-              f"{r.tokens_per_s:.1f} tokens/s | chunk sizes {hist}{drafts}", file=sys.stderr)
+              f"{r.tokens_per_s:.1f} tokens/s | {r.rows_per_pass:.1f} rows per pass | chunk sizes {hist}{drafts}",
+              file=sys.stderr)
 
 
 def cli(argv=None):

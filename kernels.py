@@ -5,10 +5,12 @@ their masks). Which kernel streams the weights fastest for that depends on the C
 so it is measured on this machine, once per case, rather than assumed:
 - cpu_bf16_is_fast: does this CPU compute bfloat16 faster than float32 (AVX512-BF16 or AMX), or
   ~50-200x slower (AVX2 only)?
-- use_few_row_kernels(model): swap every nn.Linear for FewRowLinear, which picks between F.linear
-  and W @ x^T per dtype, row count and weight shape (few_row_kernel_wins).
+- use_few_row_kernels(model): swap every nn.Linear for FewRowLinear, with the fastest of F.linear,
+  W @ x^T and MKL's packed GEMM for each dtype, row count and weight shape, timed on the model's own
+  weights; a pass of r rows may run padded to a row count where a kernel is faster.
 """
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -53,46 +55,128 @@ def cpu_flags() -> str:
     return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
 
 
+def machine(device="cpu") -> str:
+    """The machine class a speed figure belongs to: the CPU model, cores, the flags that decide bfloat16
+    speed and whether it is fast here (or the GPU's name)."""
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    try:
+        name = Path("/proc/cpuinfo").read_text().split("model name", 1)[1].split(":", 1)[1].split("\n")[0].strip()
+    except (OSError, IndexError):
+        name = "unknown CPU"
+    bf16 = "bfloat16 fast" if cpu_bf16_is_fast() else "bfloat16 slow (float32 only)"
+    return f"{name}, {len(os.sched_getaffinity(0))} cores, {cpu_flags() or 'no avx2'}, {bf16}, torch {torch.__version__}"
+
+
 def fast_dtype(device, dtype: torch.dtype) -> torch.dtype:
     """dtype, unless it is a half type on a CPU that computes it slowly: then float32."""
     slow = torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_bf16_is_fast()
     return torch.float32 if slow else dtype
 
 
+# -----------------------------------------------------------------------------
+# the few-row kernels of a decode pass, chosen by timing them on the model's own weights
+
+BUCKETS = (1, 2, 4, 8, 16, 32)  # row counts that are timed; a pass of r rows runs at a bucket >= r
+SAMPLE_BYTES = 64 << 20  # the weights of one shape timed per kernel: more than the caches hold
+
+
+def mkl_packed_works() -> bool:
+    """Does this torch build have MKL's packed float32 GEMM (the path of torch's CPU compiler for
+    frozen linears), and does it compute a product right here?"""
+    try:
+        w, x = torch.randn(8, 16), torch.randn(4, 16)
+        y = torch.ops.mkl._mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(w, 4), w, None, 4)
+        return torch.allclose(y, F.linear(x, w), atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class FewRowLinear(nn.Linear):
-    """nn.Linear with a second kernel for the few rows of a decode pass on a CPU: W @ x^T (a
-    matrix-vector product for one row). bfloat16 with AMX: W @ x^T is ~25% faster; float32 with MKL:
-    F.linear here, W @ x^T on some AVX2 CPUs. Gradients, GPUs and large batches use nn.Linear."""
+    """nn.Linear with the fastest measured kernel for the few rows of a decode pass on a CPU. plan
+    maps a row count to (kernel, rows it runs at): a pass of 3 rows may run padded to 4, where a
+    kernel is faster. Kernels: F.linear; W @ x^T (a matrix-vector product for one row; bfloat16 with
+    AMX is faster this way); MKL's packed GEMM, float32, with the weight packed once for one row
+    count (packed[rows]). Gradients, GPUs, larger passes and a weight changed since it was packed
+    use nn.Linear."""
+    plan: dict = {}
+    packed: dict = {}
+    packed_version = None
 
     def forward(self, x):
         rows = x.numel() // x.size(-1)
-        if x.device.type != "cpu" or rows > 32 or torch.is_grad_enabled() or \
-                not few_row_kernel_wins(x.dtype, 1 << (rows - 1).bit_length(), *self.weight.shape):
+        if rows not in self.plan or torch.is_grad_enabled() or x.device.type != "cpu" or \
+                (self.packed and self.weight._version != self.packed_version):
             return super().forward(x)
+        kernel, run_rows = self.plan[rows]
         x2 = x.reshape(rows, -1)
-        y = torch.mv(self.weight, x2[0])[None] if rows == 1 else torch.mm(self.weight, x2.t()).t().contiguous()
-        if self.bias is not None:
-            y = y + self.bias
+        if run_rows > rows:
+            x2 = F.pad(x2, (0, 0, 0, run_rows - rows))
+        y = KERNELS[kernel](self, x2)[:rows]
         return y.reshape(*x.shape[:-1], -1)
 
 
-@functools.cache
-def few_row_kernel_wins(dtype: torch.dtype, rows: int, n_out: int, n_in: int) -> bool:
-    """Is W @ x^T at least 10% faster than F.linear for `rows` rows through an n_out x n_in weight
-    of this dtype on this CPU? Timed once (best_seconds) over copies of the weight that together
-    exceed the caches, so that both kernels stream from memory, as in a decode pass."""
-    copies = max(1, (32 << 20) // (n_out * n_in * torch.finfo(dtype).bits // 8))
-    ws = [torch.randn(n_out, n_in, dtype=dtype) for _ in range(copies)]
-    x = torch.randn(rows, n_in, dtype=dtype)
-
-    def seconds(product):
-        return best_seconds(lambda: [product(w) for w in ws])
-    few = (lambda w: torch.mv(w, x[0])) if rows == 1 else (lambda w: torch.mm(w, x.t()).t().contiguous())
-    return seconds(few) < 0.9 * seconds(lambda w: F.linear(x, w))
+def linear_kernel(layer, x):
+    return F.linear(x, layer.weight, layer.bias)
 
 
-def use_few_row_kernels(model: nn.Module) -> nn.Module:
-    """Swap every plain nn.Linear of model for a FewRowLinear holding the same parameters."""
+def mv_kernel(layer, x):
+    y = torch.mv(layer.weight, x[0])[None] if len(x) == 1 else torch.mm(layer.weight, x.t()).t().contiguous()
+    return y if layer.bias is None else y + layer.bias
+
+
+def mkl_kernel(layer, x):
+    return torch.ops.mkl._mkl_linear(x, layer.packed[len(x)], layer.weight, layer.bias, len(x))
+
+
+KERNELS = {"linear": linear_kernel, "mv": mv_kernel, "mkl-packed": mkl_kernel}
+
+
+TIMED = {}  # (dtype, weight shape, rows, pack) -> kernel_seconds
+
+
+def kernel_seconds(layers: list[FewRowLinear], rows: int, pack: bool) -> dict[str, float]:
+    """Seconds for `rows` rows through these layers (one weight shape and dtype) by each kernel, the
+    best of 3; each case is timed once per process."""
+    w = layers[0].weight
+    key = (w.dtype, tuple(w.shape), rows, pack)
+    if key not in TIMED:
+        TIMED[key] = time_kernels(layers, rows, pack)
+    return TIMED[key]
+
+
+def time_kernels(layers, rows, pack):
+    """kernel_seconds, timed. The weights packed for it stay on the layers, for use_few_row_kernels
+    to keep or drop."""
+    w = layers[0].weight
+    x = torch.randn(rows, w.size(1), dtype=w.dtype)
+    kernels = ["linear", "mv"] + (["mkl-packed"] if pack and w.dtype == torch.float32 else [])
+    if "mkl-packed" in kernels:
+        for layer in layers:
+            layer.packed = {**layer.packed, rows: torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, rows)}
+    return {k: best_seconds(lambda: [KERNELS[k](layer, x) for layer in layers], reps=3) for k in kernels}
+
+
+def plan_of(seconds: dict[int, dict[str, float]]) -> dict[int, tuple[str, int]]:
+    """rows -> (kernel, rows it runs at): the fastest kernel at any timed bucket that holds the rows.
+    F.linear and W @ x^T run a pass at its own rows unless a larger bucket is faster (bfloat16 W @ x^T
+    with AMX: 2 rows cost less than one); the packed GEMM runs at the bucket it was packed for."""
+    plan = {}
+    for rows in range(1, max(seconds) + 1):
+        holds = [b for b in seconds if b >= rows]
+        _, kernel, b = min((seconds[b][k], k, b) for b in holds for k in seconds[b])
+        plan[rows] = (kernel, b if kernel == "mkl-packed" or b > min(holds) else rows)
+    return plan
+
+
+@torch.no_grad()
+def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False, log=None) -> nn.Module:
+    """Swap every plain nn.Linear of model for a FewRowLinear holding the same parameters, and give
+    each the fastest kernel, timed here on the model's own weights, for passes of 1..max_rows rows
+    (at most 32). pack: MKL's packed GEMM is a candidate too, and its packed weights are kept where
+    it wins, within a quarter of the memory still free; only for weights that stay as they are
+    (decoding).
+    log: where to say what the packed weights cost."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
@@ -100,8 +184,42 @@ def use_few_row_kernels(model: nn.Module) -> nn.Module:
                                        device="meta")
                 swapped.weight, swapped.bias = child.weight, child.bias
                 setattr(parent, name, swapped)
+    groups = {}  # layers by weight dtype and shape: each group gets one plan
+    for layer in model.modules():
+        if isinstance(layer, FewRowLinear) and layer.weight.device.type == "cpu":
+            groups.setdefault((layer.weight.dtype, tuple(layer.weight.shape)), []).append(layer)
+    pack = pack and mkl_packed_works()
+    buckets = [b for b in BUCKETS if b < 2 * min(max_rows, 32)]
+    budget, packed_bytes = free_memory_bytes() / 4, 0
+    for group in groups.values():
+        sample = group[:max(1, SAMPLE_BYTES // group[0].weight.nbytes)]
+        seconds = {b: kernel_seconds(sample, b, pack) for b in buckets}
+        plan = plan_of(seconds)
+        keep = sorted({b for kernel, b in plan.values() if kernel == "mkl-packed"})
+        if packed_bytes + len(keep) * sum(layer.weight.nbytes for layer in group) > budget:
+            plan, keep = plan_of({b: {k: s for k, s in ks.items() if k != "mkl-packed"} for b, ks in seconds.items()}), []
+        for layer in group:
+            layer.plan = plan
+            layer.packed = {b: layer.packed[b] if b in layer.packed else
+                            torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, b) for b in keep}
+            layer.packed_version = layer.weight._version
+            packed_bytes += len(keep) * layer.weight.nbytes
+    if log and pack:
+        rows = sorted({b for g in groups.values() for b in g[0].packed})
+        log(f"kernels: MKL-packed float32 weights for passes of {', '.join(map(str, rows)) or 'no'} rows "
+            f"(+{packed_bytes / 2**20:.0f} MiB), where they are the fastest kernel measured")
     return model
+
+
+def free_memory_bytes() -> int:
+    """MemAvailable of /proc/meminfo (Linux), else what the machine has."""
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 if __name__ == "__main__":  # what the kernels see on this CPU
     print(f"cpu flags: {cpu_flags() or 'none'}; bfloat16 is fast: {cpu_bf16_is_fast()}")
+    print(f"machine: {machine()}")

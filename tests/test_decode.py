@@ -8,6 +8,7 @@ import torch
 from data import extract_number, read_jsonl
 from decode import generate, generate_batch, pick_drafts
 from model import KVCache, ModelConfig
+from sizing import Acceptance, PassCost
 
 PROMPTS = ["What is 12 times 7?", "Write a haiku about the sea.",
            "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -121,6 +122,62 @@ def test_stop_token_inside_chunk_cuts_output():
     model = Scripted(truth, lambda j: 0.99)
     r = generate(model, prompt, 50, threshold=0.9, k_max=6, stop_ids={STOP})
     assert r.tokens == [30, 31, STOP] and r.passes == 1
+
+
+# -----------------------------------------------------------------------------
+# passes sized by what they cost (sizing.py), with cost tables we choose
+
+FLAT = PassCost({1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0, 32: 1.0, 64: 1.0})  # a GPU: rows are free
+CUBIC = PassCost({r: float(r ** 3) for r in (1, 2, 4, 8, 16, 32, 64)})  # every extra row too dear
+
+
+def test_acceptance_rates_by_hand():
+    a = Acceptance(3)
+    assert a.rates(3) == [0.5, 0.5, 0.5] and a.expected(2) == 0.5 + 0.25
+    a.record(n_fed=3, n_held=1)  # guess 1 held, guess 2 did not, guess 3 was not reached
+    a.record(n_fed=1, n_held=1)
+    # a_1 = (2 + 2 * 0.5) / (2 + 2); a_2 = (0 + 2 * a_1) / (1 + 2); a_3 = a_2 (never tried)
+    assert a.tries == [2, 1, 0] and a.hits == [2, 0, 0]
+    assert a.rates(3) == pytest.approx([0.75, 0.5, 0.5])
+    assert a.expected(3) == pytest.approx(0.75 + 0.375 + 0.1875)
+
+
+def test_pass_cost_interpolates_between_measured_rows():
+    cost = PassCost({1: 10.0, 2: 12.0, 4: 20.0})
+    assert [cost(r) for r in (1, 2, 3, 4, 6)] == [10.0, 12.0, 16.0, 20.0, 28.0]
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_free_rows_feed_the_whole_block(verify):
+    """Where a pass of many rows costs what one costs, sizing feeds exactly what the full block feeds."""
+    conf = lambda j: [0.99, 0.95, 0.5, 0.97][j] if j < 4 else 0.99  # noqa: E731
+    runs = []
+    for pass_cost in (None, FLAT):
+        model = Scripted(TRUTH, conf, wrong={9, 14})
+        kw = dict(verify=True) if verify else dict(threshold=0.9)
+        r = generate(model, PROMPT, 20, k_max=5, stop_ids={STOP}, pass_cost=pass_cost, **kw)
+        runs.append((r.tokens, r.chunks, model.calls))
+    assert runs[0] == runs[1]
+
+
+def test_confadapt_feeds_no_mask_where_none_pays_off():
+    model = Scripted(TRUTH, lambda j: 0.99 if j == 0 else 0.3)  # no mask candidate ever clears 0.9
+    r = generate(model, PROMPT, 12, threshold=0.9, k_max=5, pass_cost=CUBIC)
+    assert r.tokens == TRUTH[4:16] and r.chunks == [1] * 12
+    assert [len(inp) for _, inp in model.calls] == [4] + [1] * 11  # k=1's passes: no masks at all
+    model = Scripted(TRUTH, lambda j: 0.99 if j == 0 else 0.3)
+    r = generate(model, PROMPT, 12, threshold=0.9, k_max=5, pass_cost=FLAT)
+    assert [len(inp) for _, inp in model.calls] == [4 + 4] + [1 + 4] * 11  # free rows: every mask
+
+
+def test_confadapt_adds_masks_as_they_hold():
+    """Rows that cost what they hold: a mask is tried once the masks before it have held often enough."""
+    model = Scripted(TRUTH, lambda j: 0.99)  # every candidate clears
+    linear = PassCost({r: float(r) for r in (1, 2, 4, 8, 16)})
+    r = generate(model, PROMPT, 30, threshold=0.9, k_max=5, pass_cost=linear)
+    assert r.tokens == TRUTH[4:34]
+    masks = [inp.count(MASK) for _, inp in model.calls]
+    assert masks[0] == 1 and masks == sorted(masks) and masks[-2] == 4  # 1 mask, more as they hold, all 4
 
 
 # -----------------------------------------------------------------------------

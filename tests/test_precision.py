@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels import FewRowLinear, cpu_bf16_is_fast, cpu_flags
+from kernels import KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, mkl_packed_works, use_few_row_kernels
 from optim import AdamW
 
 # the same CPU, restricted to its AVX2 kernels (torch, oneDNN and MKL): what a laptop without
@@ -99,15 +99,58 @@ def test_avx2_cpu_trains_and_decodes_in_float32(script, train_tiny, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 33])
-def test_linear_few_row_kernel_matches_exact_product(rows, dtype):
-    torch.manual_seed(rows)
-    layer = FewRowLinear(320, 700, bias=True).to(dtype)
-    x = torch.randn(1, rows, 320).to(dtype)
-    exact = x.double() @ layer.weight.double().T + layer.bias.double()
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_every_few_row_kernel_matches_exact_product(kernel, dtype):
+    """Each kernel a decode pass can be given, at every row count it can run (padded to a larger one
+    or not), is as close to the exact product as F.linear is."""
+    if kernel == "mkl-packed" and (dtype != torch.float32 or not mkl_packed_works()):
+        pytest.skip("MKL's packed GEMM: float32, and only in torch builds with MKL")
+    torch.manual_seed(0)
+    layer = use_few_row_kernels(torch.nn.Sequential(torch.nn.Linear(320, 700, bias=True).to(dtype)), pack=True)[0]
+    assert isinstance(layer, FewRowLinear)
+    for rows in list(range(1, 33)) + [40]:
+        bucket = 1 << (rows - 1).bit_length()
+        for run_at in {bucket} if kernel == "mkl-packed" else {rows, bucket}:
+            if kernel == "mkl-packed" and run_at not in layer.packed:
+                layer.packed = {**layer.packed, run_at: torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, run_at)}
+            layer.plan = {rows: (kernel, run_at)}
+            x = torch.randn(1, rows, 320).to(dtype)
+            exact = x.double() @ layer.weight.double().T + layer.bias.double()
+            with torch.no_grad():
+                ours = layer(x)
+                ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            assert ours.shape == ref.shape and ours.dtype == dtype and ours.is_contiguous()
+            err, ref_err = (ours.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+            # bfloat16: one ulp of the largest output, as a kernel may round its partial sums once more
+            tol = max(1e-3, torch.finfo(dtype).eps * exact.abs().max()) if dtype == torch.bfloat16 else 1e-5
+            assert err <= 2 * ref_err + tol, (kernel, rows, run_at, err, ref_err)
+
+
+def test_packed_weights_are_chosen_and_never_stale():
+    """use_few_row_kernels(pack=True) plans every row count up to its limit; a weight changed after it
+    was packed (training) is multiplied as it is now, not as it was packed."""
+    torch.manual_seed(0)
+    layer = use_few_row_kernels(torch.nn.Sequential(torch.nn.Linear(256, 512)), max_rows=16, pack=True)[0]
+    assert sorted(layer.plan) == list(range(1, 17))
+    for rows, (kernel, run_at) in layer.plan.items():
+        assert kernel in KERNELS and run_at >= rows
+        assert kernel != "mkl-packed" or run_at in layer.packed
+    x = torch.randn(8, 256)
     with torch.no_grad():
-        ours = layer(x)
-        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert ours.shape == ref.shape and ours.dtype == dtype and ours.is_contiguous()
-    err, ref_err = (ours.double() - exact).abs().max(), (ref.double() - exact).abs().max()
-    assert err <= 2 * ref_err + (1e-3 if dtype == torch.bfloat16 else 1e-5), (err, ref_err)
+        layer.plan = {8: ("mkl-packed", 8)} if mkl_packed_works() else layer.plan
+        layer.packed = {8: torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, 8)} if mkl_packed_works() else {}
+        layer.packed_version = layer.weight._version
+        layer.weight.mul_(2)
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+
+def test_without_mkl_packed_gemm_the_other_kernels_serve(monkeypatch):
+    """A torch build without MKL (ARM, macOS) or without the op: no packed candidate, no error."""
+    monkeypatch.setattr(torch.ops, "mkl", object())
+    assert not mkl_packed_works()
+    layer = use_few_row_kernels(torch.nn.Sequential(torch.nn.Linear(256, 512)), max_rows=8, pack=True)[0]
+    assert sorted(layer.plan) == list(range(1, 9)) and not layer.packed
+    assert all(kernel != "mkl-packed" for kernel, _ in layer.plan.values())
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)

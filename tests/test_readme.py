@@ -1,5 +1,5 @@
 """README's main job, run exactly as README writes it (read from README itself, so it cannot drift),
-on a tiny model for a few steps: decode.py, and evaluate.py, must use the model train.py wrote,
+on a tiny model for a few steps: decode.py, evaluate.py and bench.py must use the model train.py wrote,
 whether an adapter (the CPU default) or a full model, and after a save that a kill interrupted."""
 import json
 import os
@@ -57,3 +57,6 @@ def test_readme_main_job(script, root, tiny_qwen, tmp_path, lora):
     e = script("evaluate.py", "--tasks", "gsm8k", "--limit", "1", "--max-new-tokens", "4", "--json", cwd=tmp_path)
     assert e.returncode == 0, e.stderr
     assert json.loads(e.stdout)["models"][0]["model"] == "out/model"
+    b = script("bench.py", "--prompts", "1", "--max-new-tokens", "4", "--json", cwd=tmp_path)  # and so does bench.py
+    assert b.returncode == 0, b.stderr
+    assert "no --init given: using out/model" in b.stderr, b.stderr

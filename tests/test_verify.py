@@ -8,6 +8,7 @@ import torch
 
 from decode import branch_layout, generate
 from distill import build_batch
+from sizing import PassCost
 from weights import load_model
 
 TOL = 1e-4
@@ -69,17 +70,24 @@ SETTINGS = [(2, None, "quadratic", None), (4, None, "quadratic", None), (8, None
             (8, None, "simple", 1.0)]
 
 
-def check_verify(model, prompt, max_new, want, stop_ids, settings, seed=0):
-    for k_max, threshold, layout, p_right in settings:
+# pass costs by rows (sizing.py): None feeds the whole block; the others make each pass feed fewer
+# drafts and narrower branches, differently as the drafts hold or fail
+PASS_COSTS = {"full block": None,
+              "cpu float32": PassCost({1: 26.2, 2: 28.8, 4: 37.1, 8: 39.8, 16: 51.8}),  # ms, measured once
+              "rows dear": PassCost({r: float(r) for r in (1, 2, 4, 8, 16, 32, 64)})}
+
+
+def check_verify(model, prompt, max_new, want, stop_ids, settings, seed=0, pass_costs=("full block",)):
+    for (k_max, threshold, layout, p_right), cost in ((s, c) for s in settings for c in pass_costs):
         m = model if p_right is None else DraftOracle(model, prompt + want, p_right, seed)
         r = generate(m, prompt, max_new, verify=True, k_max=k_max, draft_threshold=threshold, layout=layout,
-                     stop_ids=stop_ids)
-        setting = (k_max, threshold, layout, p_right)
+                     stop_ids=stop_ids, pass_cost=PASS_COSTS[cost])
+        setting = (k_max, threshold, layout, p_right, cost)
         assert r.tokens == want, setting
         assert sum(r.chunks) == len(want) and r.passes == len(r.chunks), setting
         assert 0 <= r.drafts_accepted <= r.drafts_fed, setting
         assert max(r.chunks) <= k_max, setting
-        if p_right == 1.0 and threshold is None:  # right drafts are always kept
+        if p_right == 1.0 and threshold is None and cost == "full block":  # right drafts are always kept
             assert r.drafts_accepted == r.drafts_fed > 0, setting
             assert r.passes < len(want), setting
 
@@ -100,7 +108,7 @@ def test_verify_equals_k1_and_transformers_on_tiny_models(tiny, family, tied):
         early_stops += len(want) < max_new
         stop_ids = {stop} if stop is not None else set()
         assert generate(model, prompt, max_new, stop_ids=stop_ids).tokens == want  # k=1
-        check_verify(model, prompt, max_new, want, stop_ids, SETTINGS, seed=n)
+        check_verify(model, prompt, max_new, want, stop_ids, SETTINGS, seed=n, pass_costs=PASS_COSTS)
     assert early_stops > 0
 
 
@@ -110,6 +118,7 @@ def test_verify_equals_transformers_on_smollm2(smollm2, smollm2_hf):
     texts = ["What is 12 times 7?", "Say hello.", "Name three colors. Be brief."]  # the last two stop early
     settings = [(4, None, "quadratic", None), (8, None, "simple", None), (3, 0.2, "quadratic", None),
                 (6, None, "quadratic", 0.8), (5, 0.5, "simple", 0.9)]
+    sized = [(8, None, "quadratic", 0.9)]
     stopped_early = 0
     for text in texts:
         prompt = tok.encode_chat([{"role": "user", "content": text}])
@@ -117,6 +126,7 @@ def test_verify_equals_transformers_on_smollm2(smollm2, smollm2_hf):
                                    pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
         stopped_early += len(want) < 32
         check_verify(smollm2, prompt, 32, want, tok.stop_ids, settings)
+        check_verify(smollm2, prompt, 32, want, tok.stop_ids, sized, pass_costs=("cpu float32",))
     assert stopped_early > 0
 
 

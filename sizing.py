@@ -1,0 +1,103 @@
+"""Passes sized by what they cost: how many <MTP> masks and drafts a decode pass feeds.
+
+A pass that feeds more rows (masks for ConfAdapt; drafts and their branches for --verify) can
+commit more tokens, but only where the model's guesses hold, and on a CPU every extra row costs
+compute. So each pass feeds the number of guesses n that maximizes the expected new tokens per
+second of pass:
+
+    (1 + expected guesses that hold among the first n) / cost(rows fed for n)
+
+- cost(rows): a real forward pass of the model, timed once per row count at start-up (PassCost).
+- the guesses that hold: counted as decoding goes, per position j, as a_j = how often guess j
+  held when guesses 1..j-1 did (Acceptance). n guesses then hold on average sum_j prod_{i<=j} a_i.
+  Each a_j starts at a_{j-1} (a_1 at 1/2) with the weight of two passes, so a position not tried
+  yet is assumed as good as the one before it: tried once it pays off, and dropped if it does not.
+This is the choice of draft length in speculative decoding (Leviathan et al. 2023, "Fast Inference
+from Transformers via Speculative Decoding", section 3.4: the length that maximizes expected tokens
+over the cost of a pass), with the acceptance measured per position instead of assumed constant,
+and the cost measured instead of modelled. On a GPU, where 16 rows cost about what one costs, it
+comes out at the whole block; on a float32 CPU at fewer rows.
+"""
+import time
+
+import torch
+
+
+class PassCost:
+    """Seconds of one forward pass by the number of rows it feeds, measured on this machine:
+    powers of two up to max_rows, linear in between and beyond."""
+
+    def __init__(self, seconds: dict[int, float]):
+        self.rows = sorted(seconds)
+        self.seconds = [seconds[r] for r in self.rows]
+
+    def __call__(self, rows: int) -> float:
+        r, s = self.rows, self.seconds
+        if len(r) == 1:
+            return s[0] * rows / r[0]
+        i = next((i for i in range(1, len(r) - 1) if rows <= r[i]), len(r) - 1)
+        return s[i - 1] + (s[i] - s[i - 1]) * (rows - r[i - 1]) / (r[i] - r[i - 1])
+
+    @classmethod
+    @torch.no_grad()
+    def measure(cls, model, max_rows: int, context: int = 256, reps: int = 2):
+        """Time a pass of 1, 2, 4, ... max_rows rows (one token, the rest <MTP>) after `context`
+        cached positions: the best of `reps` after one untimed pass (which also lets the kernels
+        choose, kernels.FewRowLinear)."""
+        device = model.embed_tokens.weight.device
+        rows = [1 << i for i in range(max(1, max_rows - 1).bit_length() + 1)]
+        cache = model.new_cache(context + rows[-1])
+        model(torch.zeros(1, context, dtype=torch.long, device=device), cache=cache)
+        mask_id = model.cfg.mask_id or 0
+        seconds = {}
+        for r in rows:
+            idx = torch.full((1, r), mask_id, dtype=torch.long, device=device)
+            idx[0, 0] = 1
+            best = float("inf")
+            for rep in range(reps + 1):
+                t0 = time.perf_counter()
+                model(idx, cache=cache)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                cache.truncate(context)
+                best = min(best, time.perf_counter() - t0) if rep else best
+            seconds[r] = best
+        return cls(seconds)
+
+    def __repr__(self):
+        return "PassCost(" + ", ".join(f"{r}: {1e3 * s:.1f} ms" for r, s in zip(self.rows, self.seconds)) + ")"
+
+
+class Acceptance:
+    """For guess j = 1..n of a pass (the j-th mask, or the j-th draft): how often it held when the
+    guesses before it held."""
+
+    def __init__(self, n: int):
+        self.hits, self.tries = [0] * n, [0] * n
+
+    def record(self, n_fed: int, n_held: int):
+        """A pass fed n_fed guesses, and the first n_held of them held (the next one did not)."""
+        for j in range(min(n_held + 1, n_fed)):
+            self.tries[j] += 1
+            self.hits[j] += j < n_held
+
+    def rates(self, n: int) -> list[float]:
+        """a_1..a_n: hits over tries, each shrunk toward the rate before it (a_0 = 1/2) by two passes."""
+        rates, before = [], 0.5
+        for j in range(n):
+            before = (self.hits[j] + 2 * before) / (self.tries[j] + 2)
+            rates.append(before)
+        return rates
+
+    def expected(self, n: int) -> float:
+        """How many of the first n guesses hold, on average: sum over j of P(guesses 1..j hold)."""
+        total, p = 0.0, 1.0
+        for a in self.rates(n):
+            p *= a
+            total += p
+        return total
+
+
+def best_n(max_n: int, acceptance: Acceptance, cost: PassCost, rows) -> int:
+    """The n in 0..max_n with the most expected tokens per second; rows(n): the rows fed for n."""
+    return max(range(max_n + 1), key=lambda n: (1 + acceptance.expected(n)) / cost(rows(n)))
