@@ -10,8 +10,9 @@ second of pass:
 - cost(rows): a real forward pass of the model, timed once per row count at start-up (PassCost).
 - the guesses that hold: counted as decoding goes, per position j, as a_j = how often guess j
   held when guesses 1..j-1 did (Acceptance). n guesses then hold on average sum_j prod_{i<=j} a_i.
-  Each a_j starts at a_{j-1} (a_1 at 1/2) with the weight of two passes, so a position not tried
-  yet is assumed as good as the one before it: tried once it pays off, and dropped if it does not.
+  Each a_j starts at a_{j-1} (a_1 at 1) with the weight of two passes: a guess not tried yet is
+  assumed as good as the one before it, so it is tried where it would pay off, and dropped once
+  the counts say it does not.
 This is the choice of draft length in speculative decoding (Leviathan et al. 2023, "Fast Inference
 from Transformers via Speculative Decoding", section 3.4: the length that maximizes expected tokens
 over the cost of a pass), with the acceptance measured per position instead of assumed constant,
@@ -24,19 +25,17 @@ import torch
 
 
 class PassCost:
-    """Seconds of one forward pass by the number of rows it feeds, measured on this machine:
-    powers of two up to max_rows, linear in between and beyond."""
+    """Seconds of one forward pass by the number of rows it feeds, measured on this machine at 1, 2,
+    4, ... rows. A pass of r rows costs what the next measured one costs (the kernels may run it
+    padded to that many rows, kernels.FewRowLinear); beyond the largest, cost grows with the rows."""
 
     def __init__(self, seconds: dict[int, float]):
         self.rows = sorted(seconds)
         self.seconds = [seconds[r] for r in self.rows]
 
     def __call__(self, rows: int) -> float:
-        r, s = self.rows, self.seconds
-        if len(r) == 1:
-            return s[0] * rows / r[0]
-        i = next((i for i in range(1, len(r) - 1) if rows <= r[i]), len(r) - 1)
-        return s[i - 1] + (s[i] - s[i - 1]) * (rows - r[i - 1]) / (r[i] - r[i - 1])
+        i = next((i for i, r in enumerate(self.rows) if r >= rows), None)
+        return self.seconds[i] if i is not None else self.seconds[-1] * rows / self.rows[-1]
 
     @classmethod
     @torch.no_grad()
@@ -82,8 +81,8 @@ class Acceptance:
             self.hits[j] += j < n_held
 
     def rates(self, n: int) -> list[float]:
-        """a_1..a_n: hits over tries, each shrunk toward the rate before it (a_0 = 1/2) by two passes."""
-        rates, before = [], 0.5
+        """a_1..a_n: hits over tries, each shrunk toward the rate before it (a_0 = 1) by two passes."""
+        rates, before = [], 1.0
         for j in range(n):
             before = (self.hits[j] + 2 * before) / (self.tries[j] + 2)
             rates.append(before)

@@ -133,18 +133,19 @@ CUBIC = PassCost({r: float(r ** 3) for r in (1, 2, 4, 8, 16, 32, 64)})  # every 
 
 def test_acceptance_rates_by_hand():
     a = Acceptance(3)
-    assert a.rates(3) == [0.5, 0.5, 0.5] and a.expected(2) == 0.5 + 0.25
+    assert a.rates(3) == [1.0, 1.0, 1.0] and a.expected(2) == 2.0  # untried: assumed to hold
     a.record(n_fed=3, n_held=1)  # guess 1 held, guess 2 did not, guess 3 was not reached
     a.record(n_fed=1, n_held=1)
-    # a_1 = (2 + 2 * 0.5) / (2 + 2); a_2 = (0 + 2 * a_1) / (1 + 2); a_3 = a_2 (never tried)
-    assert a.tries == [2, 1, 0] and a.hits == [2, 0, 0]
-    assert a.rates(3) == pytest.approx([0.75, 0.5, 0.5])
-    assert a.expected(3) == pytest.approx(0.75 + 0.375 + 0.1875)
+    a.record(n_fed=2, n_held=0)
+    # a_1 = (2 + 2 * 1) / (3 + 2); a_2 = (0 + 2 * a_1) / (1 + 2); a_3 = a_2 (never tried)
+    assert a.tries == [3, 1, 0] and a.hits == [2, 0, 0]
+    assert a.rates(3) == pytest.approx([0.8, 1.6 / 3, 1.6 / 3])
+    assert a.expected(3) == pytest.approx(0.8 + 0.8 * 1.6 / 3 + 0.8 * (1.6 / 3) ** 2)
 
 
-def test_pass_cost_interpolates_between_measured_rows():
+def test_pass_cost_of_rows_between_and_beyond_the_measured():
     cost = PassCost({1: 10.0, 2: 12.0, 4: 20.0})
-    assert [cost(r) for r in (1, 2, 3, 4, 6)] == [10.0, 12.0, 16.0, 20.0, 28.0]
+    assert [cost(r) for r in (1, 2, 3, 4, 6, 8)] == [10.0, 12.0, 20.0, 20.0, 30.0, 40.0]
 
 
 @pytest.mark.parametrize("verify", [False, True])
@@ -171,13 +172,19 @@ def test_confadapt_feeds_no_mask_where_none_pays_off():
 
 
 def test_confadapt_adds_masks_as_they_hold():
-    """Rows that cost what they hold: a mask is tried once the masks before it have held often enough."""
+    """Rows whose cost grows with their number: masks that hold are fed, masks that fail are dropped."""
     model = Scripted(TRUTH, lambda j: 0.99)  # every candidate clears
     linear = PassCost({r: float(r) for r in (1, 2, 4, 8, 16)})
     r = generate(model, PROMPT, 30, threshold=0.9, k_max=5, pass_cost=linear)
     assert r.tokens == TRUTH[4:34]
+    # every guess holds: as many masks as fit the 8 rows that a pass of 5-8 rows costs
+    assert [len(inp) for _, inp in model.calls][1:] == [8] * (len(model.calls) - 1)
+    model = Scripted(TRUTH, lambda j: [0.99, 0.95, 0.95, 0.3, 0.3][j] if j < 5 else 0.3)  # masks 1-2 hold
+    r = generate(model, PROMPT, 30, threshold=0.9, k_max=5, pass_cost=linear)
+    assert r.tokens == TRUTH[4:34]
     masks = [inp.count(MASK) for _, inp in model.calls]
-    assert masks[0] == 1 and masks == sorted(masks) and masks[-2] == 4  # 1 mask, more as they hold, all 4
+    assert masks[:2] == [4, 4] and set(masks[2:]) == {1, 2}  # untried masks are tried, failing ones dropped
+    assert all(len(inp) == 4 for _, inp in model.calls[2:])  # the accepted tokens and masks fill 4 rows
 
 
 # -----------------------------------------------------------------------------
