@@ -127,7 +127,7 @@ def matmul_gflops(device, dtype, n=1024, reps=5):
 def pass_cost_table(model, device, dtype, max_rows=32):
     """(f) the cost of a pass by rows fed, against its two floors: every weight read once (weight
     bytes / copy bandwidth) and every row multiplied through every matrix (FLOPs / matmul rate)."""
-    cost = PassCost.measure(model, max_rows, reps=3)
+    cost = PassCost.measure(model, max_rows, reps=5)
     weights = {t.data_ptr(): t for t in model.state_dict().values()}.values()  # tied embeddings: one storage
     weight_bytes = sum(t.numel() * t.element_size() for t in weights)
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))

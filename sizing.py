@@ -39,28 +39,27 @@ class PassCost:
 
     @classmethod
     @torch.no_grad()
-    def measure(cls, model, max_rows: int, context: int = 256, reps: int = 2):
+    def measure(cls, model, max_rows: int, context: int = 256, reps: int = 3):
         """Time a pass of 1, 2, 4, ... max_rows rows (one token, the rest <MTP>) after `context`
-        cached positions: the best of `reps` after one untimed pass (which also lets the kernels
-        choose, kernels.FewRowLinear)."""
+        cached positions: the best of `reps` rounds over all row counts, after an untimed one, so
+        that a moment of load on the machine hits every row count alike."""
         device = model.embed_tokens.weight.device
         rows = [1 << i for i in range(max(1, max_rows - 1).bit_length() + 1)]
         cache = model.new_cache(context + rows[-1])
         model(torch.zeros(1, context, dtype=torch.long, device=device), cache=cache)
-        mask_id = model.cfg.mask_id or 0
-        seconds = {}
-        for r in rows:
-            idx = torch.full((1, r), mask_id, dtype=torch.long, device=device)
+        inputs = {r: torch.full((1, r), model.cfg.mask_id or 0, dtype=torch.long, device=device) for r in rows}
+        for idx in inputs.values():
             idx[0, 0] = 1
-            best = float("inf")
-            for rep in range(reps + 1):
+        seconds = dict.fromkeys(rows, float("inf"))
+        for rep in range(reps + 1):
+            for r, idx in inputs.items():
                 t0 = time.perf_counter()
                 model(idx, cache=cache)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 cache.truncate(context)
-                best = min(best, time.perf_counter() - t0) if rep else best
-            seconds[r] = best
+                if rep:
+                    seconds[r] = min(seconds[r], time.perf_counter() - t0)
         return cls(seconds)
 
     def __repr__(self):

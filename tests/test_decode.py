@@ -7,6 +7,7 @@ import torch
 
 from data import extract_number, read_jsonl
 from decode import generate, generate_batch, pick_drafts
+from kernels import mkl_packed_works
 from model import KVCache, ModelConfig
 from sizing import Acceptance, PassCost
 
@@ -321,6 +322,14 @@ def test_cli_verify_json_is_k1_output(script, smollm2_gguf):
     assert 0 <= out["drafts_accepted"] <= out["drafts_fed"] and out["passes"] == len(out["chunks"])
     r = script("decode.py", *common[:-1], "--verify", "--k-max", "3")  # the stats line
     assert r.returncode == 0 and f"drafts accepted {out['drafts_accepted']}/{out['drafts_fed']}" in r.stderr
+    assert "pass cost by rows fed" not in r.stderr  # --k-max given: the whole block of 3, every pass
+    if mkl_packed_works():  # the extra memory of the packed weights is said
+        assert "kernels: MKL-packed float32 weights" in r.stderr and "MiB)" in r.stderr
+    sized = script("decode.py", *common, "--verify")  # the default: passes sized by their measured cost
+    assert sized.returncode == 0 and "pass cost by rows fed: 1: " in sized.stderr, sized.stderr
+    assert json.loads(sized.stdout)["tokens"] == k1["tokens"]
+    full = script("decode.py", *common, "--verify", "--full-block")
+    assert full.returncode == 0 and "pass cost" not in full.stderr and json.loads(full.stdout)["tokens"] == k1["tokens"]
 
 
 @pytest.mark.parametrize("args,message", [
