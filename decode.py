@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distill import branch_layout as branch_layout_of_chunk
-from kernels import fast_dtype, use_few_row_kernels
+from kernels import fast_dtype, packed_summary, use_few_row_kernels
 from sizing import Acceptance, PassCost, best_n
 from weights import load_model, trained_model
 
@@ -290,7 +290,7 @@ def load(init: str | None, device: str, dtype: str | None):
         print(f"{weights} is slow on this CPU (no bf16 hardware): decoding in float32", file=sys.stderr)
         model.float()
     k_max = model.cfg.k_max or 16
-    use_few_row_kernels(model, max_rows=min(k_max * k_max, 32), pack=True, log=lambda line: print(line, file=sys.stderr))
+    use_few_row_kernels(model, max_rows=min(k_max * k_max, 32), pack=True)
     return model, model.tokenizer
 
 
@@ -418,8 +418,12 @@ def main(argv=None):
     if not 1 <= k <= args.k_max:
         parser.error(f"k = {k} is outside 1..k_max ({args.k_max})")
     prompt = encode_prompt(tok, args.prompt, args.chat)
+    block = args.threshold is not None or args.verify
+    check_fits(model, len(prompt), args.max_new_tokens, (args.k_max if block else k) - 1)  # before any output
+    if packed_summary(model):
+        print(packed_summary(model), file=sys.stderr)
     pass_cost = None
-    if (args.threshold is not None or args.verify) and not (args.full_block or k_max_given or args.draft_threshold):
+    if block and not (args.full_block or k_max_given or args.draft_threshold):
         pass_cost = measure_pass_cost(model, args.k_max, args.verify)
     stream = None if args.json else TextStream(tok, args.show_chunks)
     r = generate(model, prompt, args.max_new_tokens, k=k, threshold=args.threshold, k_max=args.k_max,

@@ -169,14 +169,24 @@ def plan_of(seconds: dict[int, dict[str, float]]) -> dict[int, tuple[str, int]]:
     return plan
 
 
+def packed_summary(model: nn.Module) -> str:
+    """One line on the packed weights a model holds, and their memory ('' if none)."""
+    layers = [m for m in model.modules() if isinstance(m, FewRowLinear) and m.packed]
+    if not layers:
+        return ""
+    rows = sorted({b for layer in layers for b in layer.packed})
+    extra = sum(len(layer.packed) * layer.weight.nbytes for layer in layers)
+    return (f"kernels: MKL-packed float32 weights for passes of {', '.join(map(str, rows))} rows "
+            f"(+{extra / 2**20:.0f} MiB), where they are the fastest kernel measured")
+
+
 @torch.no_grad()
-def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False, log=None) -> nn.Module:
+def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False) -> nn.Module:
     """Swap every plain nn.Linear of model for a FewRowLinear holding the same parameters, and give
     each the fastest kernel, timed here on the model's own weights, for passes of 1..max_rows rows
     (at most 32). pack: MKL's packed GEMM is a candidate too, and its packed weights are kept where
     it wins, within a quarter of the memory still free; only for weights that stay as they are
-    (decoding).
-    log: where to say what the packed weights cost."""
+    (decoding). packed_summary says what they cost."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
@@ -204,10 +214,6 @@ def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False
                             torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, b) for b in keep}
             layer.packed_version = layer.weight._version
             packed_bytes += len(keep) * layer.weight.nbytes
-    if log and pack:
-        rows = sorted({b for g in groups.values() for b in g[0].packed})
-        log(f"kernels: MKL-packed float32 weights for passes of {', '.join(map(str, rows)) or 'no'} rows "
-            f"(+{packed_bytes / 2**20:.0f} MiB), where they are the fastest kernel measured")
     return model
 
 
