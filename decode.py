@@ -280,18 +280,24 @@ def default_init() -> str:
     return init
 
 
-def load(init: str | None, device: str, dtype: str | None):
+def load(init: str | None, device: str, dtype: str | None, kernels: bool = True):
     """Load a model for decoding (init None: default_init()), with the CPU's fastest few-row kernels
-    for the passes its block can feed."""
+    for the passes its block can feed (kernels=False: use_decode_kernels(model) later)."""
     init = init or default_init()
     model = load_model(init, device=device, dtype=getattr(torch, dtype) if dtype else None)
     weights = model.embed_tokens.weight.dtype
     if dtype is None and fast_dtype(device, weights) != weights:  # a bf16 checkpoint on an AVX2-only CPU
         print(f"{weights} is slow on this CPU (no bf16 hardware): decoding in float32", file=sys.stderr)
         model.float()
+    if kernels:
+        use_decode_kernels(model)
+    return model, model.tokenizer
+
+
+def use_decode_kernels(model):
+    """Time and choose the few-row kernels (kernels.py) for the passes the model's block can feed."""
     k_max = model.cfg.k_max or 16
     use_few_row_kernels(model, max_rows=min(k_max * k_max, 32), pack=True)
-    return model, model.tokenizer
 
 
 def measure_pass_cost(model, k_max: int, verify: bool) -> PassCost:
@@ -411,7 +417,7 @@ def check_decoding_args(a, p):
 
 def main(argv=None):
     args, parser = get_args(argv)
-    model, tok = load(args.init, args.device, args.dtype)
+    model, tok = load(args.init, args.device, args.dtype, kernels=False)  # the settings are checked first
     k_max_given = args.k_max is not None
     args.k_max = args.k_max or model.cfg.k_max or 16
     k = 1 if args.k is None else args.k
@@ -420,8 +426,9 @@ def main(argv=None):
     prompt = encode_prompt(tok, args.prompt, args.chat)
     block = args.threshold is not None or args.verify
     check_fits(model, len(prompt), args.max_new_tokens, (args.k_max if block else k) - 1)  # before any output
-    if packed_summary(model):
-        print(packed_summary(model), file=sys.stderr)
+    use_decode_kernels(model)
+    if summary := packed_summary(model):
+        print(summary, file=sys.stderr)
     pass_cost = None
     if block and not (args.full_block or k_max_given or args.draft_threshold):
         pass_cost = measure_pass_cost(model, args.k_max, args.verify)

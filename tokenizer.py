@@ -65,6 +65,17 @@ _PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), 
 _OTHER = [b for b in range(256) if b not in _PRINTABLE]
 B2U = {**{b: chr(b) for b in _PRINTABLE}, **{b: chr(256 + i) for i, b in enumerate(_OTHER)}}
 U2B = {c: b for b, c in B2U.items()}
+# str.translate table back to bytes (as latin-1 chars); a char outside the alphabet becomes U+FFFF,
+# which latin-1 cannot encode
+_UNBYTE = {**{i: 0xFFFF for i in range(256)}, **{ord(c): b for c, b in U2B.items()}}
+
+
+def byte_level_to_bytes(token: str) -> bytes:
+    try:
+        return token.translate(_UNBYTE).encode("latin-1")
+    except UnicodeEncodeError:
+        bad = next(c for c in token if c not in U2B)
+        raise ValueError(f"char {bad!r} is not in the byte-level alphabet; only byte-level BPE is supported") from None
 
 
 def _check_merge_order(vocab: dict[str, int], merges: list) -> None:
@@ -264,10 +275,7 @@ class Tokenizer:
         """From a byte-level vocab (token string -> id) and merges, as in tokenizer.json and GGUF."""
         _check_merge_order(vocab, merges)
         added_ids = set(added.values())
-        try:
-            ranks = {bytes(U2B[c] for c in t): i for t, i in vocab.items() if i not in added_ids}
-        except KeyError as e:
-            raise ValueError(f"char {e} is not in the byte-level alphabet; only byte-level BPE is supported") from None
+        ranks = {byte_level_to_bytes(t): i for t, i in vocab.items() if i not in added_ids}
         return cls(ranks, added, merges=merges, **kw)
 
     @classmethod
@@ -329,10 +337,12 @@ class Tokenizer:
                    chat_template=template)
 
     @classmethod
-    def from_gguf(cls, path) -> "Tokenizer":
-        """The tokenizer in a GGUF file's tokenizer.ggml.* metadata (byte-level BPE only)."""
-        from gguf import GGUFReader
-        fields = GGUFReader(path).fields
+    def from_gguf(cls, path, fields=None) -> "Tokenizer":
+        """The tokenizer in a GGUF file's tokenizer.ggml.* metadata (byte-level BPE only). fields: the
+        file's metadata, if already read (gguf.GGUFReader(path).fields)."""
+        if fields is None:
+            from gguf import GGUFReader
+            fields = GGUFReader(path).fields
 
         def get(key, default=None):
             return fields[key].contents() if key in fields else default

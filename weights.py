@@ -9,6 +9,7 @@ kill or a full disk. model.py holds the network only; this file turns files into
 External weights are read through safetensors or gguf only, never unpickled.
 """
 import errno
+import functools
 import json
 import os
 import shutil
@@ -52,8 +53,9 @@ def load_model(init: str, device="cpu", dtype=None, add_mask: bool = True) -> Tr
     if (path / "adapter_config.json").is_file():
         return load_adapter(path, device, dtype)
     if path.suffix == ".gguf":
-        cfg, tensors = read_gguf(path)
-        tokenizer = Tokenizer.from_gguf(path)
+        reader = gguf_reader(path)
+        cfg, tensors = read_gguf(path, reader)
+        tokenizer = Tokenizer.from_gguf(path, reader.fields)
     else:
         cfg, tensors = read_hf_dir(path)
         has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()
@@ -370,15 +372,29 @@ GGUF_NAMES = {  # GGUF tensor name -> HF name ({} = layer index)
 }
 
 
-def read_gguf(path: Path):
-    """config + lazy tensor getters from a GGUF file, dequantized to float32 by the gguf package."""
+def gguf_reader(path: Path):
+    """The parsed GGUF file (gguf.GGUFReader): metadata, and tensors mapped from the file."""
+    stat = path.stat()
+    return parsed_gguf(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def parsed_gguf(path: Path, mtime_ns: int, size: int):
+    """Parsing a GGUF's metadata takes seconds (SmolLM2: 49152 tokens and as many merges), so a file
+    loaded again in one process (evaluate.py's models on one base) is parsed once; a changed file
+    (another mtime or size) is parsed anew."""
     try:
         import gguf
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except ImportError:
         raise ValueError("reading .gguf files needs the gguf package: pip install gguf") from None
     except Exception as e:
         raise ValueError(f"{path} is not a readable GGUF file ({e})") from None
+
+
+def read_gguf(path: Path, reader):
+    """config + lazy tensor getters from a parsed GGUF file, dequantized to float32 by the gguf package."""
+    import gguf
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
 
     def field(key):
