@@ -104,6 +104,7 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, help="quick decode eval every N steps, 0 = never")
     p.add_argument("--eval-prompts", type=int, help="held-out prompts of the quick eval")
+    p.add_argument("--eval-tokens", type=int, default=128, help="new tokens per prompt in the quick eval")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--fsdp", action="store_true", help="shard student, grads and optimizer across GPUs (FSDP2)")
@@ -132,7 +133,8 @@ def check_args(a, p, fresh_out: bool):
         p.error("--lora with --fsdp is not supported: the adapter is small, use data parallelism")
     if a.k_max < 2:
         p.error("--k-max must be at least 2")
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "branch_every", "log_every", "save_every"):
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "branch_every", "log_every", "save_every",
+                 "eval_tokens"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("warmup", "eval_every", "eval_prompts", "self_answers"):
@@ -377,10 +379,10 @@ def train_step(run, step):
 
 
 @torch.no_grad()
-def quick_eval(run, max_new=128) -> str:
+def quick_eval(run) -> str:
     """ConfAdapt(0.9) against the same model's own next-token decoding on the held-out prompts, and
     the teacher loss of both texts (the original model's NLL per token, docs/METHOD.md, "Evaluation")."""
-    model, stop_ids = run.student, run.tok.stop_ids
+    model, stop_ids, max_new = run.student, run.tok.stop_ids, run.args.eval_tokens
     model.eval()
     accel, same, nll, n_tokens = [], 0, [0.0, 0.0], [0, 0]
     for i, p in enumerate(run.eval_prompts):

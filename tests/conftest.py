@@ -172,7 +172,7 @@ def tiny_train_args(**changes):
     (a value of None drops the flag, so that the recipe's default applies)."""
     opts = dict(self_answers=0, steps=4, batch_size=2, grad_accum=1, seq_len=64,
                 k_max=6, branch_every=3, lr=1e-3, warmup=2, log_every=1, eval_every=0, save_every=2,
-                eval_prompts=2, amp="none", lora=0)
+                eval_prompts=1, eval_tokens=16, amp="none", lora=0)
     opts.update(changes)
     return [x for k, v in opts.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
 

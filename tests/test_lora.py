@@ -135,7 +135,8 @@ def test_shared_ground_truth_gives_the_plain_layout_loss_and_gradients(tiny_llam
 
 def test_train_lora_saves_an_adapter_that_decodes_as_the_original(script, train_tiny, tiny_qwen, tmp_path):
     out = tmp_path / "out"
-    r = train_tiny(out, lora=4, steps=3, k_max=4, branch_every=2, lr=1e-2, warmup=1, eval_every=2, save_every=3)
+    r = train_tiny(out, lora=4, steps=3, k_max=4, branch_every=2, lr=1e-2, warmup=1, eval_every=2, save_every=3,
+                   eval_prompts=2)
     assert r.returncode == 0, r.stderr
     memory = next(line for line in r.stdout.splitlines() if line.startswith("memory per device"))
     assert "gated LoRA rank 4" in r.stdout and "teacher" not in memory  # no second copy of the model
