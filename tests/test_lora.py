@@ -44,6 +44,13 @@ def test_real_tokens_see_the_original_smollm2(smollm2, smollm2_hf):
         mixed, mixed_base = lora(torch.tensor([prompt + [M, M]])), smollm2(torch.tensor([prompt + [M, M]]))
     assert torch.equal(mixed[:, :len(prompt)], base)
     assert (mixed[:, len(prompt):] - mixed_base[:, len(prompt):]).abs().max() > 1e-2
+    # and the slots of such a mixed pass (decoding) get what a pass of the slots alone over the cached
+    # prompt gives them (the all-<MTP> path that training's branch passes take, distill.mtp_loss_gated)
+    cache = lora.new_cache(len(prompt) + 2)
+    with torch.no_grad():
+        lora(idx, cache=cache)
+        alone = lora(torch.tensor([[M, M]]), cache=cache)
+    torch.testing.assert_close(mixed[:, len(prompt):], alone, rtol=1e-4, atol=1e-4)
     # so k=1 decoding of a gated-LoRA model is the original model, token for token, and --verify
     # with the adapter's drafts is a lossless speed-up of the original
     a = generate(lora, prompt, 24, stop_ids=tok.stop_ids)
