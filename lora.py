@@ -20,10 +20,9 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 class Gate:
     """Which rows of the current forward pass are <MTP> rows: None (none), True (all) or a
-    (..., 1) boolean mask; `on` is that mask as 1.0 / 0.0 in the activations' dtype. Written by
+    (..., 1) factor, 1.0 on those rows and 0.0 elsewhere, in the activations' dtype. Written by
     MaskEmbedding, read by every GatedLoRALinear."""
     rows = None
-    on = None
 
 
 class MaskEmbedding(nn.Embedding):
@@ -35,10 +34,9 @@ class MaskEmbedding(nn.Embedding):
 
     def forward(self, idx):
         is_mask = (idx == self.mask_id)[..., None]
-        # all: training's branch passes; none: the ground truth and the teacher; else a decode pass
-        self.gate.rows = True if is_mask.all() else is_mask if is_mask.any() else None
         x = super().forward(idx)
-        self.gate.on = is_mask.to(x.dtype) if self.gate.rows is not None and self.gate.rows is not True else None
+        # all: training's branch passes; none: the ground truth and the teacher; else a decode pass
+        self.gate.rows = True if is_mask.all() else is_mask.to(x.dtype) if is_mask.any() else None
         return x if self.gate.rows is None else torch.where(is_mask, self.mask_embedding.to(x.dtype), x)
 
 
@@ -59,7 +57,7 @@ class GatedLoRALinear(nn.Module):
             return y + (x @ self.lora_a.t() * self.scale) @ self.lora_b.t()
         # some rows are <MTP> rows (a decode pass): the update, zeroed on the real tokens' rows, is
         # added in one fused product (fewer small ops: a decode pass runs 7 of these per layer)
-        h = (x @ self.lora_a.t()) * self.gate.on
+        h = (x @ self.lora_a.t()) * rows
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_b.t(), alpha=self.scale).view_as(y)
 
 
@@ -77,13 +75,13 @@ def add_lora(model, rank: int, alpha: float | None = None, base: str | None = No
             setattr(module, name, GatedLoRALinear(getattr(module, name), rank, alpha, gate))
 
     @contextlib.contextmanager
-    def restore(rows, on):  # a block recomputed in backward sees the gate of its own forward pass
-        outer, (gate.rows, gate.on) = (gate.rows, gate.on), (rows, on)
+    def restore(rows):  # a block recomputed in backward sees the gate of its own forward pass
+        outer, gate.rows = gate.rows, rows
         try:
             yield
         finally:
-            gate.rows, gate.on = outer
-    model.recompute_context = lambda: (contextlib.nullcontext(), restore(gate.rows, gate.on))
+            gate.rows = outer
+    model.recompute_context = lambda: (contextlib.nullcontext(), restore(gate.rows))
     model.lora = {"base": base, "rank": rank, "alpha": alpha}
     return model
 
