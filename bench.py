@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from data import gsm8k_prompt, load_gsm8k
 from decode import encode_prompt, generate, load
-from kernels import machine
+from kernels import best_seconds, machine
 from sizing import PassCost
 from weights import save_model
 
@@ -41,14 +41,14 @@ def bandwidth_gbs(device, n_bytes=1 << 28, reps=5):
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        if src.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n_bytes / best / 1e9
+    return 2 * n_bytes / best_seconds(lambda: finished(dst.copy_(src)), reps) / 1e9
+
+
+def finished(t: torch.Tensor) -> torch.Tensor:
+    """t, once the GPU has computed it (on a CPU it already has)."""
+    if t.is_cuda:
+        torch.cuda.synchronize()
+    return t
 
 
 def zeros_linear(self, x):
@@ -114,14 +114,7 @@ def bench_train_step(run, n_steps: int):
 def matmul_gflops(device, dtype, n=1024, reps=5):
     """Measured matrix-multiply rate (GFLOP/s) of an n x n x n product in this dtype."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        if a.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n ** 3 / best_seconds(lambda: finished(a @ b), reps) / 1e9
 
 
 def pass_cost_table(model, device, dtype, max_rows=32):
