@@ -14,7 +14,7 @@ from weights import save_model, write_file_atomically
 
 # settings that shape a run: --resume refuses a checkpoint written with other values
 SHAPING = ("init", "data", "format", "k_max", "batch_size", "grad_accum", "seq_len", "branch_every",
-           "branch_from", "self_answers", "loss", "seed", "dtype", "lora", "lora_alpha")
+           "branch_from", "self_answers", "loss", "k_weights", "seed", "dtype", "lora", "lora_alpha")
 
 
 def gather_state(student, optimizer):
@@ -58,7 +58,8 @@ def save_checkpoint(run, step):
     if run.master:
         if not all_finite(model_state.values()):
             raise Diverged(step, "the weights are not finite")
-        state = {"model": model_state, "optimizer": optim_state, "step": step, "args": vars(run.args)}
+        state = {"model": model_state, "optimizer": optim_state, "step": step, "progress": run.progress,
+                 "args": vars(run.args)}
         nbytes = 2 * sum(t.numel() * t.element_size() for t in model_state.values())
         write_file_atomically(run.ckpt_path, lambda tmp: torch.save(state, tmp), nbytes)
     run.last_good_step = step
@@ -97,6 +98,7 @@ def load_checkpoint(run):
                          f"use the same ones, or --overwrite to start afresh")
     set_state_dict(run.student, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
+    run.progress = state.get("progress", 0.0)  # where the learning-rate decay continues from
     return state["step"]
 
 

@@ -40,13 +40,13 @@ RECIPES = {
     # the paper's recipe (docs/METHOD.md, "Training"): its data, k up to 16, a branch every 32 tokens
     "paper-gpu": dict(data="metamathqa", dtype="bfloat16", amp="none", lora=0, lr=1e-5, lora_lr=1e-5,
                       k_max=16, batch_size=16, grad_accum=8, seq_len=160, branch_every=32, branch_from="all",
-                      self_answers=0, warmup=2000, steps=100_000, max_minutes=None, eval_every=1000,
+                      self_answers=0, warmup=2000, decay="none", steps=100_000, max_minutes=None, eval_every=1000,
                       eval_prompts=4, save_every=1000),
     # what did best in an hour on a 2-core CPU (docs/RESULTS.md): gated LoRA, the model's own answers
     # to 512 GSM8K questions, k up to 4, a branch after every answer token
     "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=32, lr=1e-4, lora_lr=1e-3,
                      k_max=4, batch_size=4, grad_accum=1, seq_len=320, branch_every=1, branch_from="response",
-                     self_answers=512, warmup=20, steps=100_000, max_minutes=60, eval_every=60,
+                     self_answers=512, warmup=20, decay="none", steps=100_000, max_minutes=60, eval_every=60,
                      eval_prompts=8, save_every=50),
 }
 FINISH_RESERVE_S = 150  # kept for the final quick eval and the save
@@ -83,6 +83,8 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--k-max", type=int, help="k is drawn from 2..k_max every micro-batch")
+    p.add_argument("--k-weights", type=float, nargs="+", default=None, help="how often each k of 2..k_max is "
+                   "drawn, one relative weight per k (default: all alike)")
     p.add_argument("--batch-size", type=int, help="rows per micro-batch")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step")
     p.add_argument("--seq-len", type=int, help="ground-truth tokens per row")
@@ -94,6 +96,8 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--loss", default="hard", choices=["hard", "soft"], help="hard: cross-entropy to the teacher's "
                    "argmax; soft: KL(teacher || student) (docs/METHOD.md, \"Loss\")")
     p.add_argument("--warmup", type=int, help="linear warm-up steps")
+    p.add_argument("--decay", choices=["none", "linear", "cosine"], help="after the warm-up: hold the peak (none, "
+                   "the paper) or decay it to zero at the end of the budget (--steps or --max-minutes)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget of the whole run (own answers, training, "
                    "final eval, save); training stops in time")
@@ -145,6 +149,9 @@ def check_args(a, p, fresh_out: bool):
             p.error(f"--{name} must be a positive number")
     if a.max_minutes is not None and not 0 < a.max_minutes < math.inf:
         p.error("--max-minutes must be a positive number")
+    if a.k_weights is not None and (len(a.k_weights) != a.k_max - 1 or min(a.k_weights) < 0 or
+                                    not 0 < sum(a.k_weights) < math.inf):
+        p.error(f"--k-weights needs {a.k_max - 1} weights of 0 or more (one per k of 2..{a.k_max}), not all 0")
     if a.seq_len <= a.k_max:
         p.error(f"--seq-len ({a.seq_len}) must be longer than --k-max ({a.k_max})")
     for name in ("dtype", "amp"):
@@ -162,8 +169,20 @@ def check_args(a, p, fresh_out: bool):
 # -----------------------------------------------------------------------------
 # the learning rate
 
-def lr_at(step, args):
-    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))  # warm-up, then constant (paper)
+def lr_at(step, args, progress=0.0):
+    """Linear warm-up, then the peak (the paper) or a decay to zero; progress: the fraction of the
+    budget spent, 0..1 (budget_spent)."""
+    warm = min(1.0, (step + 1) / max(args.warmup, 1))
+    decayed = {"none": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[args.decay]
+    return args.lr * min(warm, decayed)
+
+
+def budget_spent(step, args, t_start, deadline, progress0=0.0):
+    """How much of the budget is spent: steps done of --steps, or the time since training started
+    (at t_start, after progress0 of an earlier run resumed here) of the time left until the deadline."""
+    by_time = 0.0 if deadline == math.inf else progress0 + (1 - progress0) * min(
+        1.0, (time.time() - t_start) / max(deadline - t_start, 1e-9))
+    return min(1.0, max(step / args.steps, by_time))
 
 
 # -----------------------------------------------------------------------------
@@ -188,6 +207,7 @@ class Run:
     last_eval: tuple = (-1, "")       # (step, result line) of the latest quick eval
     last_good_step: int | None = None  # of the latest checkpoint that passed model_works
     last_tokens_per_pass: float = 0.0  # its ConfAdapt(0.9) tokens per pass
+    progress: float = 0.0             # the fraction of the budget spent, which --decay follows (budget_spent)
     k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
     counts: torch.Tensor = field(default=None)
@@ -332,7 +352,8 @@ def micro_batches(run, step):
     for m in range(args.grad_accum):
         micro = step * args.grad_accum * run.world + m * run.world + run.rank  # global micro-batch index
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + micro)
-        k = int(torch.randint(2, args.k_max + 1, (1,), generator=g))
+        k = 2 + int(torch.multinomial(torch.tensor(args.k_weights), 1, generator=g) if args.k_weights else
+                    torch.randint(args.k_max - 1, (1,), generator=g))
         tokens, lengths, starts = get_rows(run.examples, micro * args.batch_size, args.batch_size, args.seed,
                                            run.tok.eos_id)
         starts = starts.to(args.device) if args.branch_from == "response" else None
@@ -348,7 +369,7 @@ def train_step(run, step):
     denom = torch.tensor(float(sum(b.valid.sum().item() for b in batches)), device=args.device)
     if run.ddp:
         dist.all_reduce(denom)
-    lr = lr_at(step, args)
+    lr = lr_at(step, args, run.progress)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loss_sum, preds = 0.0, 0
@@ -424,8 +445,9 @@ def train_loop(run, stop):
     args, log = run.args, run.log
     t_start, first_step, t_log, preds_since = time.time(), run.step, time.time(), 0
     deadline = run.t0 + args.max_minutes * 60 - FINISH_RESERVE_S if args.max_minutes else math.inf
-    bad, learned = 0, 0
+    bad, learned, progress0 = 0, 0, run.progress
     while run.step < args.steps and not stop["now"]:
+        run.progress = budget_spent(run.step, args, t_start, deadline, progress0)
         r = train_step(run, run.step)
         if not r["ok"]:
             bad += 1

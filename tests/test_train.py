@@ -1,6 +1,7 @@
 """train.py end to end on a tiny Qwen3-shaped model with the real Qwen3 tokenizer: output loads in
 decode.py and transformers, --resume is exact, 2 data-parallel processes equal 1, bad input."""
 import json
+import math
 import re
 
 import pytest
@@ -63,6 +64,42 @@ def test_resume_is_exact(train_tiny, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_lr_decays_to_zero_at_the_end_of_the_budget(train_tiny, tmp_path, decay):
+    """--decay: after the warm-up the learning rate falls to zero at the end of --steps, linearly or
+    as half a cosine; the peak (--decay none) stays where it is."""
+    r = train_tiny(tmp_path / "out", "--decay", decay, steps=4, warmup=1)
+    assert r.returncode == 0, r.stderr
+    logged = [float(x) for x in re.findall(r"^step \d+ \|.*\| lr ([0-9.e+-]+) \|", r.stdout, re.M)]
+    shape = {"linear": lambda f: 1 - f, "cosine": lambda f: (1 + math.cos(math.pi * f)) / 2}[decay]
+    assert logged == pytest.approx([1e-3 * shape(step / 4) for step in range(4)], rel=1e-2)
+
+
+def test_lr_decay_follows_the_clock_under_a_time_budget():
+    """With --max-minutes the budget is time: half the time to the deadline is half the decay, and
+    a resumed run decays the rest of the way in its own budget."""
+    import time
+    from train import budget_spent, get_args
+    a = get_args(["--device", "cpu", "--decay", "linear"], fresh_out=False)
+    now = time.time()
+    assert budget_spent(0, a, now - 30, now + 30) == pytest.approx(0.5, abs=0.01)
+    assert budget_spent(0, a, now - 30, now + 30, progress0=0.5) == pytest.approx(0.75, abs=0.01)
+    assert budget_spent(a.steps, a, now, now + 60) == 1.0
+
+
+def test_k_weights_choose_how_often_each_k_is_drawn(train_tiny, tmp_path):
+    """--k-weights 1 0 0 0 0 with --k-max 6: every micro-batch has k = 2, so no prediction is ever
+    made for offsets 3..6 (the log shows "-" there), while the default draws longer blocks too."""
+    only_2 = train_tiny(tmp_path / "a", "--k-weights", "1", "0", "0", "0", "0", steps=3)
+    uniform = train_tiny(tmp_path / "b", steps=3)
+    for r in (only_2, uniform):
+        assert r.returncode == 0, r.stderr
+    agree = lambda r: [line.split("agree@1..6 ")[1].split(" |")[0].split() for line in r.stdout.splitlines()  # noqa
+                       if line.startswith("step ") and "agree@" in line]
+    assert all(a[2:] == ["-"] * 4 and a[1] != "-" for a in agree(only_2))
+    assert any(a[2] != "-" for a in agree(uniform))
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_equal_one(train_tiny, tmp_path, sharding):
     """Same global batch (4 rows): 1 process x 2 micro-batches vs 2 processes x 1 (gloo), with
@@ -86,6 +123,7 @@ def test_two_processes_equal_one(train_tiny, tmp_path, sharding):
     (["--dtype", "int8"], "--dtype must be"),
     (["--k-max", "1"], "--k-max must be at least 2"),
     (["--recipe", "gpu"], "argument --recipe: invalid choice"),
+    (["--k-weights", "1", "1"], "--k-weights needs 5 weights"),
 ])
 def test_bad_input(script, train_tiny, tmp_path, args, message):
     base = train_tiny.args(tmp_path / "out")
