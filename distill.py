@@ -84,14 +84,15 @@ def mtp_loss(student, teacher, batch: MTPBatch, soft: bool = False, denom=None):
     """Student-forced online distillation. Returns (loss, metrics). denom: how many predictions the
     loss is averaged over (default: the valid ones here; train.py passes the global count so that
     gradient accumulation and data parallelism average over the whole global batch)."""
-    k = batch.k
+    k, B = batch.k, batch.idx.size(0)
     s = student(batch.idx, batch.pos, batch.mask, slots=batch.pred).float()  # (B, P, V)
-    # the student's own block: argmax at offsets 1..k-1 fills the k-1 slots of its branch
-    y = s.detach().argmax(-1).view(s.size(0), -1, k)[:, :, :k - 1].reshape(s.size(0), -1)
-    teacher_idx = batch.idx.scatter(1, batch.fill, y)
+    guess = s.detach().argmax(-1)
+    # the student's own block: its guesses at offsets 1..k-1 fill the k-1 slots of its branch
+    y = guess.view(B, -1, k)[:, :, :k - 1].reshape(B, -1)
     with torch.no_grad():
-        t = teacher(teacher_idx, batch.pos, batch.mask, slots=batch.pred).float()
-    return distillation_loss(s, t, batch, soft, denom)
+        t = teacher(batch.idx.scatter(1, batch.fill, y), batch.pos, batch.mask, slots=batch.pred)
+    per, agree = per_prediction(s, t, guess, soft)
+    return reduce(per, agree, batch, denom)
 
 
 def mtp_loss_gated(model, batch: MTPBatch, soft: bool = False, denom=None):
@@ -99,39 +100,46 @@ def mtp_loss_gated(model, batch: MTPBatch, soft: bool = False, denom=None):
     Real tokens see the original weights, so the teacher is the model itself, and the ground truth
     part of a row is the same in student and teacher: it runs once, without gradient, and leaves its
     keys and values in a cache. Only the branch slots run twice over that cache: as <MTP> slots for
-    the student (with gradient), then holding the student's own tokens for the teacher."""
+    the student (with gradient), then holding the student's own tokens for the teacher. Offset 1 of
+    every branch is the logit at its cut, where student and teacher are one: its loss has no gradient."""
     k, (B, S), n_slots = batch.k, batch.idx.shape, batch.fill.size(1)
     L = S - n_slots  # ground-truth slots; the branch slots follow
     cache = getattr(model, "module", model).new_cache(L, B)  # model may be the DDP wrapper
-    with torch.no_grad():  # offset 1 of every branch: the logit at its cut, where student == teacher
-        at_cut = model(batch.idx[:, :L], cache=cache, slots=batch.pred[:, ::k]).float()[:, :, None]
-    branches = dict(pos=batch.pos[:, L:], mask=batch.mask[:, L:], cache=cache, keep=False)
-    s = model(batch.idx[:, L:], **branches).float().view(B, -1, k - 1, at_cut.size(-1))
-    s = torch.cat([at_cut, s], 2).flatten(1, 2)  # (B, P, V) in the order of batch.pred
-    y = s.detach().argmax(-1).view(B, -1, k)[:, :, :k - 1].reshape(B, -1)
     with torch.no_grad():
-        t = model(y, **branches).float().view(B, -1, k - 1, at_cut.size(-1))
-    t = torch.cat([at_cut, t], 2).flatten(1, 2)
-    return distillation_loss(s, t, batch, soft, denom)
+        at_cut = model(batch.idx[:, :L], cache=cache, slots=batch.pred[:, ::k]).float()  # (B, n_branches, V)
+    branches = dict(pos=batch.pos[:, L:], mask=batch.mask[:, L:], cache=cache, keep=False)
+    s = model(batch.idx[:, L:], **branches).float()  # (B, n_slots, V): offsets 2..k of every branch
+    cut_guess, guess = at_cut.argmax(-1), s.detach().argmax(-1)
+    y = torch.cat([cut_guess[:, :, None], guess.view(B, -1, k - 1)[:, :, :k - 2]], 2).flatten(1)
+    with torch.no_grad():
+        t = model(y, **branches)
+    per_cut, agree_cut = per_prediction(at_cut, at_cut, cut_guess, soft)
+    per, agree = per_prediction(s, t, guess, soft)
+    in_order = lambda at, rest: torch.cat([at[:, :, None], rest.view(B, -1, k - 1)], 2).flatten(1)  # noqa: E731
+    return reduce(in_order(per_cut, per), in_order(agree_cut, agree), batch, denom)  # in batch.pred's order
 
 
-def distillation_loss(s, t, batch: MTPBatch, soft: bool, denom):
-    """Student logits s and teacher logits t (B, P, V) at the predictions -> (loss, metrics)."""
-    k = batch.k
+def per_prediction(s, t, s_argmax, soft: bool):
+    """Student logits s (float32) and teacher logits t, (B, P, V) -> the loss of every prediction and
+    whether the student's argmax is the teacher's, (B, P). The hard loss reads only t's argmax."""
     target = t.argmax(-1)
-    v = batch.valid
     if soft:
-        per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+        per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t.float(), -1), log_target=True, reduction="none").sum(-1)
     else:
-        per = F.cross_entropy(s.transpose(1, 2), target, reduction="none")  # (B, P)
+        per = F.cross_entropy(s.transpose(1, 2), target, reduction="none")
+    return per, s_argmax == target
+
+
+def reduce(per, agree, batch: MTPBatch, denom):
+    """(loss, metrics) from the per-prediction losses and agreements in the order of batch.pred."""
+    v = batch.valid
     n = v.sum()
     loss = (per * v).sum() / (denom if denom is not None else n.clamp(min=1))
     with torch.no_grad():
-        agree = (s.argmax(-1) == target) & v
-        per_offset_n = torch.zeros(k, device=v.device).index_add_(0, batch.offset - 1, v.sum(0).float())
-        per_offset_hit = torch.zeros(k, device=v.device).index_add_(0, batch.offset - 1, agree.sum(0).float())
-    metrics = {"n": n.item(), "agree_n": per_offset_n, "agree_hit": per_offset_hit}
-    return loss, metrics
+        zeros = torch.zeros(batch.k, device=v.device)
+        per_offset_n = zeros.index_add(0, batch.offset - 1, v.sum(0).float())
+        per_offset_hit = zeros.index_add(0, batch.offset - 1, (agree & v).sum(0).float())
+    return loss, {"n": n.item(), "agree_n": per_offset_n, "agree_hit": per_offset_hit}
 
 
 @torch.no_grad()
