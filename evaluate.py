@@ -202,10 +202,15 @@ def run_eval(args) -> dict:
     if not args.json:
         print_table(report)
     if out_json:
-        out_json.write_text(json.dumps(report, indent=2) + "\n")
-        plot(report, out_json.with_suffix(".png"))
-        print(f"wrote {out_json} and {out_json.with_suffix('.png')}", file=sys.stderr)
+        write_report(report, out_json)
     return report
+
+
+def write_report(report: dict, out_json: Path):
+    """The report as JSON, and its figure beside it (.png)."""
+    out_json.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out_json.with_suffix(".png"))
+    print(f"wrote {out_json} and {out_json.with_suffix('.png')}", file=sys.stderr)
 
 
 def print_table(report: dict):
@@ -364,7 +369,7 @@ def get_args(argv=None):
                    "with a time limit, but unsandboxed) to check it")
     p.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per HumanEval program")
     p.add_argument("--merge", nargs="+", default=None, metavar="REPORT", help="print one table from --json "
-                   "reports of --offset chunks, and evaluate nothing")
+                   "reports of --offset chunks (with --out-json: write it and its figure), and evaluate nothing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
     a = p.parse_args(argv)
@@ -387,9 +392,13 @@ def main(argv=None):
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"{f} is not a readable --json report ({type(e).__name__})") from None
         try:
-            print_table(merge_reports(reports))
+            merged = merge_reports(reports)
         except (KeyError, TypeError) as e:
             raise ValueError(f"a report lacks {e}: give reports of evaluate.py ... --json") from None
+        print_table(merged)
+        if args.out_json:
+            require_matplotlib()
+            write_report(merged, Path(args.out_json))
         return
     run_eval(args)
 

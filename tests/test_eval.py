@@ -292,6 +292,10 @@ def test_chunks_merge_into_the_report_of_one_run(script, fixtures, tiny_pair, tm
     assert merged["k=2"]["problems"] == 6 and merged["k=1"]["problems"] == merged["ConfAdapt(0.5)"]["problems"] == 8
     r = script("evaluate.py", "--merge", *files[1:])
     assert r.returncode == 0 and "ConfAdapt(0.5)" in r.stderr, r.stderr
+    r = script("evaluate.py", "--merge", *files[1:], "--out-json", tmp_path / "merged.json")  # and its figure
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "merged.json").read_text())["models"][0]["all"]["k=1"]["problems"] == 8
+    assert (tmp_path / "merged.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = script("evaluate.py", "--merge", tmp_path / "none.json")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "none.json" in r.stderr
 
