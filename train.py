@@ -96,8 +96,9 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--loss", default="hard", choices=["hard", "soft"], help="hard: cross-entropy to the teacher's "
                    "argmax; soft: KL(teacher || student) (docs/METHOD.md, \"Loss\")")
     p.add_argument("--warmup", type=int, help="linear warm-up steps")
-    p.add_argument("--decay", choices=["none", "linear", "cosine"], help="after the warm-up: hold the peak (none, "
-                   "the paper) or decay it to zero at the end of the budget (--steps or --max-minutes)")
+    p.add_argument("--decay", choices=["none", "linear", "cosine"], help="none: the peak after the warm-up (the "
+                   "paper); linear, cosine: the lower of the warm-up ramp and a fall from the peak at the start to "
+                   "zero at the end of the budget (--steps or --max-minutes)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget of the whole run (own answers, training, "
                    "final eval, save); training stops in time")
@@ -170,8 +171,8 @@ def check_args(a, p, fresh_out: bool):
 # the learning rate
 
 def lr_at(step, args, progress=0.0):
-    """Linear warm-up, then the peak (the paper) or a decay to zero; progress: the fraction of the
-    budget spent, 0..1 (budget_spent)."""
+    """Linear warm-up, then the peak (the paper); with --decay, the lower of the warm-up ramp and a
+    fall from the peak to zero over the whole budget. progress: the fraction spent, 0..1 (budget_spent)."""
     warm = min(1.0, (step + 1) / max(args.warmup, 1))
     decayed = {"none": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[args.decay]
     return args.lr * min(warm, decayed)
@@ -448,6 +449,10 @@ def train_loop(run, stop):
     bad, learned, progress0 = 0, 0, run.progress
     while run.step < args.steps and not stop["now"]:
         run.progress = budget_spent(run.step, args, t_start, deadline, progress0)
+        if run.ddp:  # one learning rate for every process: rank 0's clock
+            progress = torch.tensor([run.progress], device=args.device)
+            dist.broadcast(progress, 0)
+            run.progress = progress.item()
         r = train_step(run, run.step)
         if not r["ok"]:
             bad += 1
