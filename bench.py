@@ -13,7 +13,8 @@ a training step.
     tokens per pass (acceleration), rows per pass, whether the text is k=1's (verify: always);
     passes sized by their cost (decode.py's default) and/or the whole block (--blocks);
 (f) the cost of a pass by rows fed, against the floors of reading every weight once and of the
-    FLOPs, both measured on this machine; the machine's class heads the report.
+    FLOPs, both measured on this machine; the machine's class heads the report;
+(g) the sized passes as decoding itself timed them, by rows fed (the costs sizing goes by).
 Only ratios are meant to be compared; absolute numbers depend on the machine and its load.
 transformers is needed here (pip install transformers); nothing else in the project uses it.
 """
@@ -240,6 +241,7 @@ def main(argv=None):
             "draft_acceptance": t["accepted"] / t["fed"] if t["fed"] else None,
             "same_text_as_k1": f"{t['same']}/{len(prompts)}"} for name, t in totals.items()},
         "f_pass_cost": floors,
+        "g_decode_pass_ms": decode_pass_ms(cost),
     }
     if args.json:
         print(json.dumps(report))
@@ -263,6 +265,17 @@ def main(argv=None):
     for r, f in floors["rows"].items():
         print(f"    {r:>3} {f['ms']:7.1f} ms {f['vs_one_row']:5.2f}x   floors {f['bytes_floor_ms']:.1f} / "
               f"{f['flops_floor_ms']:.1f} ms")
+    print("(g) the sized passes as decoding timed them (sizing.PassCost.observe): rows, mean ms (passes)")
+    print("    " + ", ".join(f"{r}: {g['ms']:.1f} ({g['passes']})" for r, g in report["g_decode_pass_ms"].items()))
+
+
+def decode_pass_ms(cost: PassCost) -> dict[int, dict]:
+    """Mean milliseconds of the sized decode passes by the rows they fed, whole pass (forward, choice
+    of tokens, bookkeeping), over every prompt and strategy that shared this PassCost."""
+    by_rows = {}
+    for rows, seconds in cost.history:
+        by_rows.setdefault(rows, []).append(seconds)
+    return {r: {"ms": 1e3 * sum(s) / len(s), "passes": len(s)} for r, s in sorted(by_rows.items())}
 
 
 def cli(argv=None):

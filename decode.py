@@ -124,6 +124,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     out, chunks, stop_ids, acceptance, rows = [], [], set(stop_ids), Acceptance(n_masks), 0
     t0 = time.perf_counter()
     while len(out) < max_new_tokens:
+        t_pass = time.perf_counter()
         m = n_masks  # masks this pass: the whole block, or what pays off (sizing.py)
         if threshold is not None and pass_cost is not None:
             m = best_n(n_masks, acceptance, pass_cost, rows=lambda n: len(pending) + n)
@@ -139,6 +140,8 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
             clears = conf >= threshold  # (a NaN confidence never clears it)
             n = max(1, len(cand) if clears.all() else int(clears.int().argmin()))
             acceptance.record(m, n - 1)
+            if pass_cost is not None:
+                pass_cost.observe(inp.size(1), time.perf_counter() - t_pass)
         accepted = cand[:min(n, max_new_tokens - len(out))].tolist()
         if commit(accepted, stop_ids, out, chunks, on_tokens):
             break
@@ -207,6 +210,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
     acceptance, width = Acceptance(n_masks), n_masks  # width: masks per branch, the most drafts of a pass
     t0 = time.perf_counter()
     while len(out) < max_new_tokens:
+        t_pass = time.perf_counter()
         if pass_cost is not None:  # n drafts with a branch of n masks: (1 + n)^2 rows, or 1 + 2n (simple)
             width = best_n(n_masks, acceptance, pass_cost,
                            rows=lambda n: (1 + n) ** 2 if layout == "quadratic" else 1 + 2 * n)
@@ -228,6 +232,8 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
         cache.truncate(base + len(known) + n_ok)  # the committed inputs are a prefix of the chunk
         fed_drafts, accepted_drafts = fed_drafts + len(drafts), accepted_drafts + n_ok
         acceptance.record(len(drafts), n_ok)
+        if pass_cost is not None:
+            pass_cost.observe(idx.size(1), time.perf_counter() - t_pass)
         new = drafts[:n_ok] + [own[n_ok]]  # accepted drafts + the model's token (correction or bonus)
         if commit(new, stop_ids, out, chunks, on_tokens) or len(out) == max_new_tokens:
             break
@@ -302,10 +308,13 @@ def use_decode_kernels(model):
 
 def measure_pass_cost(model, k_max: int, verify: bool) -> PassCost:
     """The cost of a pass by rows, up to the most a ConfAdapt or --verify pass of this block feeds
-    (beyond 64 rows: extrapolated), said in one line."""
-    cost = PassCost.measure(model, min(k_max * k_max if verify else 2 * k_max - 1, 64))
+    (beyond 64 rows: extrapolated), said in one line. One timed round: the decode passes themselves
+    then keep it up to date (sizing.PassCost.observe)."""
+    t0 = time.perf_counter()
+    cost = PassCost.measure(model, min(k_max * k_max if verify else 2 * k_max - 1, 64), reps=1)
     print(f"pass cost by rows fed: {', '.join(f'{r}: {1e3 * s:.0f} ms' for r, s in zip(cost.rows, cost.seconds))}"
-          f" (each pass feeds what pays off; --full-block: the whole block)", file=sys.stderr)
+          f" (measured in {time.perf_counter() - t0:.1f} s, then from the passes; each pass feeds what pays "
+          f"off; --full-block: the whole block)", file=sys.stderr)
     return cost
 
 

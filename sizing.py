@@ -7,7 +7,9 @@ second of pass:
 
     (1 + expected guesses that hold among the first n) / cost(rows fed for n)
 
-- cost(rows): a real forward pass of the model, timed once per row count at start-up (PassCost).
+- cost(rows): a real forward pass of the model, timed per row count at start-up and then from the
+  decode passes themselves (PassCost.observe), so that the costs follow the load on the machine; a
+  row count not fed for a while is fed once again, so that an estimate too high is corrected too.
 - the guesses that hold: counted as decoding goes, per position j, as a_j = how often guess j
   held when guesses 1..j-1 did (Acceptance). n guesses then hold on average sum_j prod_{i<=j} a_i.
   Each a_j starts at a_{j-1} (a_1 at 1) with the weight of two passes: a guess not tried yet is
@@ -25,17 +27,48 @@ import torch
 
 
 class PassCost:
-    """Seconds of one forward pass by the number of rows it feeds, measured on this machine at 1, 2,
-    4, ... rows. A pass of r rows costs what the next measured one costs (the kernels may run it
-    padded to that many rows, kernels.FewRowLinear); beyond the largest, cost grows with the rows."""
+    """Seconds of one forward pass by the number of rows it feeds, at 1, 2, 4, ... rows. A pass of r
+    rows costs what the next measured one costs (the kernels may run it padded to that many rows,
+    kernels.FewRowLinear); beyond the largest, cost grows with the rows.
 
-    def __init__(self, seconds: dict[int, float]):
+    track: the decoder reports every pass's seconds (observe), and each row count's cost is the
+    running mean of its passes, the start-up measurement counting as one and the last RECENT passes
+    weighing most: the machine's load changes as decoding goes. stale(rows): no pass of that many
+    rows for REVISIT passes, so the decoder feeds it once (best_n), and a row count that was measured
+    dear at a busy moment gets the chance to show what it costs now. track=False: a fixed table."""
+    RECENT, REVISIT = 8, 32
+
+    def __init__(self, seconds: dict[int, float], track: bool = True):
         self.rows = sorted(seconds)
         self.seconds = [seconds[r] for r in self.rows]
+        self.track = track
+        self.seen = [1] * len(self.rows)  # passes behind each estimate (the start-up one counts once)
+        self.last = [0] * len(self.rows)  # the pass at which each row count was last fed
+        self.passes = 0
+        self.history = []  # (rows, seconds) of every pass observed, for reports (bench.py)
+
+    def bucket(self, rows: int) -> int | None:
+        """Index of the measured row count that a pass of `rows` rows runs at (None: beyond them)."""
+        return next((i for i, r in enumerate(self.rows) if r >= rows), None)
 
     def __call__(self, rows: int) -> float:
-        i = next((i for i, r in enumerate(self.rows) if r >= rows), None)
+        i = self.bucket(rows)
         return self.seconds[i] if i is not None else self.seconds[-1] * rows / self.rows[-1]
+
+    def observe(self, rows: int, seconds: float):
+        """A decode pass of `rows` rows took `seconds`."""
+        i = self.bucket(rows)
+        if not self.track or i is None:
+            return
+        self.passes += 1
+        self.history.append((rows, seconds))
+        self.seen[i] = min(self.seen[i] + 1, self.RECENT)
+        self.seconds[i] += (seconds - self.seconds[i]) / self.seen[i]
+        self.last[i] = self.passes
+
+    def stale(self, rows: int) -> bool:
+        i = self.bucket(rows)
+        return self.track and i is not None and self.passes - self.last[i] >= self.REVISIT
 
     @classmethod
     @torch.no_grad()
@@ -97,5 +130,9 @@ class Acceptance:
 
 
 def best_n(max_n: int, acceptance: Acceptance, cost: PassCost, rows) -> int:
-    """The n in 0..max_n with the most expected tokens per second; rows(n): the rows fed for n."""
+    """The n in 0..max_n with the most expected tokens per second; rows(n): the rows fed for n. A row
+    count that has not been fed for a while (cost.stale) goes first, once, to be measured again."""
+    stale = [n for n in range(max_n + 1) if cost.stale(rows(n))]
+    if stale:
+        return min(stale, key=lambda n: cost.last[cost.bucket(rows(n))])
     return max(range(max_n + 1), key=lambda n: (1 + acceptance.expected(n)) / cost(rows(n)))

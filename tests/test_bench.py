@@ -23,6 +23,8 @@ def test_bench_reports_every_figure(script, tiny_qwen, fixtures):
     assert [int(r) for r in cost["rows"]] == [1, 2, 4, 8, 16, 32]
     for row in cost["rows"].values():
         assert row["ms"] > 0 and row["bytes_floor_ms"] > 0 and row["flops_floor_ms"] > 0
+    timed = report["g_decode_pass_ms"]  # the sized passes, as decoding timed them
+    assert timed and all(g["ms"] > 0 and g["passes"] >= 1 for g in timed.values())
     assert report["a_ours_k1_vs_transformers"] > 0 and report["c_k1_fraction_of_bound"] > 0
 
 

@@ -128,8 +128,8 @@ def test_stop_token_inside_chunk_cuts_output():
 # -----------------------------------------------------------------------------
 # passes sized by what they cost (sizing.py), with cost tables we choose
 
-FLAT = PassCost({1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0, 32: 1.0, 64: 1.0})  # a GPU: rows are free
-CUBIC = PassCost({r: float(r ** 3) for r in (1, 2, 4, 8, 16, 32, 64)})  # every extra row too dear
+FLAT = PassCost({1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0, 32: 1.0, 64: 1.0}, track=False)  # a GPU: rows are free
+CUBIC = PassCost({r: float(r ** 3) for r in (1, 2, 4, 8, 16, 32, 64)}, track=False)  # every extra row too dear
 
 
 def test_acceptance_rates_by_hand():
@@ -147,6 +147,41 @@ def test_acceptance_rates_by_hand():
 def test_pass_cost_of_rows_between_and_beyond_the_measured():
     cost = PassCost({1: 10.0, 2: 12.0, 4: 20.0})
     assert [cost(r) for r in (1, 2, 3, 4, 6, 8)] == [10.0, 12.0, 20.0, 20.0, 30.0, 40.0]
+
+
+def test_pass_cost_follows_the_passes_decoding_times():
+    cost = PassCost({1: 10.0, 2: 12.0, 4: 20.0})
+    cost.observe(1, 6.0)  # the start-up measurement counts as one pass: the mean of the two
+    cost.observe(3, 30.0)  # a pass of 3 rows runs at 4
+    cost.observe(8, 99.0)  # beyond the table: not tracked
+    assert [cost(r) for r in (1, 2, 4, 8)] == [8.0, 12.0, 25.0, 50.0]
+    for _ in range(100):
+        cost.observe(1, 4.0)
+    assert cost(1) == pytest.approx(4.0, abs=1e-3)  # the recent passes weigh most
+    one = cost(1)
+    cost.observe(1, 12.0)
+    assert cost(1) == pytest.approx(one + (12.0 - one) / PassCost.RECENT)
+    assert not cost.stale(1) and cost.stale(2)  # 2 rows: not fed for 102 passes
+    fixed = PassCost({1: 10.0, 2: 12.0}, track=False)
+    fixed.observe(1, 1.0)
+    assert fixed(1) == 10.0 and not fixed.stale(2)
+
+
+def test_confadapt_feeds_again_a_row_count_measured_dear():
+    """Masks measured too dear at start-up are fed once when they have not been for REVISIT passes,
+    so that a busy moment at start-up does not decide for the whole decoding."""
+    n_new = PassCost.REVISIT + 8
+    for track in (False, True):
+        model = Scripted(TRUTH, lambda j: 0.99 if j == 0 else 0.3)  # no mask candidate clears 0.9
+        dear = PassCost({r: float(r ** 3) for r in (1, 2, 4, 8)}, track=track)
+        r = generate(model, PROMPT, n_new, threshold=0.9, k_max=5, pass_cost=dear)
+        assert r.tokens == TRUTH[4:4 + n_new]  # the masks never clear: k=1's output either way
+        masks = [inp.count(MASK) for _, inp in model.calls]
+        if not track:
+            assert set(masks) == {0}
+        else:  # pass 33 feeds 1 mask (2 rows), then 4 (5 rows, at 8), then 2 (3 rows, at 4)
+            assert masks[:PassCost.REVISIT] == [0] * PassCost.REVISIT
+            assert masks[PassCost.REVISIT:PassCost.REVISIT + 3] == [1, 4, 2] and set(masks[PassCost.REVISIT + 3:]) == {0}
 
 
 @pytest.mark.parametrize("verify", [False, True])
@@ -175,7 +210,7 @@ def test_confadapt_feeds_no_mask_where_none_pays_off():
 def test_confadapt_adds_masks_as_they_hold():
     """Rows whose cost grows with their number: masks that hold are fed, masks that fail are dropped."""
     model = Scripted(TRUTH, lambda j: 0.99)  # every candidate clears
-    linear = PassCost({r: float(r) for r in (1, 2, 4, 8, 16)})
+    linear = PassCost({r: float(r) for r in (1, 2, 4, 8, 16)}, track=False)
     r = generate(model, PROMPT, 30, threshold=0.9, k_max=5, pass_cost=linear)
     assert r.tokens == TRUTH[4:34]
     # every guess holds: as many masks as fit the 8 rows that a pass of 5-8 rows costs
