@@ -44,7 +44,7 @@ RECIPES = {
                       eval_prompts=4, save_every=1000),
     # what did best in an hour on a 2-core CPU (docs/RESULTS.md): gated LoRA, the model's own answers
     # to 512 GSM8K questions, k up to 4, a branch after every answer token
-    "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=32, lr=1e-4, lora_lr=1e-3,
+    "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=128, lr=1e-4, lora_lr=1e-3,
                      k_max=4, batch_size=4, grad_accum=1, seq_len=320, branch_every=1, branch_from="response",
                      self_answers=512, warmup=20, decay="none", steps=100_000, max_minutes=60, eval_every=60,
                      eval_prompts=8, save_every=50),
@@ -483,7 +483,12 @@ def train_loop(run, stop):
             log(f"eval step {run.step} | minute {(time.time() - run.t0) / 60:.1f} | {run.last_eval[1]}")
         if run.step % args.save_every == 0:
             save_checkpoint(run, run.step)
-        if time.time() > deadline:
+        out_of_time = time.time() > deadline
+        if run.ddp:  # every process stops after the same step: rank 0's clock and signals decide
+            halt = torch.tensor([float(out_of_time), float(stop["now"])], device=args.device)
+            dist.broadcast(halt, 0)
+            out_of_time, stop["now"] = bool(halt[0]), bool(halt[1])
+        if out_of_time:
             log(f"time budget: training stops at step {run.step}, {(time.time() - run.t0) / 60:.1f} min into the run")
             break
     if learned == 0 and run.step > first_step:

@@ -138,12 +138,12 @@ def test_bad_input(script, train_tiny, tmp_path, args, message):
 
 
 def test_cpu_defaults_are_the_hour_recipe(tmp_path):
-    """No flags on a CPU: the cpu-hour recipe, gated LoRA rank 32 at lr 1e-3 on the model's own
+    """No flags on a CPU: the cpu-hour recipe, gated LoRA rank 128 at lr 1e-3 on the model's own
     answers, in a 60-minute budget (docs/RESULTS.md); --lora 0 is full fine-tuning at lr 1e-4; with
     --fsdp it stays full; --recipe paper-gpu is the paper's; a flag overrides its setting."""
     from train import RECIPES, get_args
     a = get_args(["--device", "cpu", "--out", str(tmp_path / "a")])
-    assert (a.recipe, a.lora, a.lr, a.self_answers, a.k_max, a.max_minutes) == ("cpu-hour", 32, 1e-3, 512, 4, 60.0)
+    assert (a.recipe, a.lora, a.lr, a.self_answers, a.k_max, a.max_minutes) == ("cpu-hour", 128, 1e-3, 512, 4, 60.0)
     a = get_args(["--device", "cpu", "--out", str(tmp_path / "b"), "--lora", "0"])
     assert (a.lora, a.lr) == (0, 1e-4)
     a = get_args(["--device", "cpu", "--out", str(tmp_path / "c"), "--fsdp"])
