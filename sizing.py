@@ -44,8 +44,7 @@ class PassCost:
         self.track = track
         self.seen = [1] * len(self.rows)  # passes behind each estimate (the start-up one counts once)
         self.last = [0] * len(self.rows)  # the pass at which each row count was last fed
-        self.passes = 0
-        self.history = []  # (rows, seconds) of every pass observed, for reports (bench.py)
+        self.history = []  # (rows, seconds) of every pass observed: its length counts the passes
 
     def bucket(self, rows: int) -> int | None:
         """Index of the measured row count that a pass of `rows` rows runs at (None: beyond them)."""
@@ -60,15 +59,14 @@ class PassCost:
         i = self.bucket(rows)
         if not self.track or i is None:
             return
-        self.passes += 1
         self.history.append((rows, seconds))
         self.seen[i] = min(self.seen[i] + 1, self.RECENT)
         self.seconds[i] += (seconds - self.seconds[i]) / self.seen[i]
-        self.last[i] = self.passes
+        self.last[i] = len(self.history)
 
     def stale(self, rows: int) -> bool:
         i = self.bucket(rows)
-        return self.track and i is not None and self.passes - self.last[i] >= self.REVISIT
+        return self.track and i is not None and len(self.history) - self.last[i] >= self.REVISIT
 
     @classmethod
     @torch.no_grad()

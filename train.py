@@ -450,9 +450,7 @@ def train_loop(run, stop):
     while run.step < args.steps and not stop["now"]:
         run.progress = budget_spent(run.step, args, t_start, deadline, progress0)
         if run.ddp:  # one learning rate for every process: rank 0's clock
-            progress = torch.tensor([run.progress], device=args.device)
-            dist.broadcast(progress, 0)
-            run.progress = progress.item()
+            run.progress, = rank0_values(run, run.progress)
         r = train_step(run, run.step)
         if not r["ok"]:
             bad += 1
@@ -485,9 +483,7 @@ def train_loop(run, stop):
             save_checkpoint(run, run.step)
         out_of_time = time.time() > deadline
         if run.ddp:  # every process stops after the same step: rank 0's clock and signals decide
-            halt = torch.tensor([float(out_of_time), float(stop["now"])], device=args.device)
-            dist.broadcast(halt, 0)
-            out_of_time, stop["now"] = bool(halt[0]), bool(halt[1])
+            out_of_time, stop["now"] = map(bool, rank0_values(run, out_of_time, stop["now"]))
         if out_of_time:
             log(f"time budget: training stops at step {run.step}, {(time.time() - run.t0) / 60:.1f} min into the run")
             break
@@ -495,6 +491,13 @@ def train_loop(run, stop):
         raise ValueError("no prediction was trained on (every branch ran past the end of its text); "
                          "nothing was saved")
     return run.step
+
+
+def rank0_values(run, *values) -> list[float]:
+    """Rank 0's values of these numbers, on every process (so all of them take the same decision)."""
+    t = torch.tensor([float(v) for v in values], device=run.args.device)
+    dist.broadcast(t, 0)
+    return t.tolist()
 
 
 def summary(run):
