@@ -96,6 +96,8 @@ def load_checkpoint(run):
     if changed:
         raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
                          f"use the same ones, or --overwrite to start afresh")
+    if run.args.amp == "auto":  # a resumed run computes in the precision it started in
+        run.args.amp = saved.get("amp", "none")
     set_state_dict(run.student, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     run.progress = state.get("progress", 0.0)  # where the learning-rate decay continues from

@@ -74,8 +74,9 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", help="weights: float32, bfloat16 or float16; low-precision weights get a float32 "
                    "master copy in the optimizer")
-    p.add_argument("--amp", help="autocast matmuls to this dtype, none for off, auto: bfloat16 if this CPU "
-                   "computes it fast (measured at start)")
+    p.add_argument("--amp", help="autocast matmuls to this dtype, none for off, auto: where this CPU computes "
+                   "bfloat16 fast, bfloat16 autocast or float32, whichever runs a real step of this job faster "
+                   "(timed at start); elsewhere none")
     p.add_argument("--checkpoint-activations", default="auto", choices=["auto", "on", "off"],
                    help="recompute each block in backward instead of storing it (auto: if memory needs it)")
     p.add_argument("--lora", type=int, help="gated LoRA of this rank (0: full fine-tuning); the original "
@@ -125,8 +126,8 @@ def get_args(argv=None, fresh_out: bool = True):
     for key, value in recipe.items():
         if key != "lora_lr" and getattr(a, key) is None:
             setattr(a, key, value)
-    if a.amp == "auto":  # bfloat16 only where this CPU computes it fast (kernels.cpu_bf16_is_fast)
-        a.amp = "bfloat16" if a.device == "cpu" and cpu_bf16_is_fast() else "none"
+    if a.amp == "auto" and not (a.device == "cpu" and cpu_bf16_is_fast()):  # else timed on the job (choose_amp)
+        a.amp = "none"
     check_args(a, p, fresh_out)
     return a
 
@@ -155,9 +156,10 @@ def check_args(a, p, fresh_out: bool):
         p.error(f"--k-weights needs {a.k_max - 1} weights of 0 or more (one per k of 2..{a.k_max}), not all 0")
     if a.seq_len <= a.k_max:
         p.error(f"--seq-len ({a.seq_len}) must be longer than --k-max ({a.k_max})")
-    for name in ("dtype", "amp"):
-        if getattr(a, name) not in ("float32", "bfloat16", "float16") + (("none",) if name == "amp" else ()):
-            p.error(f"--{name} must be float32, bfloat16 or float16, not {getattr(a, name)}")
+    if a.dtype not in ("float32", "bfloat16", "float16"):
+        p.error(f"--dtype must be float32, bfloat16 or float16, not {a.dtype}")
+    if a.amp not in ("float32", "bfloat16", "float16", "none", "auto"):
+        p.error(f"--amp must be bfloat16, float16, float32, none or auto, not {a.amp}")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out} exists and is not a folder")
@@ -282,9 +284,35 @@ def setup(args) -> Run:
     run = Run(args, student, model, teacher, optimizer, tok, examples, eval_prompts, out, rank, world, log,
               t0=t0, hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
     if args.resume:
-        run.step = run.last_good_step = load_checkpoint(run)
+        run.step = run.last_good_step = load_checkpoint(run)  # also the precision the run started in
         log(f"resumed from {run.ckpt_path} at step {run.step}")
+    if args.amp == "auto":
+        choose_amp(run)
     return run
+
+
+def choose_amp(run, rounds: int = 2):
+    """--amp auto on a CPU with fast bfloat16: time a real micro-batch of this job (student, teacher,
+    backward) in float32 and under bfloat16 autocast, alternated, and keep the faster. A small
+    product can favour bfloat16 where the step does not (the frozen base is cast again every pass)."""
+    args, batch = run.args, micro_batches(run, 0)[0]
+    seconds = {"none": math.inf, "bfloat16": math.inf}
+    for timed in [False] + [True] * rounds:  # the first round warms up
+        for amp in seconds:
+            args.amp, t0 = amp, time.perf_counter()
+            with autocast(args):
+                loss, _ = mtp_loss_gated(run.model, batch) if args.lora else mtp_loss(run.model, run.teacher, batch)
+            loss.backward()
+            if timed:
+                seconds[amp] = min(seconds[amp], time.perf_counter() - t0)
+    run.optimizer.zero_grad(set_to_none=True)
+    faster = min(seconds, key=seconds.get)
+    if run.ddp:  # one precision for every process: rank 0's timing
+        faster = "bfloat16" if rank0_values(run, faster == "bfloat16")[0] else "none"
+    args.amp = faster
+    run.log(f"precision: a micro-batch of this job took {1e3 * seconds['none']:.1f} ms in float32, "
+            f"{1e3 * seconds['bfloat16']:.1f} ms under bfloat16 autocast: matmuls in "
+            f"{'bfloat16' if faster == 'bfloat16' else 'float32'} (--amp auto)")
 
 
 def start_processes(args) -> tuple[int, int]:
@@ -327,8 +355,9 @@ def load_student_and_teacher(args, world, log):
     log(f"model {args.init}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, "
         f"{f'gated LoRA rank {args.lora}: {trained / 1e6:.2f}M trained' if args.lora else 'all trained'}, "
         f"mask id {student.cfg.mask_id}, {world} process(es) on {where}")
+    matmuls = {"auto": "bfloat16 or float32, timed on a real step below", "none": args.dtype}.get(args.amp, args.amp)
     log(f"precision: {args.dtype} weights{' + float32 master copy' if args.dtype != 'float32' else ''}, "
-        f"matmuls in {args.amp if args.amp != 'none' else args.dtype}"
+        f"matmuls in {matmuls}"
         + (f" (bfloat16 is {'fast' if cpu_bf16_is_fast() else 'slow'} on this CPU, measured)"
            if args.device == "cpu" else ""))
     plan_memory(student, args, world, log)

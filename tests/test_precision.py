@@ -154,3 +154,19 @@ def test_without_mkl_packed_gemm_the_other_kernels_serve(monkeypatch):
     x = torch.randn(3, 256)
     with torch.no_grad():
         assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_bf16_is_fast(), reason="needs a CPU that computes bfloat16 fast")
+def test_amp_auto_times_a_real_step_and_keeps_the_faster(train_tiny, tmp_path):
+    r = train_tiny(tmp_path / "out", amp="auto", steps=2, lora=8)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if "a micro-batch of this job took" in x)
+    f32, bf16 = (float(x.split(" ms ")[0].split()[-1]) for x in line.split(", "))
+    chosen = line.split("matmuls in ")[1].split()[0]
+    assert line.endswith("(--amp auto)") and chosen in ("bfloat16", "float32")
+    if f32 != bf16:  # the faster one, unless they print alike
+        assert chosen == ("bfloat16" if bf16 < f32 else "float32")
+    saved = json.loads((tmp_path / "out" / "model" / "train_args.json").read_text())["amp"]
+    assert saved == ("bfloat16" if chosen == "bfloat16" else "none")
+    r = train_tiny(tmp_path / "out", "--resume", amp="auto", steps=3, lora=8)  # the precision it started in
+    assert r.returncode == 0 and "a micro-batch of this job took" not in r.stdout, r.stderr
