@@ -7,7 +7,8 @@ so it is measured on this machine, once per case, rather than assumed:
   ~50-200x slower (AVX2 only)?
 - use_few_row_kernels(model): swap every nn.Linear for FewRowLinear, with the fastest of F.linear,
   W @ x^T and MKL's packed GEMM for each dtype, row count and weight shape, timed on the model's own
-  weights; a pass of r rows may run padded to a row count where a kernel is faster.
+  weights (a gated-LoRA adapter's products too); a pass of r rows may run padded to a row count
+  where a kernel is faster.
 """
 import functools
 import os
@@ -103,6 +104,13 @@ class FewRowLinear(nn.Linear):
     packed: dict = {}
     packed_version = None
 
+    @classmethod
+    def on(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "FewRowLinear":
+        """A FewRowLinear holding these very tensors (no copy)."""
+        layer = cls(weight.size(1), weight.size(0), bias=bias is not None, device="meta")
+        layer.weight, layer.bias = weight, bias
+        return layer
+
     def forward(self, x):
         rows = x.numel() // x.size(-1)
         if rows not in self.plan or torch.is_grad_enabled() or x.device.type != "cpu" or \
@@ -169,9 +177,16 @@ def plan_of(seconds: dict[int, dict[str, float]]) -> dict[int, tuple[str, int]]:
     return plan
 
 
+def few_row_layers(model: nn.Module) -> list[FewRowLinear]:
+    """model's FewRowLinear modules, and the products of modules that are no linears but hold some
+    (lora.GatedLoRALinear.few_row_products)."""
+    layers = [m for m in model.modules() if isinstance(m, FewRowLinear)]
+    return layers + [p for m in model.modules() if hasattr(m, "few_row_products") for p in m.few_row_products()]
+
+
 def packed_summary(model: nn.Module) -> str:
     """One line on the packed weights a model holds, and their memory ('' if none)."""
-    layers = [m for m in model.modules() if isinstance(m, FewRowLinear) and m.packed]
+    layers = [m for m in few_row_layers(model) if m.packed]
     if not layers:
         return ""
     rows = sorted({b for layer in layers for b in layer.packed})
@@ -190,13 +205,10 @@ def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
-                swapped = FewRowLinear(child.in_features, child.out_features, bias=child.bias is not None,
-                                       device="meta")
-                swapped.weight, swapped.bias = child.weight, child.bias
-                setattr(parent, name, swapped)
+                setattr(parent, name, FewRowLinear.on(child.weight, child.bias))
     groups = {}  # layers by weight dtype and shape: each group gets one plan
-    for layer in model.modules():
-        if isinstance(layer, FewRowLinear) and layer.weight.device.type == "cpu":
+    for layer in few_row_layers(model):
+        if layer.weight.device.type == "cpu":
             groups.setdefault((layer.weight.dtype, tuple(layer.weight.shape)), []).append(layer)
     pack = pack and mkl_packed_works()
     buckets = [b for b in BUCKETS if b < 2 * min(max_rows, 32)]

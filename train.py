@@ -291,10 +291,11 @@ def setup(args) -> Run:
     return run
 
 
-def choose_amp(run, rounds: int = 2):
+def choose_amp(run, rounds: int = 1):
     """--amp auto on a CPU with fast bfloat16: time a real micro-batch of this job (student, teacher,
-    backward) in float32 and under bfloat16 autocast, alternated, and keep the faster. A small
-    product can favour bfloat16 where the step does not (the frozen base is cast again every pass)."""
+    backward) in float32 and under bfloat16 autocast, after an untimed round of each, and keep the
+    faster: about 50 s of the CPU hour. A small product can favour bfloat16 where the step does not
+    (autocast casts the frozen base again on every pass)."""
     args, batch = run.args, micro_batches(run, 0)[0]
     seconds = {"none": math.inf, "bfloat16": math.inf}
     for timed in [False] + [True] * rounds:  # the first round warms up

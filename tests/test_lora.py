@@ -13,7 +13,8 @@ import transformers
 
 from decode import generate
 from distill import build_batch, mtp_loss, mtp_loss_gated
-from lora import adapter_state, add_lora
+from kernels import use_few_row_kernels
+from lora import GatedLoRALinear, adapter_state, add_lora
 from weights import load_model, save_model
 
 
@@ -57,6 +58,27 @@ def test_real_tokens_see_the_original_smollm2(smollm2, smollm2_hf):
     b = generate(smollm2, prompt, 24, stop_ids=tok.stop_ids)
     v = generate(lora, prompt, 24, k_max=4, verify=True, stop_ids=tok.stop_ids)
     assert a.tokens == b.tokens == v.tokens
+
+
+def test_the_adapters_few_row_kernels_give_the_same_mask_rows(smollm2):
+    """use_few_row_kernels gives the adapter's two products of every projection their own kernels
+    (decoding on a CPU); a decode pass of a token and masks then computes what it computed before."""
+    plain = with_random_adapter(copy.deepcopy(smollm2), rank=8)
+    fast = use_few_row_kernels(copy.deepcopy(plain), max_rows=16, pack=True)
+    products = [p for m in fast.modules() if isinstance(m, GatedLoRALinear) for p in m.products]
+    assert len(products) == 2 * 7 * smollm2.cfg.n_layers
+    assert all(sorted(p.plan) == list(range(1, 17)) for p in products)
+    assert not any("products" in m.__dict__ for m in plain.modules())  # the model without: addmm
+    prompt, M = smollm2.tokenizer.encode("Three apples and four pears are"), smollm2.cfg.mask_id
+    for n_masks in (1, 3, 7, 15):
+        chunk = torch.tensor([[prompt[-1]] + [M] * n_masks])
+        rows = []
+        for model in (plain, fast):
+            cache = model.new_cache(len(prompt) + n_masks)
+            with torch.no_grad():
+                model(torch.tensor([prompt[:-1]]), cache=cache)
+                rows.append(model(chunk, cache=cache))
+        torch.testing.assert_close(rows[1], rows[0], rtol=1e-4, atol=1e-4)
 
 
 def files_digest(folder):
