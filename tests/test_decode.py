@@ -358,8 +358,9 @@ def test_cli_verify_json_is_k1_output(script, smollm2_gguf):
     r = script("decode.py", *common[:-1], "--verify", "--k-max", "3")  # the stats line
     assert r.returncode == 0 and f"drafts accepted {out['drafts_accepted']}/{out['drafts_fed']}" in r.stderr
     assert "pass cost by rows fed" not in r.stderr  # --k-max given: the whole block of 3, every pass
-    if mkl_packed_works():  # the extra memory of the packed weights is said
-        assert "kernels: MKL-packed float32 weights" in r.stderr and "MiB)" in r.stderr
+    # packed weights are kept only where they win on this CPU; where they do, their memory is said
+    said = [x for x in r.stderr.splitlines() if x.startswith("kernels: MKL-packed float32 weights")]
+    assert len(said) <= 1 and all(" MiB), " in x for x in said), r.stderr
     sized = script("decode.py", *common, "--verify")  # the default: passes sized by their measured cost
     assert sized.returncode == 0 and "pass cost by rows fed: 1: " in sized.stderr, sized.stderr
     assert json.loads(sized.stdout)["tokens"] == k1["tokens"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels import KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, mkl_packed_works, use_few_row_kernels
+from kernels import (KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, mkl_packed_works, packed_summary,
+                     use_few_row_kernels)
 from optim import AdamW
 
 # the same CPU, restricted to its AVX2 kernels (torch, oneDNN and MKL): what a laptop without
@@ -142,6 +143,16 @@ def test_packed_weights_are_chosen_and_never_stale():
         layer.packed_version = layer.weight._version
         layer.weight.mul_(2)
         assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+
+def test_the_memory_of_packed_weights_is_said():
+    model = use_few_row_kernels(torch.nn.Sequential(torch.nn.Linear(1024, 1024)), max_rows=8)  # no packing
+    assert packed_summary(model) == ""
+    if not mkl_packed_works():
+        pytest.skip("MKL's packed GEMM: only in torch builds with MKL")
+    w = model[0].weight
+    model[0].packed = {b: torch.ops.mkl._mkl_reorder_linear_weight(w, b) for b in (4, 8)}
+    assert packed_summary(model).startswith("kernels: MKL-packed float32 weights for passes of 4, 8 rows (+8 MiB)")
 
 
 def test_without_mkl_packed_gemm_the_other_kernels_serve(monkeypatch):
