@@ -291,21 +291,21 @@ def setup(args) -> Run:
     return run
 
 
-def choose_amp(run, rounds: int = 1):
+def choose_amp(run):
     """--amp auto on a CPU with fast bfloat16: time a real micro-batch of this job (student, teacher,
     backward) in float32 and under bfloat16 autocast, after an untimed round of each, and keep the
     faster: about 50 s of the CPU hour. A small product can favour bfloat16 where the step does not
     (autocast casts the frozen base again on every pass)."""
     args, batch = run.args, micro_batches(run, 0)[0]
-    seconds = {"none": math.inf, "bfloat16": math.inf}
-    for timed in [False] + [True] * rounds:  # the first round warms up
-        for amp in seconds:
+    seconds = {}
+    for timed in (False, True):  # the first round warms up
+        for amp in ("none", "bfloat16"):
             args.amp, t0 = amp, time.perf_counter()
             with autocast(args):
-                loss, _ = mtp_loss_gated(run.model, batch) if args.lora else mtp_loss(run.model, run.teacher, batch)
+                loss, _ = batch_loss(run, batch)
             loss.backward()
             if timed:
-                seconds[amp] = min(seconds[amp], time.perf_counter() - t0)
+                seconds[amp] = time.perf_counter() - t0
     run.optimizer.zero_grad(set_to_none=True)
     faster = min(seconds, key=seconds.get)
     if run.ddp:  # one precision for every process: rank 0's timing
@@ -393,6 +393,15 @@ def micro_batches(run, step):
     return out
 
 
+def batch_loss(run, batch, denom=None):
+    """distill's loss of one micro-batch and its metrics: with gated LoRA the model is its own teacher
+    (mtp_loss_gated), else the student against the frozen copy (mtp_loss)."""
+    soft = run.args.loss == "soft"
+    if run.args.lora:
+        return mtp_loss_gated(run.model, batch, soft=soft, denom=denom)
+    return mtp_loss(run.model, run.teacher, batch, soft=soft, denom=denom)
+
+
 def train_step(run, step):
     """One optimizer step over the global batch: student + teacher on every micro-batch
     (distill.mtp_loss), clip, AdamW. Returns its figures; a non-finite loss or gradient skips it."""
@@ -409,9 +418,7 @@ def train_step(run, step):
         with run.model.no_sync() if not sync else contextlib.nullcontext():
             # DDP averages gradients over processes; the loss is a sum over the global batch
             with autocast(args):
-                loss_args = dict(soft=args.loss == "soft", denom=denom.clamp(min=1) / run.world)
-                loss, metrics = mtp_loss_gated(run.model, batch, **loss_args) if args.lora else \
-                    mtp_loss(run.model, run.teacher, batch, **loss_args)
+                loss, metrics = batch_loss(run, batch, denom=denom.clamp(min=1) / run.world)
             loss.backward()
         loss_sum += loss.item() / run.world
         run.hits[:batch.k] += metrics["agree_hit"].cpu()
