@@ -6,9 +6,9 @@ so it is measured on this machine, once per case, rather than assumed:
 - cpu_bf16_is_fast: does this CPU compute bfloat16 faster than float32 (AVX512-BF16 or AMX), or
   ~50-200x slower (AVX2 only)?
 - use_few_row_kernels(model): swap every nn.Linear for FewRowLinear, with the fastest of F.linear,
-  W @ x^T and MKL's packed GEMM for each dtype, row count and weight shape, timed on the model's own
-  weights (a gated-LoRA adapter's products too); a pass of r rows may run padded to a row count
-  where a kernel is faster.
+  W @ x^T, oneDNN's and MKL's packed GEMMs for each dtype, row count and weight shape, timed on the
+  model's own weights (a gated-LoRA adapter's products too); a pass of r rows may run padded to a
+  row count where a kernel is faster.
 """
 import functools
 import os
@@ -93,15 +93,29 @@ def mkl_packed_works() -> bool:
         return False
 
 
+def dnnl_packed_works(dtype: torch.dtype) -> bool:
+    """Does this torch build have oneDNN's linear on a weight reordered once into its own blocked
+    layout (the path of torch's CPU compiler for frozen bfloat16 linears), for this dtype, and does
+    it compute a product right here?"""
+    try:
+        w, x = torch.randn(8, 16).to(dtype), torch.randn(4, 16).to(dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], "")
+        return torch.allclose(y.float(), F.linear(x, w).float(), atol=1e-2)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class FewRowLinear(nn.Linear):
     """nn.Linear with the fastest measured kernel for the few rows of a decode pass on a CPU. plan
     maps a row count to (kernel, rows it runs at): a pass of 3 rows may run padded to 4, where a
     kernel is faster. Kernels: F.linear; W @ x^T (a matrix-vector product for one row; bfloat16 with
-    AMX is faster this way); MKL's packed GEMM, float32, with the weight packed once for one row
-    count (packed[rows]). Gradients, GPUs, larger passes and a weight changed since it was packed
-    use nn.Linear."""
+    AMX is faster this way); oneDNN's GEMM, with the weight reordered once for every row count
+    (dnnl: 2-3x F.linear in float32 on an AMD EPYC); MKL's packed GEMM, float32, with the weight
+    packed once for one row count (packed[rows]). Gradients, GPUs, larger passes and a weight
+    changed since it was packed use nn.Linear."""
     plan: dict = {}
     packed: dict = {}
+    dnnl = None
     packed_version = None
 
     @classmethod
@@ -114,7 +128,7 @@ class FewRowLinear(nn.Linear):
     def forward(self, x):
         rows = x.numel() // x.size(-1)
         if rows not in self.plan or torch.is_grad_enabled() or x.device.type != "cpu" or \
-                (self.packed and self.weight._version != self.packed_version):
+                ((self.packed or self.dnnl is not None) and self.weight._version != self.packed_version):
             return super().forward(x)
         kernel, run_rows = self.plan[rows]
         x2 = x.reshape(rows, -1)
@@ -137,30 +151,44 @@ def mkl_kernel(layer, x):
     return torch.ops.mkl._mkl_linear(x, layer.packed[len(x)], layer.weight, layer.bias, len(x))
 
 
-KERNELS = {"linear": linear_kernel, "mv": mv_kernel, "mkl-packed": mkl_kernel}
+def dnnl_kernel(layer, x):
+    return torch.ops.mkldnn._linear_pointwise(x, layer.dnnl, layer.bias, "none", [], "")
 
 
-TIMED = {}  # (dtype, weight shape, rows, pack) -> kernel_seconds
+KERNELS = {"linear": linear_kernel, "mv": mv_kernel, "dnnl-packed": dnnl_kernel, "mkl-packed": mkl_kernel}
+PACKED = ("dnnl-packed", "mkl-packed")  # the kernels that hold a copy of the weight
+
+
+def candidates(dtype: torch.dtype, pack: bool) -> tuple[str, ...]:
+    """The kernels that can serve this dtype here (pack: the packed ones too)."""
+    packed = (["dnnl-packed"] if dnnl_packed_works(dtype) else []) + \
+        (["mkl-packed"] if dtype == torch.float32 and mkl_packed_works() else [])
+    return ("linear", "mv", *(packed if pack else []))
+
+
+TIMED = {}  # (dtype, weight shape, rows, kernels) -> kernel_seconds
 
 
 def kernel_seconds(layers: list[FewRowLinear], rows: int, pack: bool) -> dict[str, float]:
     """Seconds for `rows` rows through these layers (one weight shape and dtype) by each kernel, the
     best of 3; each case is timed once per process."""
     w = layers[0].weight
-    key = (w.dtype, tuple(w.shape), rows, pack)
+    kernels = candidates(w.dtype, pack)
+    key = (w.dtype, tuple(w.shape), rows, kernels)
     if key not in TIMED:
-        TIMED[key] = time_kernels(layers, rows, pack)
+        TIMED[key] = time_kernels(layers, rows, kernels)
     return TIMED[key]
 
 
-def time_kernels(layers, rows, pack):
+def time_kernels(layers, rows, kernels):
     """kernel_seconds, timed. The weights packed for it stay on the layers, for use_few_row_kernels
     to keep or drop."""
     w = layers[0].weight
     x = torch.randn(rows, w.size(1), dtype=w.dtype)
-    kernels = ["linear", "mv"] + (["mkl-packed"] if pack and w.dtype == torch.float32 else [])
-    if "mkl-packed" in kernels:
-        for layer in layers:
+    for layer in layers:
+        if "dnnl-packed" in kernels and layer.dnnl is None:
+            layer.dnnl = torch.ops.mkldnn._reorder_linear_weight(layer.weight, None)
+        if "mkl-packed" in kernels:
             layer.packed = {**layer.packed, rows: torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, rows)}
     return {k: best_seconds(lambda: [KERNELS[k](layer, x) for layer in layers], reps=3) for k in kernels}
 
@@ -177,31 +205,41 @@ def plan_of(seconds: dict[int, dict[str, float]]) -> dict[int, tuple[str, int]]:
     return plan
 
 
-def few_row_layers(model: nn.Module) -> list[FewRowLinear]:
+def few_row_layers(model: nn.Module, give_products: bool = True) -> list[FewRowLinear]:
     """model's FewRowLinear modules, and the products of modules that are no linears but hold some
-    (lora.GatedLoRALinear.few_row_products)."""
+    (lora.GatedLoRALinear.few_row_products; give_products=False: only those already given)."""
     layers = [m for m in model.modules() if isinstance(m, FewRowLinear)]
-    return layers + [p for m in model.modules() if hasattr(m, "few_row_products") for p in m.few_row_products()]
+    holders = [m for m in model.modules() if hasattr(m, "few_row_products")]
+    return layers + [p for m in holders for p in (m.few_row_products() if give_products else m.__dict__.get("products", ()))]
+
+
+def packed_copies(layer: FewRowLinear) -> int:
+    """How many packed copies of its weight a layer holds."""
+    return len(layer.packed) + (layer.dnnl is not None)
 
 
 def packed_summary(model: nn.Module) -> str:
     """One line on the packed weights a model holds, and their memory ('' if none)."""
-    layers = [m for m in few_row_layers(model) if m.packed]
+    layers = [m for m in few_row_layers(model, give_products=False) if packed_copies(m)]
     if not layers:
         return ""
+    extra = sum(packed_copies(layer) * layer.weight.nbytes for layer in layers)
+    dnnl = sum(layer.dnnl is not None for layer in layers)
     rows = sorted({b for layer in layers for b in layer.packed})
-    extra = sum(len(layer.packed) * layer.weight.nbytes for layer in layers)
-    return (f"kernels: MKL-packed float32 weights for passes of {', '.join(map(str, rows))} rows "
-            f"(+{extra / 2**20:.0f} MiB), where they are the fastest kernel measured")
+    total = len(few_row_layers(model, give_products=False))
+    kinds = ([f"oneDNN's for {dnnl} of {total} products"] if dnnl else []) + \
+        ([f"MKL's for passes of {', '.join(map(str, rows))} rows"] if rows else [])
+    return (f"kernels: packed weights where they are the fastest kernel measured, {' and '.join(kinds)} "
+            f"(+{extra / 2**20:.0f} MiB)")
 
 
 @torch.no_grad()
 def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False) -> nn.Module:
     """Swap every plain nn.Linear of model for a FewRowLinear holding the same parameters, and give
     each the fastest kernel, timed here on the model's own weights, for passes of 1..max_rows rows
-    (at most 32). pack: MKL's packed GEMM is a candidate too, and its packed weights are kept where
-    it wins, within a quarter of the memory still free; only for weights that stay as they are
-    (decoding). packed_summary says what they cost."""
+    (at most 32). pack: oneDNN's and MKL's packed GEMMs are candidates too, and their packed weights
+    are kept where they win, within a quarter of the memory still free; only for weights that stay
+    as they are (decoding). packed_summary says what they cost."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
@@ -210,22 +248,26 @@ def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False
     for layer in few_row_layers(model):
         if layer.weight.device.type == "cpu":
             groups.setdefault((layer.weight.dtype, tuple(layer.weight.shape)), []).append(layer)
-    pack = pack and mkl_packed_works()
     buckets = [b for b in BUCKETS if b < 2 * min(max_rows, 32)]
     budget, packed_bytes = free_memory_bytes() / 4, 0
     for group in groups.values():
         sample = group[:max(1, SAMPLE_BYTES // group[0].weight.nbytes)]
         seconds = {b: kernel_seconds(sample, b, pack) for b in buckets}
-        plan = plan_of(seconds)
-        keep = sorted({b for kernel, b in plan.values() if kernel == "mkl-packed"})
-        if packed_bytes + len(keep) * sum(layer.weight.nbytes for layer in group) > budget:
-            plan, keep = plan_of({b: {k: s for k, s in ks.items() if k != "mkl-packed"} for b, ks in seconds.items()}), []
+        group_bytes = sum(layer.weight.nbytes for layer in group)
+        for left_out in ((), PACKED[1:], PACKED):  # the packed kernels that fit the memory left
+            plan = plan_of({b: {k: s for k, s in ks.items() if k not in left_out} for b, ks in seconds.items()})
+            mkl_rows = sorted({b for kernel, b in plan.values() if kernel == "mkl-packed"})
+            dnnl = any(kernel == "dnnl-packed" for kernel, _ in plan.values())
+            if packed_bytes + (len(mkl_rows) + dnnl) * group_bytes <= budget:
+                break
         for layer in group:
             layer.plan = plan
             layer.packed = {b: layer.packed[b] if b in layer.packed else
-                            torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, b) for b in keep}
+                            torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, b) for b in mkl_rows}
+            layer.dnnl = (layer.dnnl if layer.dnnl is not None else
+                          torch.ops.mkldnn._reorder_linear_weight(layer.weight, None)) if dnnl else None
             layer.packed_version = layer.weight._version
-            packed_bytes += len(keep) * layer.weight.nbytes
+            packed_bytes += packed_copies(layer) * layer.weight.nbytes
     return model
 
 

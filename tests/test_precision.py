@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels import (KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, mkl_packed_works, packed_summary,
+from kernels import (KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, dnnl_packed_works, mkl_packed_works, packed_summary,
                      use_few_row_kernels)
 from optim import AdamW
 
@@ -106,6 +106,8 @@ def test_every_few_row_kernel_matches_exact_product(kernel, dtype):
     or not), is as close to the exact product as F.linear is."""
     if kernel == "mkl-packed" and (dtype != torch.float32 or not mkl_packed_works()):
         pytest.skip("MKL's packed GEMM: float32, and only in torch builds with MKL")
+    if kernel == "dnnl-packed" and not dnnl_packed_works(dtype):
+        pytest.skip("oneDNN's packed GEMM: only in torch builds with oneDNN")
     torch.manual_seed(0)
     layer = use_few_row_kernels(torch.nn.Sequential(torch.nn.Linear(320, 700, bias=True).to(dtype)), pack=True)[0]
     assert isinstance(layer, FewRowLinear)
@@ -114,6 +116,8 @@ def test_every_few_row_kernel_matches_exact_product(kernel, dtype):
         for run_at in {bucket} if kernel == "mkl-packed" else {rows, bucket}:
             if kernel == "mkl-packed" and run_at not in layer.packed:
                 layer.packed = {**layer.packed, run_at: torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, run_at)}
+            if kernel == "dnnl-packed" and layer.dnnl is None:
+                layer.dnnl = torch.ops.mkldnn._reorder_linear_weight(layer.weight, None)
             layer.plan = {rows: (kernel, run_at)}
             x = torch.randn(1, rows, 320).to(dtype)
             exact = x.double() @ layer.weight.double().T + layer.bias.double()
@@ -136,32 +140,41 @@ def test_packed_weights_are_chosen_and_never_stale():
     for rows, (kernel, run_at) in layer.plan.items():
         assert kernel in KERNELS and run_at >= rows
         assert kernel != "mkl-packed" or run_at in layer.packed
+        assert kernel != "dnnl-packed" or layer.dnnl is not None
     x = torch.randn(8, 256)
-    with torch.no_grad():
-        layer.plan = {8: ("mkl-packed", 8)} if mkl_packed_works() else layer.plan
-        layer.packed = {8: torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, 8)} if mkl_packed_works() else {}
-        layer.packed_version = layer.weight._version
-        layer.weight.mul_(2)
-        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    packs = {"mkl-packed": mkl_packed_works(), "dnnl-packed": dnnl_packed_works(torch.float32)}
+    for kernel in [k for k, works in packs.items() if works]:
+        with torch.no_grad():
+            layer.plan = {8: (kernel, 8)}
+            layer.packed = {8: torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, 8)} if kernel == "mkl-packed" else {}
+            layer.dnnl = torch.ops.mkldnn._reorder_linear_weight(layer.weight, None) if kernel == "dnnl-packed" else None
+            layer.packed_version = layer.weight._version
+            layer.weight.mul_(2)
+            assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
 
 
 def test_the_memory_of_packed_weights_is_said():
-    model = use_few_row_kernels(torch.nn.Sequential(torch.nn.Linear(1024, 1024)), max_rows=8)  # no packing
+    model = use_few_row_kernels(torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024)),
+                                max_rows=8)  # no packing
     assert packed_summary(model) == ""
-    if not mkl_packed_works():
-        pytest.skip("MKL's packed GEMM: only in torch builds with MKL")
+    if not mkl_packed_works() or not dnnl_packed_works(torch.float32):
+        pytest.skip("MKL's and oneDNN's packed GEMMs: only in torch builds with both")
     w = model[0].weight
     model[0].packed = {b: torch.ops.mkl._mkl_reorder_linear_weight(w, b) for b in (4, 8)}
-    assert packed_summary(model).startswith("kernels: MKL-packed float32 weights for passes of 4, 8 rows (+8 MiB)")
+    model[1].dnnl = torch.ops.mkldnn._reorder_linear_weight(model[1].weight, None)
+    assert packed_summary(model) == ("kernels: packed weights where they are the fastest kernel measured, oneDNN's "
+                                     "for 1 of 2 products and MKL's for passes of 4, 8 rows (+12 MiB)")
 
 
-def test_without_mkl_packed_gemm_the_other_kernels_serve(monkeypatch):
-    """A torch build without MKL (ARM, macOS) or without the op: no packed candidate, no error."""
+def test_without_packed_gemms_the_other_kernels_serve(monkeypatch):
+    """A torch build without MKL or oneDNN (ARM, macOS) or without their ops: no packed candidate,
+    no error."""
     monkeypatch.setattr(torch.ops, "mkl", object())
-    assert not mkl_packed_works()
+    monkeypatch.setattr(torch.ops, "mkldnn", object())
+    assert not mkl_packed_works() and not dnnl_packed_works(torch.float32)
     layer = use_few_row_kernels(torch.nn.Sequential(torch.nn.Linear(256, 512)), max_rows=8, pack=True)[0]
-    assert sorted(layer.plan) == list(range(1, 9)) and not layer.packed
-    assert all(kernel != "mkl-packed" for kernel, _ in layer.plan.values())
+    assert sorted(layer.plan) == list(range(1, 9)) and not layer.packed and layer.dnnl is None
+    assert all(kernel not in ("mkl-packed", "dnnl-packed") for kernel, _ in layer.plan.values())
     x = torch.randn(3, 256)
     with torch.no_grad():
         assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
