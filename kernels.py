@@ -127,10 +127,13 @@ class FewRowLinear(nn.Linear):
 
     def forward(self, x):
         rows = x.numel() // x.size(-1)
-        if rows not in self.plan or torch.is_grad_enabled() or x.device.type != "cpu" or \
-                ((self.packed or self.dnnl is not None) and self.weight._version != self.packed_version):
+        run = self.plan.get(rows)
+        if run is None or torch.is_grad_enabled() or not x.is_cpu or \
+                (self.packed_version is not None and self.weight._version != self.packed_version):
             return super().forward(x)
-        kernel, run_rows = self.plan[rows]
+        kernel, run_rows = run
+        if run_rows == rows and kernel in ("linear", "dnnl-packed"):  # these take x as it is (..., in)
+            return KERNELS[kernel](self, x)
         x2 = x.reshape(rows, -1)
         if run_rows > rows:
             x2 = F.pad(x2, (0, 0, 0, run_rows - rows))
@@ -266,7 +269,7 @@ def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False
                             torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, b) for b in mkl_rows}
             layer.dnnl = (layer.dnnl if layer.dnnl is not None else
                           torch.ops.mkldnn._reorder_linear_weight(layer.weight, None)) if dnnl else None
-            layer.packed_version = layer.weight._version
+            layer.packed_version = layer.weight._version if packed_copies(layer) else None
             packed_bytes += packed_copies(layer) * layer.weight.nbytes
     return model
 
