@@ -98,9 +98,10 @@ def dnnl_packed_works(dtype: torch.dtype) -> bool:
     layout (the path of torch's CPU compiler for frozen bfloat16 linears), for this dtype, and does
     it compute a product right here?"""
     try:
-        w, x = torch.randn(8, 16).to(dtype), torch.randn(4, 16).to(dtype)
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(8, 16, generator=g).to(dtype), torch.randn(4, 16, generator=g).to(dtype)
         y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], "")
-        return torch.allclose(y.float(), F.linear(x, w).float(), atol=1e-2)
+        return torch.allclose(y.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2)  # bfloat16: one ulp
     except (AttributeError, RuntimeError):
         return False
 
@@ -162,21 +163,22 @@ KERNELS = {"linear": linear_kernel, "mv": mv_kernel, "dnnl-packed": dnnl_kernel,
 PACKED = ("dnnl-packed", "mkl-packed")  # the kernels that hold a copy of the weight
 
 
-def candidates(dtype: torch.dtype, pack: bool) -> tuple[str, ...]:
-    """The kernels that can serve this dtype here (pack: the packed ones too)."""
+def available_kernels(dtype: torch.dtype, pack: bool) -> tuple[str, ...]:
+    """The kernels that can serve this dtype here (pack: the packed ones too, each checked once)."""
+    if not pack:
+        return ("linear", "mv")
     packed = (["dnnl-packed"] if dnnl_packed_works(dtype) else []) + \
         (["mkl-packed"] if dtype == torch.float32 and mkl_packed_works() else [])
-    return ("linear", "mv", *(packed if pack else []))
+    return ("linear", "mv", *packed)
 
 
 TIMED = {}  # (dtype, weight shape, rows, kernels) -> kernel_seconds
 
 
-def kernel_seconds(layers: list[FewRowLinear], rows: int, pack: bool) -> dict[str, float]:
-    """Seconds for `rows` rows through these layers (one weight shape and dtype) by each kernel, the
-    best of 3; each case is timed once per process."""
+def kernel_seconds(layers: list[FewRowLinear], rows: int, kernels: tuple[str, ...]) -> dict[str, float]:
+    """Seconds for `rows` rows through these layers (one weight shape and dtype) by each of these
+    kernels, the best of 3; each case is timed once per process."""
     w = layers[0].weight
-    kernels = candidates(w.dtype, pack)
     key = (w.dtype, tuple(w.shape), rows, kernels)
     if key not in TIMED:
         TIMED[key] = time_kernels(layers, rows, kernels)
@@ -223,14 +225,14 @@ def packed_copies(layer: FewRowLinear) -> int:
 
 def packed_summary(model: nn.Module) -> str:
     """One line on the packed weights a model holds, and their memory ('' if none)."""
-    layers = [m for m in few_row_layers(model, give_products=False) if packed_copies(m)]
+    given = few_row_layers(model, give_products=False)
+    layers = [m for m in given if packed_copies(m)]
     if not layers:
         return ""
     extra = sum(packed_copies(layer) * layer.weight.nbytes for layer in layers)
     dnnl = sum(layer.dnnl is not None for layer in layers)
     rows = sorted({b for layer in layers for b in layer.packed})
-    total = len(few_row_layers(model, give_products=False))
-    kinds = ([f"oneDNN's for {dnnl} of {total} products"] if dnnl else []) + \
+    kinds = ([f"oneDNN's for {dnnl} of {len(given)} products"] if dnnl else []) + \
         ([f"MKL's for passes of {', '.join(map(str, rows))} rows"] if rows else [])
     return (f"kernels: packed weights where they are the fastest kernel measured, {' and '.join(kinds)} "
             f"(+{extra / 2**20:.0f} MiB)")
@@ -253,11 +255,12 @@ def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False
             groups.setdefault((layer.weight.dtype, tuple(layer.weight.shape)), []).append(layer)
     buckets = [b for b in BUCKETS if b < 2 * min(max_rows, 32)]
     budget, packed_bytes = free_memory_bytes() / 4, 0
-    for group in groups.values():
+    kernels = {dtype: available_kernels(dtype, pack) for dtype, _ in groups}
+    for (dtype, _), group in groups.items():
         sample = group[:max(1, SAMPLE_BYTES // group[0].weight.nbytes)]
-        seconds = {b: kernel_seconds(sample, b, pack) for b in buckets}
+        seconds = {b: kernel_seconds(sample, b, kernels[dtype]) for b in buckets}
         group_bytes = sum(layer.weight.nbytes for layer in group)
-        for left_out in ((), PACKED[1:], PACKED):  # the packed kernels that fit the memory left
+        for left_out in ((), ("mkl-packed",), PACKED):  # the packed kernels that fit the memory left
             plan = plan_of({b: {k: s for k, s in ks.items() if k not in left_out} for b, ks in seconds.items()})
             mkl_rows = sorted({b for kernel, b in plan.values() if kernel == "mkl-packed"})
             dnnl = any(kernel == "dnnl-packed" for kernel, _ in plan.values())
