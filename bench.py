@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import gsm8k_prompt, load_gsm8k
-from decode import encode_prompt, generate, load
-from kernels import best_seconds, machine
+from data import extract_number, gsm8k_prompt, load_gsm8k
+from decode import encode_prompt, generate, load, measure_pass_cost
+from cpu_kernels import best_seconds, machine
 from sizing import PassCost
 from weights import save_model
 
@@ -59,7 +59,7 @@ def zeros_linear(self, x):
 @contextlib.contextmanager
 def without_matmuls():
     """Every linear layer returns zeros: a decode step then costs only its overhead."""
-    from kernels import FewRowLinear
+    from cpu_kernels import FewRowLinear
     with mock.patch.object(nn.Linear, "forward", zeros_linear), \
             mock.patch.object(FewRowLinear, "forward", zeros_linear):
         yield
@@ -131,6 +131,52 @@ def pass_cost_table(model, device, dtype, max_rows=32):
                 "flops_floor_ms": 1e3 * 2 * matmul_params * r / (rate * 1e9)}
             for r, s in zip(cost.rows, cost.seconds)}
     return cost, {"bandwidth_GBps": bw, "matmul_GFLOPs": rate, "weight_MB": weight_bytes / 1e6, "rows": rows}
+
+
+@torch.no_grad()
+def against_original(original, model, tok, prompts, max_new_tokens: int, threshold: float = 0.9,
+                     k_max: int | None = None) -> dict:
+    """The tuned model's decoding against the ORIGINAL model's k=1, prompt by prompt, interleaved so
+    that load on the machine hits every strategy alike: tokens/s and its ratio to the original's, tokens
+    per pass, and how often the text and the final number are the original's. Passes are sized by their
+    cost, as decode.py sizes them. original may be model itself (gated LoRA: its k=1 is the original)."""
+    k_max = k_max or model.cfg.k_max or 16
+    stop = sorted(tok.stop_ids)
+    tuned_k1 = original is not model
+    strategies = {"original k=1": lambda p, _: generate(original, p, max_new_tokens, k=1, stop_ids=stop)}
+    if tuned_k1:  # full fine-tuning: the tuned model's own k=1 is another model
+        strategies["k=1"] = lambda p, _: generate(model, p, max_new_tokens, k=1, stop_ids=stop)
+    strategies[f"ConfAdapt({threshold})"] = lambda p, c: generate(
+        model, p, max_new_tokens, threshold=threshold, k_max=k_max, stop_ids=stop, pass_cost=c)
+    strategies["--verify"] = lambda p, c: generate(model, p, max_new_tokens, verify=True, k_max=k_max,
+                                                   stop_ids=stop, pass_cost=c)
+    costs = {"original k=1": None, "k=1": None, f"ConfAdapt({threshold})": measure_pass_cost(model, k_max, False),
+             "--verify": measure_pass_cost(model, k_max, True)}
+    for name, run in strategies.items():  # warm-up: every kernel has chosen for its rows
+        run(prompts[0][:16], costs[name])
+    totals = {name: dict(tokens=0, seconds=0.0, passes=0, same=0, same_answer=0) for name in strategies}
+    for prompt in prompts:
+        ref = None
+        for name, run in strategies.items():
+            r = run(prompt, costs[name])
+            ref = r.tokens if ref is None else ref  # the original's k=1 runs first
+            t = totals[name]
+            t["tokens"] += len(r.tokens)
+            t["seconds"] += r.seconds
+            t["passes"] += r.passes
+            t["same"] += r.tokens == ref
+            t["same_answer"] += extract_number(tok.decode(r.tokens)) == extract_number(tok.decode(ref))
+    base = totals["original k=1"]["tokens"] / totals["original k=1"]["seconds"]
+    return {name: {"tokens_per_s": t["tokens"] / t["seconds"], "vs_original": t["tokens"] / t["seconds"] / base,
+                   "tokens_per_pass": t["tokens"] / max(t["passes"], 1), "same_text": t["same"] / len(prompts),
+                   "same_answer": t["same_answer"] / len(prompts)} for name, t in totals.items()}
+
+
+def describe_against_original(table: dict, n_prompts: int) -> list[str]:
+    """against_original's table, a line per strategy."""
+    return [f"{name:<16} {t['tokens_per_s']:6.1f} tokens/s {t['vs_original']:5.2f}x the original's k=1 | "
+            f"{t['tokens_per_pass']:.2f} tokens per pass | the original's final answer {t['same_answer']:.0%}, "
+            f"its text {t['same_text']:.0%} of {n_prompts}" for name, t in table.items()]
 
 
 def main(argv=None):

@@ -5,16 +5,19 @@ Model and optimizer state go through torch.distributed.checkpoint's full state d
 file serves one process, DDP and FSDP alike.
 """
 import json
+import math
 
 import torch
 
+from distill import distill_loss
 from model import Transformer, rope_frequencies
 from optim import autocast
 from weights import save_model, write_file_atomically
 
 # settings that shape a run: --resume refuses a checkpoint written with other values
 SHAPING = ("init", "data", "format", "k_max", "batch_size", "grad_accum", "seq_len", "branch_every",
-           "branch_from", "self_answers", "loss", "k_weights", "seed", "dtype", "lora", "lora_alpha")
+           "branch_from", "self_answers", "loss", "k_weights", "seed", "dtype", "lora", "lora_alpha",
+           "lora_layers")
 
 
 def gather_state(student, optimizer):
@@ -37,23 +40,47 @@ class Diverged(ValueError):
         self.step, self.why = step, why
 
 
+# A checkpoint must come from a model that still does its job, not merely one that is finite: its loss
+# on a fixed probe batch may not jump far above that of the last good checkpoint. Loss spikes are what
+# large runs watch for (PaLM, Chowdhery et al. 2022, section 5.1, restarts from a checkpoint before
+# one). The bound allows 1.5x plus 0.1 nats: on a fixed batch a healthy run's probe loss falls or
+# drifts by a few percent between checkpoints (docs/RESULTS.md, "Loss spikes"), while one diverging
+# step multiplies it.
+SPIKE_FACTOR, SPIKE_MARGIN = 1.5, 0.1
+
+
 @torch.no_grad()
-def model_works(run) -> bool:
-    """Does a probe forward (the start of the first training text, then k_max - 1 masks) give
-    finite logits? Finite weights are not enough: enormous ones overflow in the forward pass."""
-    ids = run.examples[0][0][:64] + [run.student.cfg.mask_id] * (run.args.k_max - 1)
+def probe(run) -> dict:
+    """The model on run.probe, a fixed batch (train.probe_batch), in eval mode: the training loss
+    ("loss", every offset) and the teacher loss at the cut ("teacher": cross-entropy of the student's
+    next-token logits to the original's argmax; with gated LoRA it cannot move). A model whose
+    logits are not finite gives a non-finite loss; finite weights can still overflow."""
     training = run.student.training
     run.student.eval()
     with autocast(run.args):  # every process calls it: an FSDP-sharded student needs them all
-        logits = run.student(torch.tensor([ids], device=run.args.device))
+        loss, metrics = distill_loss(run.student, run.teacher, run.probe, bool(run.args.lora))
     run.student.train(training)
-    return bool(torch.isfinite(logits).all())
+    n = metrics["agree_n"][0].clamp(min=1)
+    return {"loss": loss.item(), "teacher": (metrics["loss_sum"][0] / n).item()}
+
+
+def spike(now: dict, good: dict) -> str | None:
+    """What jumped, if a probe result is past the bound set by the last good checkpoint's."""
+    for key, what in (("loss", "probe loss"), ("teacher", "teacher loss at the cut")):
+        if now[key] > SPIKE_FACTOR * good[key] + SPIKE_MARGIN:
+            return f"the {what} jumped from {good[key]:.3f} to {now[key]:.3f}"
+    return None
 
 
 def save_checkpoint(run, step):
-    """OUT/ckpt.pt, replaced atomically, and only from a model that works (model_works)."""
-    if not model_works(run):
+    """OUT/ckpt.pt, replaced atomically, and only from a model that still works: finite logits, and
+    a probe loss within the bound of the last good checkpoint's (spike)."""
+    now = probe(run)
+    if not all(map(math.isfinite, now.values())):
         raise Diverged(step, "the model gives non-finite logits")
+    jumped = spike(now, run.good_probe)
+    if jumped:
+        raise Diverged(step, f"{jumped} since step {run.last_good_step or 0}")
     model_state, optim_state = gather_state(run.student, run.optimizer)
     if run.master:
         if not all_finite(model_state.values()):
@@ -62,12 +89,14 @@ def save_checkpoint(run, step):
                  "args": vars(run.args)}
         nbytes = 2 * sum(t.numel() * t.element_size() for t in model_state.values())
         write_file_atomically(run.ckpt_path, lambda tmp: torch.save(state, tmp), nbytes)
-    run.last_good_step = step
+    run.log(f"checkpoint step {step} | probe loss {now['loss']:.3f}, teacher loss {now['teacher']:.3f} "
+            f"(last good, step {run.last_good_step or 0}: {run.good_probe['loss']:.3f}, {run.good_probe['teacher']:.3f})")
+    run.last_good_step, run.good_probe = step, now
     return model_state
 
 
 def restore_last_good(run, diverged: Diverged):
-    """After a run diverged: OUT/model from the last checkpoint that passed model_works (this run's
+    """After a run diverged: OUT/model from the last checkpoint that passed the probe (this run's
     or the one it resumed), then the one-line error that says which step it holds."""
     what = f"{diverged.why} at step {diverged.step}"
     if run.last_good_step is None:

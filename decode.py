@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distill import branch_layout as branch_layout_of_chunk
-from kernels import fast_dtype, packed_summary, use_few_row_kernels
+from cpu_kernels import fast_dtype, packed_summary, use_few_row_kernels
 from sizing import Acceptance, PassCost, best_n
 from weights import load_model, trained_model
 
@@ -301,7 +301,7 @@ def load(init: str | None, device: str, dtype: str | None, kernels: bool = True)
 
 
 def use_decode_kernels(model):
-    """Time and choose the few-row kernels (kernels.py) for the passes the model's block can feed."""
+    """Time and choose the few-row kernels (cpu_kernels.py) for the passes the model's block can feed."""
     k_max = model.cfg.k_max or 16
     use_few_row_kernels(model, max_rows=min(k_max * k_max, 32), pack=True)
 

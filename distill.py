@@ -139,7 +139,16 @@ def reduce(per, agree, batch: MTPBatch, denom):
         zeros = torch.zeros(batch.k, device=v.device)
         per_offset_n = zeros.index_add(0, batch.offset - 1, v.sum(0).float())
         per_offset_hit = zeros.index_add(0, batch.offset - 1, (agree & v).sum(0).float())
-    return loss, {"n": n.item(), "agree_n": per_offset_n, "agree_hit": per_offset_hit}
+        per_offset_loss = zeros.index_add(0, batch.offset - 1, (per.detach() * v).sum(0).float())
+    return loss, {"n": n.item(), "agree_n": per_offset_n, "agree_hit": per_offset_hit, "loss_sum": per_offset_loss}
+
+
+def distill_loss(student, teacher, batch: MTPBatch, gated: bool, soft: bool = False, denom=None):
+    """The objective of one batch: mtp_loss against the frozen teacher, or for a gated-LoRA student
+    (its own teacher) mtp_loss_gated."""
+    if gated:
+        return mtp_loss_gated(student, batch, soft=soft, denom=denom)
+    return mtp_loss(student, teacher, batch, soft=soft, denom=denom)
 
 
 @torch.no_grad()

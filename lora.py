@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from kernels import FewRowLinear
+from cpu_kernels import FewRowLinear
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -66,7 +66,7 @@ class GatedLoRALinear(nn.Module):
 
     def few_row_products(self) -> tuple[FewRowLinear, FewRowLinear]:
         """The update's two products, x A^T and h B^T, as linears on the same weights, for
-        kernels.use_few_row_kernels to time and give their kernels: at rank 128 on SmolLM2 they read
+        cpu_kernels.use_few_row_kernels to time and give their kernels: at rank 128 on SmolLM2 they read
         27% more bytes than the base's products in a pass with masks. A plain attribute, not
         submodules, so that nothing is saved twice."""
         if "products" not in self.__dict__:
@@ -74,14 +74,17 @@ class GatedLoRALinear(nn.Module):
         return self.products
 
 
-def add_lora(model, rank: int, alpha: float | None = None, base: str | None = None):
-    """Freeze model and give it gated adapters of this rank. base: where its original weights are
-    loaded from, saved with the adapter (weights.save_model)."""
+def add_lora(model, rank: int, alpha: float | None = None, base: str | None = None, layers: int | None = None):
+    """Freeze model and give it gated adapters of this rank, in its top `layers` blocks (None: all).
+    base: where its original weights are loaded from, saved with the adapter (weights.save_model)."""
     alpha = float(rank if alpha is None else alpha)
+    layers = len(model.layers) if layers is None else layers
     model.requires_grad_(False)
     gate = Gate()
     model.embed_tokens = MaskEmbedding(model.embed_tokens, model.cfg.mask_id, gate)
-    for block in model.layers:
+    if layers < len(model.layers):  # a fixed <MTP> embedding: backward stops at the lowest adapter
+        model.embed_tokens.mask_embedding.requires_grad_(False)
+    for block in model.layers[len(model.layers) - layers:]:
         for path in PROJECTIONS:
             parent, name = path.split(".")
             module = getattr(block, parent)
@@ -95,7 +98,7 @@ def add_lora(model, rank: int, alpha: float | None = None, base: str | None = No
         finally:
             gate.rows = outer
     model.recompute_context = lambda: (contextlib.nullcontext(), restore(gate.rows))
-    model.lora = {"base": base, "rank": rank, "alpha": alpha}
+    model.lora = {"base": base, "rank": rank, "alpha": alpha, "layers": layers}
     return model
 
 

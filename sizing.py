@@ -29,7 +29,7 @@ import torch
 class PassCost:
     """Seconds of one forward pass by the number of rows it feeds, at 1, 2, 4, ... rows. A pass of r
     rows costs what the next measured one costs (the kernels may run it padded to that many rows,
-    kernels.FewRowLinear); beyond the largest, cost grows with the rows.
+    cpu_kernels.FewRowLinear); beyond the largest, cost grows with the rows.
 
     track: the decoder reports every pass's seconds (observe), and each row count's cost is the
     running mean of its passes, the start-up measurement counting as one and the last RECENT passes

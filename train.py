@@ -26,25 +26,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ckpt import Diverged, load_checkpoint, restore_last_good, save_checkpoint, save_final_model
+from ckpt import Diverged, load_checkpoint, probe, restore_last_good, save_checkpoint, save_final_model
 from data import check_branches, get_rows, gsm8k_prompt, load_dataset, load_gsm8k, tokenize
 from data.own_answers import own_answer_examples
 from decode import ArgumentParser, encode_prompt, generate
-from distill import build_batch, mtp_loss, mtp_loss_gated, teacher_nll
-from kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
+from distill import build_batch, distill_loss, teacher_nll
+from cpu_kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
 from lora import add_lora
 from optim import AdamW, autocast, plan_memory
 from weights import load_model, recover_dir
 
 RECIPES = {
     # the paper's recipe (docs/METHOD.md, "Training"): its data, k up to 16, a branch every 32 tokens
-    "paper-gpu": dict(data="metamathqa", dtype="bfloat16", amp="none", lora=0, lr=1e-5, lora_lr=1e-5,
+    "paper-gpu": dict(data="metamathqa", dtype="bfloat16", amp="none", lora=0, lora_layers=0, lr=1e-5, lora_lr=1e-5,
                       k_max=16, batch_size=16, grad_accum=8, seq_len=160, branch_every=32, branch_from="all",
                       self_answers=0, warmup=2000, decay="none", steps=100_000, max_minutes=None, eval_every=1000,
                       eval_prompts=4, save_every=1000),
     # what did best in an hour on a 2-core CPU (docs/RESULTS.md): gated LoRA, the model's own answers
     # to 512 GSM8K questions, k up to 4, a branch after every answer token
-    "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=128, lr=1e-4, lora_lr=1e-3,
+    "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=128, lora_layers=0, lr=1e-4, lora_lr=1e-3,
                      k_max=4, batch_size=4, grad_accum=1, seq_len=320, branch_every=1, branch_from="response",
                      self_answers=512, warmup=20, decay="none", steps=100_000, max_minutes=60, eval_every=60,
                      eval_prompts=8, save_every=50),
@@ -81,6 +81,8 @@ def get_args(argv=None, fresh_out: bool = True):
                    help="recompute each block in backward instead of storing it (auto: if memory needs it)")
     p.add_argument("--lora", type=int, help="gated LoRA of this rank (0: full fine-tuning); the original "
                    "weights stay frozen and real tokens see them exactly")
+    p.add_argument("--lora-layers", type=int, help="gated LoRA in the top N blocks only (0: all), with a fixed "
+                   "<MTP> embedding: a decode pass then runs fewer small products, and backward stops at block N")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--k-max", type=int, help="k is drawn from 2..k_max every micro-batch")
@@ -143,7 +145,7 @@ def check_args(a, p, fresh_out: bool):
                  "eval_tokens"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup", "eval_every", "eval_prompts", "self_answers"):
+    for name in ("warmup", "eval_every", "eval_prompts", "self_answers", "lora_layers"):
         if getattr(a, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be 0 or more")
     for name in ("lr", "clip"):
@@ -208,7 +210,9 @@ class Run:
     t0: float = 0.0                   # when the run started (time.time())
     step: int = 0
     last_eval: tuple = (-1, "")       # (step, result line) of the latest quick eval
-    last_good_step: int | None = None  # of the latest checkpoint that passed model_works
+    last_good_step: int | None = None  # of the latest checkpoint that passed the probe (ckpt.save_checkpoint)
+    probe: object = None              # a fixed batch (probe_batch) that every checkpoint is checked on
+    good_probe: dict = None           # ckpt.probe of the last good checkpoint (at the start: of the model)
     last_tokens_per_pass: float = 0.0  # its ConfAdapt(0.9) tokens per pass
     progress: float = 0.0             # the fraction of the budget spent, which --decay follows (budget_spent)
     k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
@@ -288,6 +292,8 @@ def setup(args) -> Run:
         log(f"resumed from {run.ckpt_path} at step {run.step}")
     if args.amp == "auto":
         choose_amp(run)
+    run.probe = probe_batch(run)
+    run.good_probe = probe(run)  # the model as it starts: the original, or the checkpoint resumed
     return run
 
 
@@ -345,7 +351,7 @@ def load_student_and_teacher(args, world, log):
     check_settings_against(student.cfg, args)
     if args.lora:
         init = str(Path(args.init).resolve()) if Path(args.init).exists() else args.init
-        teacher = add_lora(student, args.lora, args.lora_alpha, base=init)
+        teacher = add_lora(student, args.lora, args.lora_alpha, base=init, layers=args.lora_layers or None)
     else:
         teacher = copy.deepcopy(student).requires_grad_(False).eval()
     if args.device == "cpu":  # the quick eval and the own answers decode a few rows at a time
@@ -371,6 +377,8 @@ def check_settings_against(cfg, args):
     if last > cfg.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} with --k-max {args.k_max} reaches position {last}, beyond "
                          f"the model's context of {cfg.max_seq_len} positions")
+    if args.lora_layers > cfg.n_layers:
+        raise ValueError(f"--lora-layers {args.lora_layers} is more than the model's {cfg.n_layers} blocks")
     if args.lora > min(cfg.dim, cfg.n_heads * cfg.head_dim):
         raise ValueError(f"--lora {args.lora} is more than the model's width ({cfg.dim}); gated LoRA needs a "
                          f"rank below it")
@@ -385,21 +393,28 @@ def micro_batches(run, step):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + micro)
         k = 2 + int(torch.multinomial(torch.tensor(args.k_weights), 1, generator=g) if args.k_weights else
                     torch.randint(args.k_max - 1, (1,), generator=g))
-        tokens, lengths, starts = get_rows(run.examples, micro * args.batch_size, args.batch_size, args.seed,
-                                           run.tok.eos_id)
-        starts = starts.to(args.device) if args.branch_from == "response" else None
-        out.append(build_batch(tokens.to(args.device), lengths.to(args.device), k, run.student.cfg.mask_id,
-                               args.branch_every, starts, g))
+        out.append(rows_batch(run, micro * args.batch_size, k, g))
     return out
+
+
+def rows_batch(run, first: int, k: int, g: torch.Generator):
+    """distill's batch of --batch-size rows from the first-th of the data order, block size k."""
+    args = run.args
+    tokens, lengths, starts = get_rows(run.examples, first, args.batch_size, args.seed, run.tok.eos_id)
+    starts = starts.to(args.device) if args.branch_from == "response" else None
+    return build_batch(tokens.to(args.device), lengths.to(args.device), k, run.student.cfg.mask_id,
+                       args.branch_every, starts, g)
+
+
+def probe_batch(run):
+    """The fixed batch every checkpoint is checked on (ckpt.probe): the first rows, k = k_max."""
+    return rows_batch(run, 0, run.args.k_max, torch.Generator().manual_seed(run.args.seed))
 
 
 def batch_loss(run, batch, denom=None):
     """distill's loss of one micro-batch and its metrics: with gated LoRA the model is its own teacher
     (mtp_loss_gated), else the student against the frozen copy (mtp_loss)."""
-    soft = run.args.loss == "soft"
-    if run.args.lora:
-        return mtp_loss_gated(run.model, batch, soft=soft, denom=denom)
-    return mtp_loss(run.model, run.teacher, batch, soft=soft, denom=denom)
+    return distill_loss(run.model, run.teacher, batch, bool(run.args.lora), run.args.loss == "soft", denom)
 
 
 def train_step(run, step):

@@ -130,7 +130,11 @@ def load_adapter(path: Path, device="cpu", dtype=None) -> Transformer:
     if model.cfg.mask_id != conf["mtp_mask_id"]:
         raise ValueError(f"{path}: the adapter was trained with <MTP> id {conf['mtp_mask_id']}, but "
                          f"{conf['base']} gives {model.cfg.mask_id}")
-    add_lora(model, conf["rank"], conf["alpha"], conf["base"])
+    layers = conf.get("layers") or len(model.layers)
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= len(model.layers):
+        raise ValueError(f"{path / 'adapter_config.json'}: layers is {layers!r}, which is not a count of 1 to "
+                         f"{len(model.layers)} blocks")
+    add_lora(model, conf["rank"], conf["alpha"], conf["base"], layers)
     want = adapter_state(model)
     try:
         with safe_open(path / "adapter.safetensors", "pt") as f:

@@ -13,7 +13,7 @@ import transformers
 
 from decode import generate
 from distill import build_batch, mtp_loss, mtp_loss_gated
-from kernels import use_few_row_kernels
+from cpu_kernels import use_few_row_kernels
 from lora import GatedLoRALinear, adapter_state, add_lora
 from weights import load_model, save_model
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from kernels import FewRowLinear, use_few_row_kernels
+from cpu_kernels import FewRowLinear, use_few_row_kernels
 from weights import config_from_hf, load_model, resolve, save_model
 
 TOL = 1e-4  # max |logit diff| in float32

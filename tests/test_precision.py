@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels import (KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, dnnl_packed_works, mkl_packed_works, packed_summary,
+from cpu_kernels import (KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, dnnl_packed_works, mkl_packed_works, packed_summary,
                      use_few_row_kernels)
 from optim import AdamW
 
@@ -81,7 +81,7 @@ def test_bf16_training_moves_weights_like_fp32(train_tiny, tiny_qwen, tmp_path):
 def test_cpu_bf16_check_agrees_with_the_cpu_flags(script):
     flags = cpu_flags().split()
     assert cpu_bf16_is_fast() == ("avx512_bf16" in flags or "amx_bf16" in flags)
-    r = script("kernels.py", env=AVX2_ONLY)  # prints what it measures
+    r = script("cpu_kernels.py", env=AVX2_ONLY)  # prints what it measures
     assert "bfloat16 is fast: False" in r.stdout, r.stderr
 
 
