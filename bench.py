@@ -3,6 +3,7 @@ a training step.
 
     python bench.py                       # out/model if train.py wrote one, else SmolLM2-135M
     python bench.py --init out/cpu-run/model --prompts 8 --max-new-tokens 128
+    python bench.py --offset 200 --prompts 20    # GSM8K test problems 200-219, never trained or tuned on
     python bench.py --train-step 2 --amp none   # N MTP steps against N plain steps (train.py's flags)
 
 (a) our k=1 decoding vs transformers' generate (greedy, KV cache, same weights, dtype and threads);
@@ -14,13 +15,18 @@ a training step.
     passes sized by their cost (decode.py's default) and/or the whole block (--blocks);
 (f) the cost of a pass by rows fed, against the floors of reading every weight once and of the
     FLOPs, both measured on this machine; the machine's class heads the report;
-(g) the sized passes as decoding itself timed them, by rows fed (the costs sizing goes by).
+(g) the sized passes as decoding itself timed them, by rows fed (the costs sizing goes by);
+(h) ConfAdapt and --verify against the ORIGINAL model's k=1 (a full fine-tune's own k=1 is another
+    model): tokens/s ratio, tokens per pass, how often the final answer and text are the original's;
+(i) where a pass's time goes, by rows fed: the pass as it is, without the gated-LoRA update, and
+    without any matrix product, timed side by side; and torch.profiler's busiest operators.
 Only ratios are meant to be compared; absolute numbers depend on the machine and its load.
 transformers is needed here (pip install transformers); nothing else in the project uses it.
 """
 import argparse
 import contextlib
 import json
+import math
 import sys
 import tempfile
 import time
@@ -31,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import extract_number, gsm8k_prompt, load_gsm8k
-from decode import encode_prompt, generate, load, measure_pass_cost
+from decode import default_init, encode_prompt, generate, load, measure_pass_cost
+from evaluate import default_reference
 from cpu_kernels import best_seconds, machine
 from sizing import PassCost
 from weights import save_model
@@ -63,6 +70,50 @@ def without_matmuls():
     with mock.patch.object(nn.Linear, "forward", zeros_linear), \
             mock.patch.object(FewRowLinear, "forward", zeros_linear):
         yield
+
+
+def without_adapter():
+    """Every gated-LoRA projection computes its base product only, as a real token's row does."""
+    from lora import GatedLoRALinear
+    return mock.patch.object(GatedLoRALinear, "forward", lambda self, x: self.base(x))
+
+
+@torch.no_grad()
+def pass_profile(model, rows=(1, 2, 4, 16), context=256, reps=5, top=6):
+    """(i) a pass of r rows (one token, r-1 <MTP>) after `context` cached positions, timed as it is,
+    without the adapter's update, and without any matrix product (best of reps, interleaved): the
+    differences are the adapter's time and the base products' time, the last is the rest. Then
+    torch.profiler's operators with the most self CPU time in one such pass, with their call counts."""
+    device = model.embed_tokens.weight.device
+    cache = model.new_cache(context + max(rows))
+    model(torch.zeros(1, context, dtype=torch.long, device=device), cache=cache)
+    inputs = {r: torch.full((1, r), model.cfg.mask_id or 0, dtype=torch.long, device=device) for r in rows}
+    for idx in inputs.values():
+        idx[0, 0] = 1
+
+    def one_pass(idx):
+        finished(model(idx, cache=cache))
+        cache.truncate(context)
+
+    variants = {"as is": contextlib.nullcontext, "no adapter": without_adapter, "no products": without_matmuls}
+    ms = {(v, r): math.inf for v in variants for r in rows}
+    for rep in range(reps + 1):  # the first round warms up
+        for v, variant in variants.items():
+            with variant():
+                for r, idx in inputs.items():
+                    t0 = time.perf_counter()
+                    one_pass(idx)
+                    if rep:
+                        ms[v, r] = min(ms[v, r], 1e3 * (time.perf_counter() - t0))
+    report = {}
+    for r, idx in inputs.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            one_pass(idx)
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        report[r] = {"ms": ms["as is", r], "adapter_ms": ms["as is", r] - ms["no adapter", r],
+                     "base_products_ms": ms["no adapter", r] - ms["no products", r], "rest_ms": ms["no products", r],
+                     "top": [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in ops[:top]]}
+    return report
 
 
 def bench_train_step(run, n_steps: int):
@@ -135,11 +186,13 @@ def pass_cost_table(model, device, dtype, max_rows=32):
 
 @torch.no_grad()
 def against_original(original, model, tok, prompts, max_new_tokens: int, threshold: float = 0.9,
-                     k_max: int | None = None) -> dict:
+                     k_max: int | None = None, deadline: float = float("inf")) -> tuple[dict, int]:
     """The tuned model's decoding against the ORIGINAL model's k=1, prompt by prompt, interleaved so
     that load on the machine hits every strategy alike: tokens/s and its ratio to the original's, tokens
     per pass, and how often the text and the final number are the original's. Passes are sized by their
-    cost, as decode.py sizes them. original may be model itself (gated LoRA: its k=1 is the original)."""
+    cost, as decode.py sizes them. original may be model itself (gated LoRA: its k=1 is the original).
+    No prompt starts after the deadline (time.time()), but the first. Returns the table and the
+    number of prompts it measured."""
     k_max = k_max or model.cfg.k_max or 16
     stop = sorted(tok.stop_ids)
     tuned_k1 = original is not model
@@ -155,7 +208,11 @@ def against_original(original, model, tok, prompts, max_new_tokens: int, thresho
     for name, run in strategies.items():  # warm-up: every kernel has chosen for its rows
         run(prompts[0][:16], costs[name])
     totals = {name: dict(tokens=0, seconds=0.0, passes=0, same=0, same_answer=0) for name in strategies}
+    measured = 0
     for prompt in prompts:
+        if measured and time.time() > deadline:
+            break
+        measured += 1
         ref = None
         for name, run in strategies.items():
             r = run(prompt, costs[name])
@@ -168,15 +225,15 @@ def against_original(original, model, tok, prompts, max_new_tokens: int, thresho
             t["same_answer"] += extract_number(tok.decode(r.tokens)) == extract_number(tok.decode(ref))
     base = totals["original k=1"]["tokens"] / totals["original k=1"]["seconds"]
     return {name: {"tokens_per_s": t["tokens"] / t["seconds"], "vs_original": t["tokens"] / t["seconds"] / base,
-                   "tokens_per_pass": t["tokens"] / max(t["passes"], 1), "same_text": t["same"] / len(prompts),
-                   "same_answer": t["same_answer"] / len(prompts)} for name, t in totals.items()}
+                   "tokens_per_pass": t["tokens"] / max(t["passes"], 1), "same_text": t["same"] / measured,
+                   "same_answer": t["same_answer"] / measured} for name, t in totals.items()}, measured
 
 
-def describe_against_original(table: dict, n_prompts: int) -> list[str]:
+def describe_against_original(table: dict) -> list[str]:
     """against_original's table, a line per strategy."""
     return [f"{name:<16} {t['tokens_per_s']:6.1f} tokens/s {t['vs_original']:5.2f}x the original's k=1 | "
-            f"{t['tokens_per_pass']:.2f} tokens per pass | the original's final answer {t['same_answer']:.0%}, "
-            f"its text {t['same_text']:.0%} of {n_prompts}" for name, t in table.items()]
+            f"{t['tokens_per_pass']:.2f} tokens per pass | final answer = the original's {t['same_answer']:.0%}, "
+            f"text {t['same_text']:.0%}" for name, t in table.items()]
 
 
 def main(argv=None):
@@ -190,6 +247,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default=None)
     p.add_argument("--prompts", type=int, default=8, help="GSM8K test questions used as prompts")
+    p.add_argument("--offset", type=int, default=0, help="the first GSM8K test question used (time problems "
+                   "the model was neither trained nor tuned on)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--k-max", type=int, default=None, help="ConfAdapt and --verify block (default: the model's, "
@@ -212,7 +271,8 @@ def main(argv=None):
     except ImportError:
         sys.exit("error: bench.py compares against transformers: pip install transformers")
 
-    model, tok = load(args.init, args.device, args.dtype)
+    init = args.init or default_init()
+    model, tok = load(init, args.device, args.dtype)
     k_max = args.k_max or model.cfg.k_max or 16
     with tempfile.TemporaryDirectory() as d:  # the very same weights, in transformers
         save_model(model, d, original=True)  # a gated-LoRA model's k=1 is its original
@@ -220,7 +280,10 @@ def main(argv=None):
     hf.eval()
     if args.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
-    prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), True) for r in load_gsm8k("test")[:args.prompts]]
+    prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), True)
+               for r in load_gsm8k("test")[args.offset:args.offset + args.prompts]]
+    if not prompts:
+        raise ValueError(f"--offset {args.offset} is past the last of GSM8K's 1319 test questions")
     stop = sorted(tok.stop_ids)
     n_new = args.max_new_tokens
 
@@ -271,6 +334,10 @@ def main(argv=None):
             breakdown[matmuls] = (ours.seconds / len(ours.tokens), (time.perf_counter() - t0) / n_tok)
     ms_per_token = {name: {"total": 1e3 * breakdown[True][i], "outside_matmuls": 1e3 * breakdown[False][i]}
                     for i, name in enumerate(("ours", "hf"))}
+    # (h) against the original model's k=1 (a full fine-tune's own k=1 is another model)
+    reference = default_reference(init, model)
+    original = model if getattr(model, "lora", None) or reference == init else load(reference, args.device, args.dtype)[0]
+    table, _ = against_original(original, model, tok, prompts, n_new, args.threshold, k_max)
     k1_tps = totals["k=1"]["tokens"] / totals["k=1"]["seconds"]
     hf_tps = hf_total[0] / hf_total[1]
     bound = floors["bandwidth_GBps"] * 1e3 / floors["weight_MB"]
@@ -288,6 +355,8 @@ def main(argv=None):
             "same_text_as_k1": f"{t['same']}/{len(prompts)}"} for name, t in totals.items()},
         "f_pass_cost": floors,
         "g_decode_pass_ms": decode_pass_ms(cost),
+        "h_against_original": {"original": reference, **table},
+        "i_pass_profile": pass_profile(model),
     }
     if args.json:
         print(json.dumps(report))
@@ -313,6 +382,15 @@ def main(argv=None):
               f"{f['flops_floor_ms']:.1f} ms")
     print("(g) the sized passes as decoding timed them (sizing.PassCost.observe): rows, mean ms (passes)")
     print("    " + ", ".join(f"{r}: {g['ms']:.1f} ({g['passes']})" for r, g in report["g_decode_pass_ms"].items()))
+    print(f"(h) against the original model's k=1 ({reference}), passes sized, interleaved:")
+    for line in describe_against_original(table):
+        print("    " + line)
+    print("(i) a pass by rows fed: ms as is = the adapter's update + the base's products + the rest (timed without "
+          "each); torch.profiler's busiest operators (calls, self ms)")
+    for r, i in report["i_pass_profile"].items():
+        print(f"    {r:>3} rows {i['ms']:6.1f} ms = adapter {i['adapter_ms']:5.1f} + products {i['base_products_ms']:5.1f} "
+              f"+ rest {i['rest_ms']:5.1f} | "
+              + ", ".join(f"{name} {count} {ms:.1f}" for name, count, ms in i["top"]))
 
 
 def decode_pass_ms(cost: PassCost) -> dict[int, dict]:

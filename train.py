@@ -16,6 +16,7 @@ import contextlib
 import copy
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench import against_original, describe_against_original
 from ckpt import Diverged, load_checkpoint, probe, restore_last_good, save_checkpoint, save_final_model
 from data import check_branches, get_rows, gsm8k_prompt, load_dataset, load_gsm8k, tokenize
 from data.own_answers import own_answer_examples
@@ -42,14 +44,17 @@ RECIPES = {
                       k_max=16, batch_size=16, grad_accum=8, seq_len=160, branch_every=32, branch_from="all",
                       self_answers=0, warmup=2000, decay="none", steps=100_000, max_minutes=None, eval_every=1000,
                       eval_prompts=4, save_every=1000),
-    # what did best in an hour on a 2-core CPU (docs/RESULTS.md): gated LoRA, the model's own answers
-    # to 512 GSM8K questions, k up to 4, a branch after every answer token
-    "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=128, lora_layers=0, lr=1e-4, lora_lr=1e-3,
+    # what decoded fastest against the original model after the same CPU time (docs/RESULTS.md, "Choosing
+    # the CPU hour's recipe"): gated LoRA in the top 4 blocks, the model's own answers to 512 GSM8K
+    # questions, k up to 4, a branch after every answer token
+    "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=128, lora_layers=4, lr=1e-4, lora_lr=1e-3,
                      k_max=4, batch_size=4, grad_accum=1, seq_len=320, branch_every=1, branch_from="response",
                      self_answers=512, warmup=20, decay="none", steps=100_000, max_minutes=60, eval_every=60,
                      eval_prompts=8, save_every=50),
 }
-FINISH_RESERVE_S = 150  # kept for the final quick eval and the save
+FINISH_RESERVE_S = 150  # kept for the save and the closing measurement (at most a quarter of a short budget)
+AMP_TIMING_SHARE = 0.05  # of the training time left at most for --amp auto's timing
+OWN_ANSWERS_SHARE = 0.25  # of --max-minutes at most for writing the own answers (about 0.15 on an idle CPU)
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
 
 
@@ -182,6 +187,11 @@ def lr_at(step, args, progress=0.0):
     return args.lr * min(warm, decayed)
 
 
+def finish_reserve(args) -> float:
+    """Seconds of --max-minutes kept after training for the save and the closing measurement."""
+    return min(FINISH_RESERVE_S, 0.25 * args.max_minutes * 60)
+
+
 def budget_spent(step, args, t_start, deadline, progress0=0.0):
     """How much of the budget is spent: steps done of --steps, or the time since training started
     (at t_start, after progress0 of an earlier run resumed here) of the time left until the deadline."""
@@ -209,11 +219,9 @@ class Run:
     log: callable = print
     t0: float = 0.0                   # when the run started (time.time())
     step: int = 0
-    last_eval: tuple = (-1, "")       # (step, result line) of the latest quick eval
     last_good_step: int | None = None  # of the latest checkpoint that passed the probe (ckpt.save_checkpoint)
     probe: object = None              # a fixed batch (probe_batch) that every checkpoint is checked on
     good_probe: dict = None           # ckpt.probe of the last good checkpoint (at the start: of the model)
-    last_tokens_per_pass: float = 0.0  # its ConfAdapt(0.9) tokens per pass
     progress: float = 0.0             # the fraction of the budget spent, which --decay follows (budget_spent)
     k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
@@ -226,6 +234,10 @@ class Run:
     @property
     def ddp(self):
         return self.world > 1
+
+    @property
+    def deadline(self):  # when training must stop (time.time()), to leave time for the end of the run
+        return self.t0 + self.args.max_minutes * 60 - finish_reserve(self.args) if self.args.max_minutes else math.inf
 
     @property
     def ckpt_path(self):
@@ -259,11 +271,13 @@ def setup(args) -> Run:
     student, teacher = load_student_and_teacher(args, world, log)
     tok = student.tokenizer
     if args.max_minutes:
-        log(f"plan: {args.max_minutes:.0f} min in all: {f'{args.self_answers} own answers, then ' if args.self_answers else ''}"
-            f"training until minute {args.max_minutes - FINISH_RESERVE_S / 60:.1f} (now {(time.time() - t0) / 60:.1f}), "
-            f"then a quick eval and the save")
+        answers = f"{args.self_answers} own answers (until minute {OWN_ANSWERS_SHARE * args.max_minutes:.1f} at most), then "
+        log(f"plan: {args.max_minutes:g} min in all: {answers if args.self_answers else ''}"
+            f"training until minute {args.max_minutes - finish_reserve(args) / 60:.1f} (now {(time.time() - t0) / 60:.1f}), "
+            f"then the save and a measurement of decoding against the original")
     if args.self_answers:
-        examples = own_answer_examples(args, teacher, tok, rows, out / "self_answers.jsonl", log, rank == 0)
+        deadline = t0 + OWN_ANSWERS_SHARE * args.max_minutes * 60 if args.max_minutes else math.inf
+        examples = own_answer_examples(args, teacher, tok, rows, out / "self_answers.jsonl", log, rank == 0, deadline)
     else:
         examples = tokenize(rows, tok, args.format, args.seq_len)
     check_branches(examples, args)
@@ -301,25 +315,33 @@ def choose_amp(run):
     """--amp auto on a CPU with fast bfloat16: time a real micro-batch of this job (student, teacher,
     backward) in float32 and under bfloat16 autocast, after an untimed round of each, and keep the
     faster: about 50 s of the CPU hour. A small product can favour bfloat16 where the step does not
-    (autocast casts the frozen base again on every pass)."""
-    args, batch = run.args, micro_batches(run, 0)[0]
-    seconds = {}
-    for timed in (False, True):  # the first round warms up
-        for amp in ("none", "bfloat16"):
-            args.amp, t0 = amp, time.perf_counter()
-            with autocast(args):
-                loss, _ = batch_loss(run, batch)
-            loss.backward()
-            if timed:
-                seconds[amp] = time.perf_counter() - t0
+    (autocast casts the frozen base again on every pass). The timing takes at most AMP_TIMING_SHARE
+    of the training time left: on a busy machine it stops early and decides by what it measured."""
+    args, batch, log = run.args, micro_batches(run, 0)[0], run.log
+    t_begin, left = time.time(), run.deadline - time.time()
+    seconds, cut = {}, False
+    for amp in ("none", "bfloat16") * 2:  # the first round warms up
+        if time.time() - t_begin > AMP_TIMING_SHARE * left:
+            cut = True
+            break
+        args.amp, t0 = amp, time.perf_counter()
+        with autocast(args):
+            loss, _ = batch_loss(run, batch)
+        loss.backward()
+        seconds[amp] = time.perf_counter() - t0  # a warm-up's time, until the timed round replaces it
     run.optimizer.zero_grad(set_to_none=True)
-    faster = min(seconds, key=seconds.get)
+    faster = min(seconds, key=seconds.get) if len(seconds) == 2 else "none"
     if run.ddp:  # one precision for every process: rank 0's timing
         faster = "bfloat16" if rank0_values(run, faster == "bfloat16")[0] else "none"
     args.amp = faster
-    run.log(f"precision: a micro-batch of this job took {1e3 * seconds['none']:.1f} ms in float32, "
-            f"{1e3 * seconds['bfloat16']:.1f} ms under bfloat16 autocast: matmuls in "
-            f"{'bfloat16' if faster == 'bfloat16' else 'float32'} (--amp auto)")
+    matmuls = "bfloat16" if faster == "bfloat16" else "float32"
+    if len(seconds) < 2:
+        log(f"precision: no time in the budget to time both ({time.time() - t_begin:.0f} s of {left:.0f} s of "
+            f"training left): matmuls in {matmuls} (--amp auto)")
+        return
+    log(f"precision: a micro-batch of this job took {1e3 * seconds['none']:.1f} ms in float32, "
+        f"{1e3 * seconds['bfloat16']:.1f} ms under bfloat16 autocast: matmuls in {matmuls} (--amp auto"
+        f"{', cut short by the time budget' if cut else ''})")
 
 
 def start_processes(args) -> tuple[int, int]:
@@ -475,19 +497,19 @@ def quick_eval(run) -> str:
         n_tokens[0] += len(ref)
         n_tokens[1] += len(mtp.tokens)
     model.train()
-    run.last_tokens_per_pass = sum(accel) / len(accel)
     return (f"ConfAdapt(0.9) on {len(run.eval_prompts)} held-out prompts: acceleration "
-            f"{run.last_tokens_per_pass:.2f} tokens per pass (k=1: 1.00), same text as k=1 "
+            f"{sum(accel) / len(accel):.2f} tokens per pass (k=1: 1.00), same text as k=1 "
             f"{same}/{len(run.eval_prompts)}, teacher loss {nll[1] / max(n_tokens[1], 1):.3f} "
             f"(k=1 {nll[0] / max(n_tokens[0], 1):.3f})")
 
 
 def train(run):
-    """The loop (train_loop), where Ctrl-C or SIGTERM finishes the step, then saves and exits."""
+    """The loop (train_loop), where Ctrl-C or SIGTERM finishes the step, then saves and exits.
+    Returns the last step and whether a signal stopped it."""
     stop = {"now": False}
     handlers = {sig: signal.signal(sig, lambda *_: stop.update(now=True)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return train_loop(run, stop)
+        return train_loop(run, stop), stop["now"]
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -497,7 +519,11 @@ def train_loop(run, stop):
     """Steps until --steps, --max-minutes or a stop signal, with logging, quick evals and checkpoints."""
     args, log = run.args, run.log
     t_start, first_step, t_log, preds_since = time.time(), run.step, time.time(), 0
-    deadline = run.t0 + args.max_minutes * 60 - FINISH_RESERVE_S if args.max_minutes else math.inf
+    deadline = run.deadline
+    if time.time() > deadline:
+        raise ValueError(f"the --max-minutes {args.max_minutes:g} budget was spent before the first step "
+                         f"({(time.time() - run.t0) / 60:.1f} min on loading{' and own answers' if args.self_answers else ''}, "
+                         f"{finish_reserve(args) / 60:.1f} min kept for the end); nothing was trained or saved")
     bad, learned, progress0 = 0, 0, run.progress
     while run.step < args.steps and not stop["now"]:
         run.progress = budget_spent(run.step, args, t_start, deadline, progress0)
@@ -523,14 +549,13 @@ def train_loop(run, stop):
             shown = min(6, args.k_max)
             agree = " ".join(f"{h / c:.2f}" if c else "-" for h, c in zip(run.hits[:shown], run.counts[:shown]))
             elapsed = time.time() - t_start
-            eta = min(elapsed / (run.step - first_step) * (args.steps - run.step), deadline - time.time())
+            eta = max(0.0, min(elapsed / (run.step - first_step) * (args.steps - run.step), deadline - time.time()))
             log(f"step {run.step} | loss {r['loss']:.4f} | agree@1..{shown} {agree} | gnorm {r['grad_norm']:.2f} "
                 f"| lr {r['lr']:.2e} | {preds_since / dt:.0f} preds/s | eta {eta / 60:.1f} min")
             t_log, preds_since = time.time(), 0
             run.hits.zero_(), run.counts.zero_()
         if (run.master or args.fsdp) and args.eval_every and run.eval_prompts and run.step % args.eval_every == 0:
-            run.last_eval = (run.step, quick_eval(run))
-            log(f"eval step {run.step} | minute {(time.time() - run.t0) / 60:.1f} | {run.last_eval[1]}")
+            log(f"eval step {run.step} | minute {(time.time() - run.t0) / 60:.1f} | {quick_eval(run)}")
         if run.step % args.save_every == 0:
             save_checkpoint(run, run.step)
         out_of_time = time.time() > deadline
@@ -552,37 +577,59 @@ def rank0_values(run, *values) -> list[float]:
     return t.tolist()
 
 
+# a held-out GSM8K test problem (454) in the training prompts' words: the domain the hour trains on
+NEXT_PROMPT = ("Marin and his neighbor Nancy each eat 4 apples a day. How many apples do they eat in 30 days? "
+               "Solve step by step and end with 'The answer is N.'")
+
+
 def summary(run):
-    """What the run bought, in the units decode.py shows, and the command that uses it."""
-    result = ""
-    if run.eval_prompts:
-        result = run.last_eval[1] if run.last_eval[0] == run.step else quick_eval(run)
-        run.log(f"done in {(time.time() - run.t0) / 60:.1f} min | {result}")
+    """What the run bought, in the units a user cares about: the tuned model's ConfAdapt(0.9) and
+    --verify against the ORIGINAL model's k=1 on the held-out prompts, in tokens/s (bench.against_original),
+    as far as the time budget allows; then the command that decodes with it."""
+    original = run.teacher  # the frozen copy, or with gated LoRA the model itself (its k=1 is the original)
+    end = run.t0 + run.args.max_minutes * 60 if run.args.max_minutes else math.inf
+    if run.eval_prompts and time.time() < end:
+        run.student.eval()
+        table, measured = against_original(original, run.student, run.tok, run.eval_prompts, run.args.eval_tokens,
+                                           0.9, run.args.k_max, deadline=end)
+        run.log(f"done in {(time.time() - run.t0) / 60:.1f} min | on {measured} held-out prompts"
+                f"{f' of {len(run.eval_prompts)} (the time budget ended)' if measured < len(run.eval_prompts) else ''}, "
+                f"interleaved, against the original model's k=1:")
+        for line in describe_against_original(table):
+            run.log("  " + line)
+    elif run.eval_prompts:
+        run.log(f"done in {(time.time() - run.t0) / 60:.1f} min | no time left in the budget to measure decoding")
     init = "" if run.out.resolve() == Path("out").resolve() else f" --init {run.out / 'model'}"
-    run.log(f"next: python decode.py{init} --prompt \"What is 12 times 7?\" --threshold 0.9")
-    if result:
-        run.log(f"  its last line gives tokens per pass as 'acceleration': {run.last_tokens_per_pass:.2f} on average "
-                f"on the held-out prompts here, where the original model gives 1.00")
+    run.log(f'next: python decode.py{init} --prompt "{NEXT_PROMPT}" --threshold 0.9')
 
 
-def main(args):
+def resume_command(argv) -> str:
+    """The command that continues this run: its own flags, with --resume."""
+    flags = [a for a in argv if a != "--overwrite"]
+    return shlex.join(["python", "train.py", *flags, *([] if "--resume" in flags else ["--resume"])])
+
+
+def main(args, argv=()):
     run = setup(args)
     try:
-        step = train(run)
-        model_state = save_checkpoint(run, step)
+        step, interrupted = train(run)
+        model_state = save_checkpoint(run, step)  # a signal's save comes first, before anything else
     except Diverged as diverged:
         restore_last_good(run, diverged)
     if run.master:
         save_final_model(run, step, model_state)
-    if run.master or args.fsdp:  # a sharded student needs every process for a forward pass
+    if interrupted:  # a scheduler's grace period is short: no evaluation, only the way back
+        run.log(f"stopped by a signal after step {step}; to continue: {resume_command(argv)}")
+    elif run.master or args.fsdp:  # a sharded student needs every process for a forward pass
         summary(run)
     if run.ddp:
         dist.destroy_process_group()
 
 
 def cli(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        main(get_args(argv))
+        main(get_args(argv), argv)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

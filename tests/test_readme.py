@@ -33,8 +33,18 @@ def test_readme_main_job(script, root, tiny_qwen, tmp_path, lora):
     # the end of the run says what to do next, in README's words, and what it should show
     decode_line = next(line for line in readme.splitlines() if line.startswith("python decode.py"))
     assert f"next: {decode_line}" in t.stdout
-    assert re.search(r"'acceleration': [0-9.]+ on average on the held-out prompts here, where the original "
-                     r"model gives 1\.00", t.stdout), t.stdout
+    # and what it bought: tokens/s against the original model's k=1, on held-out prompts
+    assert re.search(r"done in [0-9.]+ min \| on 2 held-out prompts, interleaved, against the original "
+                     r"model's k=1:", t.stdout), t.stdout
+    names = ["original k=1", *(["k=1"] if lora == "0" else []), "ConfAdapt(0.9)", "--verify"]
+    for name in names:
+        line = re.search(rf"^  {re.escape(name)} +[0-9.]+ tokens/s +([0-9.]+)x the original's k=1 \| ([0-9.]+) tokens "
+                         rf"per pass \| final answer = the original's \d+%, text (\d+)%$", t.stdout, re.M)
+        assert line, (name, t.stdout)
+        if name == "original k=1":
+            assert float(line.group(1)) == 1.0 and float(line.group(2)) == 1.0 and line.group(3) == "100"
+        if name == "--verify" and lora != "0":  # gated LoRA: --verify is the original's text
+            assert line.group(3) == "100"
     saved = tmp_path / "out" / "model"
     assert (saved / ("adapter_config.json" if lora != "0" else "config.json")).is_file()
 

@@ -4,9 +4,11 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
+import time
 from unittest import mock
 
 import pytest
@@ -77,6 +79,32 @@ def test_a_diverging_run_leaves_the_last_model_that_works(train_tiny, tmp_path, 
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     assert same(load_file(out / "model" / ("adapter.safetensors" if adapter else "model.safetensors")), good)
     assert works(out / "model")
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_loss_spike_is_not_kept_as_the_last_good_checkpoint(train_tiny, tmp_path, kind):
+    """One step at lr 1e6 can leave finite weights and finite logits, and a model that no longer does
+    its job. Its loss on the fixed probe batch jumps past the bound, so its checkpoint is refused: the
+    run ends non-zero and says so, with the model of step 2 in place."""
+    out = tmp_path / "out"
+    setting = dict(lora=4) if kind == "lora" else {}
+    assert train_tiny(out, steps=2, **setting).returncode == 0
+    name = "adapter.safetensors" if kind == "lora" else "model.safetensors"
+    good = load_file(out / "model" / name)
+    r = train_tiny(out, "--resume", steps=6, lr=1e6, warmup=1, save_every=1, **setting)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert re.search(r"jumped from [\d.]+ to [\d.e+]+ since step 2 at step 3|non-finite logits at step 3", r.stderr), r.stderr
+    assert saved_step(r.stderr) == 2 == torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert same(load_file(out / "model" / name), good)
+
+
+def test_a_normal_runs_probe_never_trips(train_tiny, tmp_path):
+    """The probe's bound holds a healthy run: every checkpoint of 12 steps at the tiny model's lr is
+    saved, and each says its probe loss against the last good one."""
+    r = train_tiny(tmp_path / "out", steps=12, save_every=1)
+    assert r.returncode == 0, r.stderr
+    probes = re.findall(r"checkpoint step (\d+) \| probe loss ([\d.]+), teacher loss ([\d.]+)", r.stdout)
+    assert [int(p[0]) for p in probes] == list(range(1, 13)), r.stdout
 
 
 def test_a_run_that_diverges_before_any_save_saves_nothing(train_tiny, tmp_path):
@@ -173,15 +201,56 @@ def test_full_disk_says_so_and_leaves_no_partial_files(tiny_qwen, tmp_path):
 # -----------------------------------------------------------------------------
 # SIGTERM, overwriting, resuming with other settings
 
-def test_sigterm_saves_and_exits(script, train_tiny, tmp_path):
-    p = script.start("train.py", *train_tiny.args(tmp_path / "out", steps=100000, save_every=100000))
+def test_sigterm_saves_and_exits_at_once(script, train_tiny, tmp_path):
+    """A scheduler sends SIGKILL a grace period after SIGTERM (30 s by default): the run finishes its
+    step, saves, prints the command that resumes it and exits 0, with no evaluation in between."""
+    out_dir = tmp_path / "out"
+    p = script.start("train.py", *train_tiny.args(out_dir, steps=100000, save_every=100000, eval_prompts=8,
+                                                  eval_tokens=128))
     for line in p.stdout:
         if line.startswith("step 1 "):
             break
+    t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
+    took = time.monotonic() - t0
     assert p.returncode == 0, err
-    assert "saved" in out and (tmp_path / "out" / "model" / "config.json").exists()
+    assert "saved" in out and (out_dir / "model" / "config.json").exists()
+    resume = re.search(r"stopped by a signal after step (\d+); to continue: (.+)", out)
+    assert resume, out
+    command = shlex.split(resume.group(2))
+    assert command[:2] == ["python", "train.py"] and "--resume" in command and str(out_dir) in command
+    assert "done in" not in out and "tokens/s" not in out  # no decoding after the signal
+    assert took < 10, f"{took:.1f} s from SIGTERM to exit"
+    step = int(resume.group(1))
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["step"] == step
+
+
+def test_a_budget_spent_before_training_trains_nothing(train_tiny, tmp_path):
+    """--max-minutes spent by the own answers: they stop at their share of the budget, the progress
+    count never passes its total, and the run says in one line that nothing was trained, saving
+    nothing but the answers (a run with a larger budget reuses them)."""
+    out = tmp_path / "out"
+    r = train_tiny(out, max_minutes=0.001, self_answers=25, seq_len=48)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "budget was spent before the first step" in r.stderr and "nothing was trained or saved" in r.stderr
+    counts = [tuple(map(int, m)) for m in re.findall(r"self-answers: (\d+)/(\d+)", r.stdout)]
+    assert counts and all(done <= total for done, total in counts), r.stdout
+    assert "self-answers: stopped at" in r.stdout, r.stdout
+    assert not (out / "ckpt.pt").exists() and not (out / "model").exists()
+    assert (out / "self_answers.jsonl").exists()
+
+
+def test_a_short_budget_is_kept_and_the_eta_never_negative(train_tiny, tmp_path):
+    """A 12-second budget: own answers, training, the save and the closing measurement all fit in it,
+    and no step line shows a negative time left."""
+    r = train_tiny(tmp_path / "out", max_minutes=0.2, self_answers=8, seq_len=48, steps=100000, save_every=100000,
+                   eval_tokens=128, eval_prompts=4)
+    assert r.returncode == 0, r.stderr
+    etas = [float(e) for e in re.findall(r"\| eta (-?[\d.]+) min", r.stdout)]
+    assert etas and min(etas) >= 0, r.stdout
+    done = float(re.search(r"done in ([\d.]+) min", r.stdout).group(1))
+    assert done <= 0.2 + 0.05, r.stdout  # the closing measurement stops at the end of the budget
 
 
 def test_earlier_work_is_not_overwritten(train_tiny, tmp_path):
