@@ -4,6 +4,7 @@ a training step.
     python bench.py                       # out/model if train.py wrote one, else SmolLM2-135M
     python bench.py --init out/cpu-run/model --prompts 8 --max-new-tokens 128
     python bench.py --offset 200 --prompts 20    # GSM8K test problems 200-219, never trained or tuned on
+    python bench.py --against-original --offset 200 --prompts 20   # only (h) and (i)
     python bench.py --train-step 2 --amp none   # N MTP steps against N plain steps (train.py's flags)
 
 (a) our k=1 decoding vs transformers' generate (greedy, KV cache, same weights, dtype and threads);
@@ -37,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import extract_number, gsm8k_prompt, load_gsm8k
+from distill import teacher_nll
 from decode import default_init, encode_prompt, generate, load, measure_pass_cost
 from evaluate import default_reference
 from cpu_kernels import best_seconds, machine
@@ -186,11 +188,13 @@ def pass_cost_table(model, device, dtype, max_rows=32):
 
 @torch.no_grad()
 def against_original(original, model, tok, prompts, max_new_tokens: int, threshold: float = 0.9,
-                     k_max: int | None = None, deadline: float = float("inf")) -> tuple[dict, int]:
+                     k_max: int | None = None, deadline: float = float("inf"), teacher_loss: bool = False
+                     ) -> tuple[dict, int]:
     """The tuned model's decoding against the ORIGINAL model's k=1, prompt by prompt, interleaved so
     that load on the machine hits every strategy alike: tokens/s and its ratio to the original's, tokens
-    per pass, and how often the text and the final number are the original's. Passes are sized by their
-    cost, as decode.py sizes them. original may be model itself (gated LoRA: its k=1 is the original).
+    per pass, how often the text and the final number are the original's, and if asked the teacher loss
+    (the original's NLL per new token, distill.teacher_nll). Passes are sized by their cost, as
+    decode.py sizes them. original may be model itself (gated LoRA: its k=1 is the original).
     No prompt starts after the deadline (time.time()), but the first. Returns the table and the
     number of prompts it measured."""
     k_max = k_max or model.cfg.k_max or 16
@@ -207,7 +211,7 @@ def against_original(original, model, tok, prompts, max_new_tokens: int, thresho
              "--verify": measure_pass_cost(model, k_max, True)}
     for name, run in strategies.items():  # warm-up: every kernel has chosen for its rows
         run(prompts[0][:16], costs[name])
-    totals = {name: dict(tokens=0, seconds=0.0, passes=0, same=0, same_answer=0) for name in strategies}
+    totals = {name: dict(tokens=0, seconds=0.0, passes=0, same=0, same_answer=0, nll=0.0) for name in strategies}
     measured = 0
     for prompt in prompts:
         if measured and time.time() > deadline:
@@ -223,17 +227,21 @@ def against_original(original, model, tok, prompts, max_new_tokens: int, thresho
             t["passes"] += r.passes
             t["same"] += r.tokens == ref
             t["same_answer"] += extract_number(tok.decode(r.tokens)) == extract_number(tok.decode(ref))
+            t["nll"] += teacher_nll(original, prompt, r.tokens) if teacher_loss else 0.0
     base = totals["original k=1"]["tokens"] / totals["original k=1"]["seconds"]
     return {name: {"tokens_per_s": t["tokens"] / t["seconds"], "vs_original": t["tokens"] / t["seconds"] / base,
                    "tokens_per_pass": t["tokens"] / max(t["passes"], 1), "same_text": t["same"] / measured,
-                   "same_answer": t["same_answer"] / measured} for name, t in totals.items()}, measured
+                   "same_answer": t["same_answer"] / measured,
+                   **({"teacher_loss": t["nll"] / max(t["tokens"], 1)} if teacher_loss else {})}
+            for name, t in totals.items()}, measured
 
 
 def describe_against_original(table: dict) -> list[str]:
     """against_original's table, a line per strategy."""
     return [f"{name:<16} {t['tokens_per_s']:6.1f} tokens/s {t['vs_original']:5.2f}x the original's k=1 | "
             f"{t['tokens_per_pass']:.2f} tokens per pass | final answer = the original's {t['same_answer']:.0%}, "
-            f"text {t['same_text']:.0%}" for name, t in table.items()]
+            f"text {t['same_text']:.0%}" + (f" | teacher loss {t['teacher_loss']:.3f}" if "teacher_loss" in t else "")
+            for name, t in table.items()]
 
 
 def main(argv=None):
@@ -247,6 +255,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default=None)
     p.add_argument("--prompts", type=int, default=8, help="GSM8K test questions used as prompts")
+    p.add_argument("--against-original", action="store_true", help="only (h) and (i): the tuned model "
+                   "against the original's k=1, and where a pass's time goes")
     p.add_argument("--offset", type=int, default=0, help="the first GSM8K test question used (time problems "
                    "the model was neither trained nor tuned on)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -274,16 +284,25 @@ def main(argv=None):
     init = args.init or default_init()
     model, tok = load(init, args.device, args.dtype)
     k_max = args.k_max or model.cfg.k_max or 16
+    prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), True)
+               for r in load_gsm8k("test")[args.offset:args.offset + args.prompts]]
+    if not prompts:
+        raise ValueError(f"--offset {args.offset} is past the last of GSM8K's 1319 test questions")
+    header = {"machine": machine(), "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "prompts": len(prompts), "offset": args.offset, "k_max": k_max}
+    if args.against_original:
+        report = {**header, **against_original_report(init, model, tok, prompts, args, k_max)}
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print_against_original(report, args)
+        return
     with tempfile.TemporaryDirectory() as d:  # the very same weights, in transformers
         save_model(model, d, original=True)  # a gated-LoRA model's k=1 is its original
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, args.dtype)).to(args.device)
     hf.eval()
     if args.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
-    prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), True)
-               for r in load_gsm8k("test")[args.offset:args.offset + args.prompts]]
-    if not prompts:
-        raise ValueError(f"--offset {args.offset} is past the last of GSM8K's 1319 test questions")
     stop = sorted(tok.stop_ids)
     n_new = args.max_new_tokens
 
@@ -334,16 +353,11 @@ def main(argv=None):
             breakdown[matmuls] = (ours.seconds / len(ours.tokens), (time.perf_counter() - t0) / n_tok)
     ms_per_token = {name: {"total": 1e3 * breakdown[True][i], "outside_matmuls": 1e3 * breakdown[False][i]}
                     for i, name in enumerate(("ours", "hf"))}
-    # (h) against the original model's k=1 (a full fine-tune's own k=1 is another model)
-    reference = default_reference(init, model)
-    original = model if getattr(model, "lora", None) or reference == init else load(reference, args.device, args.dtype)[0]
-    table, _ = against_original(original, model, tok, prompts, n_new, args.threshold, k_max)
     k1_tps = totals["k=1"]["tokens"] / totals["k=1"]["seconds"]
     hf_tps = hf_total[0] / hf_total[1]
     bound = floors["bandwidth_GBps"] * 1e3 / floors["weight_MB"]
     report = {
-        "machine": machine(), "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "prompts": len(prompts), "k_max": k_max,
+        **header,
         "a_ours_k1_vs_transformers": k1_tps / hf_tps, "a_tokens_per_s": {"ours_k1": k1_tps, "transformers": hf_tps},
         "c_k1_bound_tokens_per_s": bound, "c_k1_fraction_of_bound": k1_tps / bound,
         "d_ms_per_token": ms_per_token,
@@ -355,8 +369,7 @@ def main(argv=None):
             "same_text_as_k1": f"{t['same']}/{len(prompts)}"} for name, t in totals.items()},
         "f_pass_cost": floors,
         "g_decode_pass_ms": decode_pass_ms(cost),
-        "h_against_original": {"original": reference, **table},
-        "i_pass_profile": pass_profile(model),
+        **against_original_report(init, model, tok, prompts, args, k_max),
     }
     if args.json:
         print(json.dumps(report))
@@ -382,15 +395,33 @@ def main(argv=None):
               f"{f['flops_floor_ms']:.1f} ms")
     print("(g) the sized passes as decoding timed them (sizing.PassCost.observe): rows, mean ms (passes)")
     print("    " + ", ".join(f"{r}: {g['ms']:.1f} ({g['passes']})" for r, g in report["g_decode_pass_ms"].items()))
-    print(f"(h) against the original model's k=1 ({reference}), passes sized, interleaved:")
+    print_against_original(report, args)
+
+
+def against_original_report(init, model, tok, prompts, args, k_max) -> dict:
+    """(h) against the original model's k=1 (a full fine-tune's own k=1 is another model), and (i)."""
+    reference = default_reference(init, model)
+    original = model if getattr(model, "lora", None) or reference == init else load(reference, args.device, args.dtype)[0]
+    table, _ = against_original(original, model, tok, prompts, args.max_new_tokens, args.threshold, k_max,
+                                teacher_loss=True)
+    return {"h_against_original": {"original": reference, **table}, "i_pass_profile": pass_profile(model)}
+
+
+def print_against_original(report: dict, args):
+    if args.against_original:
+        print(f"machine: {report['machine']}")
+        print(f"{args.device} {args.dtype}, {report['threads']} threads, GSM8K test prompts {args.offset}-"
+              f"{args.offset + report['prompts'] - 1}, up to {args.max_new_tokens} new tokens, k_max {report['k_max']}")
+    table = {name: t for name, t in report["h_against_original"].items() if name != "original"}
+    print(f"(h) against the original model's k=1 ({report['h_against_original']['original']}), passes sized, "
+          f"interleaved:")
     for line in describe_against_original(table):
         print("    " + line)
     print("(i) a pass by rows fed: ms as is = the adapter's update + the base's products + the rest (timed without "
           "each); torch.profiler's busiest operators (calls, self ms)")
     for r, i in report["i_pass_profile"].items():
         print(f"    {r:>3} rows {i['ms']:6.1f} ms = adapter {i['adapter_ms']:5.1f} + products {i['base_products_ms']:5.1f} "
-              f"+ rest {i['rest_ms']:5.1f} | "
-              + ", ".join(f"{name} {count} {ms:.1f}" for name, count, ms in i["top"]))
+              f"+ rest {i['rest_ms']:5.1f} | " + ", ".join(f"{name} {count} {ms:.1f}" for name, count, ms in i["top"]))
 
 
 def decode_pass_ms(cost: PassCost) -> dict[int, dict]:

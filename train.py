@@ -87,7 +87,7 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--lora", type=int, help="gated LoRA of this rank (0: full fine-tuning); the original "
                    "weights stay frozen and real tokens see them exactly")
     p.add_argument("--lora-layers", type=int, help="gated LoRA in the top N blocks only (0: all), with a fixed "
-                   "<MTP> embedding: a decode pass then runs fewer small products, and backward stops at block N")
+                   "<MTP> embedding: a decode pass then runs fewer small products, and backward stops at the lowest of them")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--k-max", type=int, help="k is drawn from 2..k_max every micro-batch")

@@ -194,3 +194,35 @@ def test_train_lora_saves_an_adapter_that_decodes_as_the_original(script, train_
     assert tuned_report["all"]["reference k=1"] == tuned_report["all"]["k=1"]
     for key in ("teacher_loss", "new_tokens", "accuracy"):
         assert tuned_report["all"]["reference k=1"][key] == base_report["all"]["k=1"][key], key
+
+
+def test_adapters_in_the_top_blocks_leave_the_blocks_below_the_original(tiny_qwen, tmp_path):
+    """--lora-layers 1: every row, <MTP> rows included, reaches the top block exactly as in the original
+    model (transformers' hidden states); only that block's adapters train, with the <MTP> embedding
+    fixed; the mask rows' logits are the adapter's, the real rows' the original's; and the adapter
+    folder keeps its block count."""
+    model = load_model(str(tiny_qwen))
+    n = len(model.layers)
+    add_lora(model, 4, alpha=8.0, layers=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter_state(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(name.startswith(f"layers.{n - 1}.") and "lora_" in name for name in trained), trained
+    into_top = []
+    model.layers[-1].register_forward_pre_hook(lambda module, args: into_top.append(args[0]))
+    idx = torch.tensor([[9707, 11, 1879, 151669, 151669, 151669]])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen).eval()
+    with torch.no_grad():
+        logits = model(idx)
+        ref = hf(idx, output_hidden_states=True)
+    torch.testing.assert_close(into_top[0], ref.hidden_states[n - 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[:, :3], ref.logits[:, :3], rtol=0, atol=1e-5)
+    assert (logits[:, 3:] - ref.logits[:, 3:]).abs().max() > 1e-3  # the adapter acts on the masks
+    model.lora["base"] = str(tiny_qwen)
+    save_model(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["layers"] == 1
+    loaded = load_model(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), logits)
