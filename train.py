@@ -130,6 +130,7 @@ def get_args(argv=None, fresh_out: bool = True):
         a.lora = 0 if a.fsdp else recipe["lora"]
     if a.lr is None:
         a.lr = recipe["lora_lr"] if a.lora else recipe["lr"]
+    a.lora_layers_from_recipe = a.lora_layers is None  # the recipe's top N blocks: all of a smaller model
     for key, value in recipe.items():
         if key != "lora_lr" and getattr(a, key) is None:
             setattr(a, key, value)
@@ -399,6 +400,8 @@ def check_settings_against(cfg, args):
     if last > cfg.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} with --k-max {args.k_max} reaches position {last}, beyond "
                          f"the model's context of {cfg.max_seq_len} positions")
+    if args.lora_layers > cfg.n_layers and getattr(args, "lora_layers_from_recipe", False):
+        args.lora_layers = 0  # every block
     if args.lora_layers > cfg.n_layers:
         raise ValueError(f"--lora-layers {args.lora_layers} is more than the model's {cfg.n_layers} blocks")
     if args.lora > min(cfg.dim, cfg.n_heads * cfg.head_dim):

@@ -81,21 +81,21 @@ def test_a_diverging_run_leaves_the_last_model_that_works(train_tiny, tmp_path, 
     assert works(out / "model")
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_a_loss_spike_is_not_kept_as_the_last_good_checkpoint(train_tiny, tmp_path, kind):
+def test_a_loss_spike_is_not_kept_as_the_last_good_checkpoint(train_tiny, tmp_path):
     """One step at lr 1e6 can leave finite weights and finite logits, and a model that no longer does
     its job. Its loss on the fixed probe batch jumps past the bound, so its checkpoint is refused: the
-    run ends non-zero and says so, with the model of step 2 in place."""
+    run ends non-zero and says so, with the model of step 16 in place."""
     out = tmp_path / "out"
-    setting = dict(lora=4) if kind == "lora" else {}
-    assert train_tiny(out, steps=2, **setting).returncode == 0
-    name = "adapter.safetensors" if kind == "lora" else "model.safetensors"
-    good = load_file(out / "model" / name)
-    r = train_tiny(out, "--resume", steps=6, lr=1e6, warmup=1, save_every=1, **setting)
+    # (full fine-tuning: gated LoRA on this random model stays near the uniform loss, with nothing to lose;
+    # docs/RESULTS.md, "Loss spikes", shows the refusal on SmolLM2 with gated LoRA)
+    # a random model is near the uniform loss already (ln of 151936 rows: 11.9): first learn something
+    assert train_tiny(out, steps=16, lr=3e-2, warmup=1, save_every=16).returncode == 0
+    good = load_file(out / "model" / "model.safetensors")
+    r = train_tiny(out, "--resume", steps=22, lr=1e6, warmup=1, save_every=1)
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert re.search(r"jumped from [\d.]+ to [\d.e+]+ since step 2 at step 3|non-finite logits at step 3", r.stderr), r.stderr
-    assert saved_step(r.stderr) == 2 == torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    assert same(load_file(out / "model" / name), good)
+    assert re.search(r"jumped from [\d.]+ to [\d.e+]+ since step 16 at step 17", r.stderr), r.stderr
+    assert saved_step(r.stderr) == 16 == torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert same(load_file(out / "model" / "model.safetensors"), good)
 
 
 def test_a_normal_runs_probe_never_trips(train_tiny, tmp_path):
@@ -104,7 +104,7 @@ def test_a_normal_runs_probe_never_trips(train_tiny, tmp_path):
     r = train_tiny(tmp_path / "out", steps=12, save_every=1)
     assert r.returncode == 0, r.stderr
     probes = re.findall(r"checkpoint step (\d+) \| probe loss ([\d.]+), teacher loss ([\d.]+)", r.stdout)
-    assert [int(p[0]) for p in probes] == list(range(1, 13)), r.stdout
+    assert sorted({int(p[0]) for p in probes}) == list(range(1, 13)), r.stdout  # (the final save checks 12 again)
 
 
 def test_a_run_that_diverges_before_any_save_saves_nothing(train_tiny, tmp_path):
@@ -227,16 +227,15 @@ def test_sigterm_saves_and_exits_at_once(script, train_tiny, tmp_path):
 
 
 def test_a_budget_spent_before_training_trains_nothing(train_tiny, tmp_path):
-    """--max-minutes spent by the own answers: they stop at their share of the budget, the progress
-    count never passes its total, and the run says in one line that nothing was trained, saving
-    nothing but the answers (a run with a larger budget reuses them)."""
+    """--max-minutes spent before the first step: the progress count never passes its total, and the
+    run says in one line that nothing was trained, saving nothing but the answers (a run with a larger
+    budget reuses them)."""
     out = tmp_path / "out"
     r = train_tiny(out, max_minutes=0.001, self_answers=25, seq_len=48)
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "budget was spent before the first step" in r.stderr and "nothing was trained or saved" in r.stderr
     counts = [tuple(map(int, m)) for m in re.findall(r"self-answers: (\d+)/(\d+)", r.stdout)]
-    assert counts and all(done <= total for done, total in counts), r.stdout
-    assert "self-answers: stopped at" in r.stdout, r.stdout
+    assert counts and all(done <= total for done, total in counts), r.stdout  # 25 of 25, not a batch of 32
     assert not (out / "ckpt.pt").exists() and not (out / "model").exists()
     assert (out / "self_answers.jsonl").exists()
 
@@ -489,3 +488,16 @@ def test_settings_out_of_range_for_the_model_name_the_setting(script, tiny_qwen,
     prompt = ["--prompt", "Hi"] if script_name == "decode.py" else []
     r = script(script_name, "--init", tiny_qwen, *prompt, *args)
     assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_own_answers_stop_at_their_deadline(tiny_qwen, tmp_path):
+    """Past its deadline, writing the own answers stops after the batch in hand, says so, and keeps
+    what it wrote; its count never passes the total."""
+    from data.own_answers import write_own_answers
+    model = load_model(str(tiny_qwen))
+    rows = [{"question": "What is " + "very " * i + "big?"} for i in range(10)]  # 10 lengths: 10 batches
+    logged = []
+    write_own_answers(model, model.tokenizer, rows, 10, 4, lambda q: q, tmp_path / "a.jsonl", logged.append,
+                      "{}", deadline=time.time() - 1)
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 1 + 1
+    assert logged[-1].startswith("self-answers: stopped at 1/10"), logged

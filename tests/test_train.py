@@ -124,6 +124,7 @@ def test_two_processes_equal_one(train_tiny, tmp_path, sharding):
     (["--k-max", "1"], "--k-max must be at least 2"),
     (["--recipe", "gpu"], "argument --recipe: invalid choice"),
     (["--k-weights", "1", "1"], "--k-weights needs 5 weights"),
+    (["--lora", "4", "--lora-layers", "3"], "--lora-layers 3 is more than the model's 2 blocks"),
 ])
 def test_bad_input(script, train_tiny, tmp_path, args, message):
     base = train_tiny.args(tmp_path / "out")
@@ -138,12 +139,13 @@ def test_bad_input(script, train_tiny, tmp_path, args, message):
 
 
 def test_cpu_defaults_are_the_hour_recipe(tmp_path):
-    """No flags on a CPU: the cpu-hour recipe, gated LoRA rank 128 at lr 1e-3 on the model's own
+    """No flags on a CPU: the cpu-hour recipe, gated LoRA rank 128 in the top 4 blocks at lr 1e-3 on the model's own
     answers, in a 60-minute budget (docs/RESULTS.md); --lora 0 is full fine-tuning at lr 1e-4; with
     --fsdp it stays full; --recipe paper-gpu is the paper's; a flag overrides its setting."""
     from train import RECIPES, get_args
     a = get_args(["--device", "cpu", "--out", str(tmp_path / "a")])
-    assert (a.recipe, a.lora, a.lr, a.self_answers, a.k_max, a.max_minutes) == ("cpu-hour", 128, 1e-3, 512, 4, 60.0)
+    assert (a.recipe, a.lora, a.lora_layers, a.lr, a.self_answers, a.k_max, a.max_minutes) == \
+        ("cpu-hour", 128, 4, 1e-3, 512, 4, 60.0)
     a = get_args(["--device", "cpu", "--out", str(tmp_path / "b"), "--lora", "0"])
     assert (a.lora, a.lr) == (0, 1e-4)
     a = get_args(["--device", "cpu", "--out", str(tmp_path / "c"), "--fsdp"])
