@@ -42,7 +42,7 @@ from distill import teacher_nll
 from decode import default_init, encode_prompt, generate, load, measure_pass_cost
 from evaluate import default_reference
 from cpu_kernels import best_seconds, machine
-from sizing import PassCost
+from sizing import PassCost, mask_pass
 from weights import save_model
 
 
@@ -86,31 +86,21 @@ def pass_profile(model, rows=(1, 2, 4, 16), context=256, reps=5, top=6):
     without the adapter's update, and without any matrix product (best of reps, interleaved): the
     differences are the adapter's time and the base products' time, the last is the rest. Then
     torch.profiler's operators with the most self CPU time in one such pass, with their call counts."""
-    device = model.embed_tokens.weight.device
-    cache = model.new_cache(context + max(rows))
-    model(torch.zeros(1, context, dtype=torch.long, device=device), cache=cache)
-    inputs = {r: torch.full((1, r), model.cfg.mask_id or 0, dtype=torch.long, device=device) for r in rows}
-    for idx in inputs.values():
-        idx[0, 0] = 1
-
-    def one_pass(idx):
-        finished(model(idx, cache=cache))
-        cache.truncate(context)
-
+    one_pass = mask_pass(model, rows, context)
     variants = {"as is": contextlib.nullcontext, "no adapter": without_adapter, "no products": without_matmuls}
     ms = {(v, r): math.inf for v in variants for r in rows}
     for rep in range(reps + 1):  # the first round warms up
         for v, variant in variants.items():
             with variant():
-                for r, idx in inputs.items():
+                for r in rows:
                     t0 = time.perf_counter()
-                    one_pass(idx)
+                    one_pass(r)
                     if rep:
                         ms[v, r] = min(ms[v, r], 1e3 * (time.perf_counter() - t0))
     report = {}
-    for r, idx in inputs.items():
+    for r in rows:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            one_pass(idx)
+            one_pass(r)
         ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         report[r] = {"ms": ms["as is", r], "adapter_ms": ms["as is", r] - ms["no adapter", r],
                      "base_products_ms": ms["no adapter", r] - ms["no products", r], "rest_ms": ms["no products", r],

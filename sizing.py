@@ -74,27 +74,37 @@ class PassCost:
         """Time a pass of 1, 2, 4, ... max_rows rows (one token, the rest <MTP>) after `context`
         cached positions: the best of `reps` rounds over all row counts, after an untimed one, so
         that a moment of load on the machine hits every row count alike."""
-        device = model.embed_tokens.weight.device
         rows = [1 << i for i in range(max(1, max_rows - 1).bit_length() + 1)]
-        cache = model.new_cache(context + rows[-1])
-        model(torch.zeros(1, context, dtype=torch.long, device=device), cache=cache)
-        inputs = {r: torch.full((1, r), model.cfg.mask_id or 0, dtype=torch.long, device=device) for r in rows}
-        for idx in inputs.values():
-            idx[0, 0] = 1
+        one_pass = mask_pass(model, rows, context)
         seconds = dict.fromkeys(rows, float("inf"))
         for rep in range(reps + 1):
-            for r, idx in inputs.items():
+            for r in rows:
                 t0 = time.perf_counter()
-                model(idx, cache=cache)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                cache.truncate(context)
+                one_pass(r)
                 if rep:
                     seconds[r] = min(seconds[r], time.perf_counter() - t0)
         return cls(seconds)
 
     def __repr__(self):
         return "PassCost(" + ", ".join(f"{r}: {1e3 * s:.1f} ms" for r, s in zip(self.rows, self.seconds)) + ")"
+
+
+def mask_pass(model, rows, context: int = 256):
+    """A function that runs one decode pass of r rows (one token, r-1 <MTP>) for r in rows, after
+    `context` cached positions, and cuts the cache back to them: the pass whose cost is timed."""
+    device = model.embed_tokens.weight.device
+    cache = model.new_cache(context + max(rows))
+    model(torch.zeros(1, context, dtype=torch.long, device=device), cache=cache)
+    inputs = {r: torch.full((1, r), model.cfg.mask_id or 0, dtype=torch.long, device=device) for r in rows}
+    for idx in inputs.values():
+        idx[0, 0] = 1
+
+    def one_pass(r):
+        model(inputs[r], cache=cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        cache.truncate(context)
+    return one_pass
 
 
 class Acceptance:

@@ -237,8 +237,12 @@ class Run:
         return self.world > 1
 
     @property
-    def deadline(self):  # when training must stop (time.time()), to leave time for the end of the run
-        return self.t0 + self.args.max_minutes * 60 - finish_reserve(self.args) if self.args.max_minutes else math.inf
+    def end(self):  # when --max-minutes is spent (time.time())
+        return self.t0 + self.args.max_minutes * 60 if self.args.max_minutes else math.inf
+
+    @property
+    def deadline(self):  # when training must stop, to leave time for the end of the run
+        return self.end - finish_reserve(self.args) if self.args.max_minutes else math.inf
 
     @property
     def ckpt_path(self):
@@ -590,7 +594,7 @@ def summary(run):
     --verify against the ORIGINAL model's k=1 on the held-out prompts, in tokens/s (bench.against_original),
     as far as the time budget allows; then the command that decodes with it."""
     original = run.teacher  # the frozen copy, or with gated LoRA the model itself (its k=1 is the original)
-    end = run.t0 + run.args.max_minutes * 60 if run.args.max_minutes else math.inf
+    end = run.end
     if run.eval_prompts and time.time() < end:
         run.student.eval()
         table, measured = against_original(original, run.student, run.tok, run.eval_prompts, run.args.eval_tokens,
