@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -103,9 +104,19 @@ class Attention(nn.Module):
             else:  # read the cache only (training's branch passes over a shared prefix, with autograd)
                 k, v = torch.cat([cache_k[:, :, :start], k], 2), torch.cat([cache_v[:, :, :start], v], 2)
             k, v = k.to(q.dtype), v.to(q.dtype)  # autocast computes q in its dtype, the cache keeps the model's
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=True)
+        y = attention(q, k, v, mask, is_causal=mask is None and T > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def attention(q, k, v, mask, is_causal: bool):
+    """Scaled dot-product attention with grouped keys/values (n_kv_heads <= n_heads). On a GPU the
+    fused kernels take no boolean mask together with grouped heads, and a call that has both falls
+    back to the unfused one, which computes every score in memory: there keys and values are first
+    repeated for every head, a copy that lets the memory-efficient kernel take the mask."""
+    if q.is_cuda and isinstance(mask, torch.Tensor) and k.size(1) != q.size(1):
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -183,14 +194,14 @@ class Transformer(nn.Module):
             if keep and start + T > cache.max_len:
                 raise ValueError(f"sequence of {start + T} tokens does not fit the KV cache of "
                                  f"{cache.max_len}; use a shorter prompt or fewer new tokens")
-            if mask is None and T > 1:  # query i sees every cached position and the chunk's tokens up to itself
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)
-            if mask is not None and mask.shape[-2:] != (T, start + T):
+            if mask is None and T > 1 and start > 0:  # query i sees the whole cache and the chunk up to itself
+                mask = causal_after(T, start, idx.device)
+            if isinstance(mask, torch.Tensor) and mask.shape[-2:] != (T, start + T):
                 raise ValueError(f"a mask over a cache of {start} and {T} new tokens must end in shape "
                                  f"({T}, {start + T}), not {tuple(mask.shape)}")
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device)
-        if mask is not None and mask.dim() == 3:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, T, S): the same mask for every head
         x = self.embed_tokens(idx)
         freqs = pos.float()[..., None] * self.inv_freq  # (T, D/2) or (B, T, D/2)
@@ -239,6 +250,15 @@ class Transformer(nn.Module):
         self.cfg.vocab_size = new
         self.cfg.mask_id = old
         return old
+
+
+def causal_after(T: int, start: int, device):
+    """The mask of T new queries after `start` cached positions: query i sees keys 0..start+i. On a
+    GPU it is a lower-right causal bias, which the flash kernel takes with grouped heads, instead
+    of a tensor; the CPU's kernels take the tensor."""
+    if device.type == "cuda":
+        return causal_lower_right(T, start + T)
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
 
 
 def grow_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
