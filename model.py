@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 @dataclass
@@ -113,7 +113,7 @@ def attention(q, k, v, mask, is_causal: bool):
     fused kernels take no boolean mask together with grouped heads, and a call that has both falls
     back to the unfused one, which computes every score in memory: there keys and values are first
     repeated for every head, a copy that lets the memory-efficient kernel take the mask."""
-    if q.is_cuda and isinstance(mask, torch.Tensor) and k.size(1) != q.size(1):
+    if q.is_cuda and mask is not None and not isinstance(mask, CausalBias) and k.size(1) != q.size(1):
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
@@ -194,15 +194,15 @@ class Transformer(nn.Module):
             if keep and start + T > cache.max_len:
                 raise ValueError(f"sequence of {start + T} tokens does not fit the KV cache of "
                                  f"{cache.max_len}; use a shorter prompt or fewer new tokens")
-            if mask is None and T > 1 and start > 0:  # query i sees the whole cache and the chunk up to itself
-                mask = causal_after(T, start, idx.device)
-            if isinstance(mask, torch.Tensor) and mask.shape[-2:] != (T, start + T):
+            if mask is not None and mask.shape[-2:] != (T, start + T):
                 raise ValueError(f"a mask over a cache of {start} and {T} new tokens must end in shape "
                                  f"({T}, {start + T}), not {tuple(mask.shape)}")
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 3:
+        if mask is not None and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, T, S): the same mask for every head
+        if cache is not None and mask is None and T > 1 and start > 0:  # each sees the cache and the chunk up to itself
+            mask = causal_after(T, start, idx.device)
         x = self.embed_tokens(idx)
         freqs = pos.float()[..., None] * self.inv_freq  # (T, D/2) or (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
