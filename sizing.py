@@ -29,7 +29,9 @@ import torch
 class PassCost:
     """Seconds of one forward pass by the number of rows it feeds, at 1, 2, 4, ... rows. A pass of r
     rows costs what the next measured one costs (the kernels may run it padded to that many rows,
-    cpu_kernels.FewRowLinear); beyond the largest, cost grows with the rows.
+    cpu_kernels.FewRowLinear). Beyond the largest, each further row costs what a row cost between
+    the two largest (on a GPU next to nothing, on a CPU about its share), and a pass decoding feeds
+    there becomes a measured row count of its own, so that the guess is corrected by what it costs.
 
     track: the decoder reports every pass's seconds (observe), and each row count's cost is the
     running mean of its passes, the start-up measurement counting as one and the last RECENT passes
@@ -52,13 +54,24 @@ class PassCost:
 
     def __call__(self, rows: int) -> float:
         i = self.bucket(rows)
-        return self.seconds[i] if i is not None else self.seconds[-1] * rows / self.rows[-1]
+        if i is not None:
+            return self.seconds[i]
+        if len(self.rows) == 1:
+            return self.seconds[0] * rows / self.rows[0]
+        per_row = max(0.0, (self.seconds[-1] - self.seconds[-2]) / (self.rows[-1] - self.rows[-2]))
+        return self.seconds[-1] + per_row * (rows - self.rows[-1])
 
     def observe(self, rows: int, seconds: float):
         """A decode pass of `rows` rows took `seconds`."""
-        i = self.bucket(rows)
-        if not self.track or i is None:
+        if not self.track:
             return
+        i = self.bucket(rows)
+        if i is None:  # beyond the table: a new row count, 2^n rows, measured from now on
+            self.rows.append(1 << (rows - 1).bit_length())
+            self.seconds.append(seconds)
+            self.seen.append(0)
+            self.last.append(0)
+            i = len(self.rows) - 1
         self.history.append((rows, seconds))
         self.seen[i] = min(self.seen[i] + 1, self.RECENT)
         self.seconds[i] += (seconds - self.seconds[i]) / self.seen[i]

@@ -44,6 +44,12 @@ RECIPES = {
                       k_max=16, batch_size=16, grad_accum=8, seq_len=160, branch_every=32, branch_from="all",
                       self_answers=0, warmup=2000, decay="none", steps=100_000, max_minutes=None, eval_every=1000,
                       eval_prompts=4, save_every=1000),
+    # the paper's recipe on one GPU, stopped after 8 hours: about 10,700 steps at the 2.7 s a step of
+    # Qwen3-4B's shape took on an H200 (docs/GPU.md), a tenth of the paper's 100,000
+    "one-gpu": dict(data="metamathqa", dtype="bfloat16", amp="none", lora=0, lora_layers=0, lr=1e-5, lora_lr=1e-5,
+                    k_max=16, batch_size=16, grad_accum=8, seq_len=160, branch_every=32, branch_from="all",
+                    self_answers=0, warmup=2000, decay="none", steps=100_000, max_minutes=480, eval_every=1000,
+                    eval_prompts=4, save_every=1000),
     # what decoded fastest against the original model after the same CPU time (docs/RESULTS.md, "Choosing
     # the CPU hour's recipe"): gated LoRA in the top 4 blocks, the model's own answers to 512 GSM8K
     # questions, k up to 4, a branch after every answer token
@@ -69,7 +75,8 @@ def get_args(argv=None, fresh_out: bool = True):
     """fresh_out: refuse an --out that holds an earlier run unless --resume or --overwrite say what to do."""
     p = ArgumentParser(description=__doc__, epilog=recipe_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
-                   help="the defaults of every setting below (default: paper-gpu on a GPU, cpu-hour on a CPU)")
+                   help="the defaults of every setting below (default: one-gpu on one GPU, paper-gpu on several, "
+                   "cpu-hour on a CPU)")
     p.add_argument("--init", default="smollm2-135m", help="preset, hub repo id, HF directory or .gguf")
     p.add_argument("--data", help="gsm8k, metamathqa or a JSONL file of question/answer or text rows")
     p.add_argument("--format", default="chat", choices=["chat", "plain"],
@@ -124,7 +131,8 @@ def get_args(argv=None, fresh_out: bool = True):
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
-    a.recipe = a.recipe or ("paper-gpu" if a.device.startswith("cuda") else "cpu-hour")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    a.recipe = a.recipe or ("cpu-hour" if not a.device.startswith("cuda") else "paper-gpu" if several else "one-gpu")
     recipe = RECIPES[a.recipe]
     if a.lora is None:
         a.lora = 0 if a.fsdp else recipe["lora"]
@@ -355,7 +363,11 @@ def start_processes(args) -> tuple[int, int]:
         return 0, 1
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"process {local} of this machine needs GPU {local}, and it has "
+                             f"{torch.cuda.device_count()}; start at most that many processes (--nproc_per_node)")
+        args.device = f"cuda:{local}"
         torch.cuda.set_device(args.device)
     return dist.get_rank(), dist.get_world_size()
 

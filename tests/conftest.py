@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the tests, and the processes they start, run on the CPU alone
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -9,7 +9,7 @@ import torch
 from data import extract_number, read_jsonl
 from decode import generate, generate_batch, pick_drafts
 from model import KVCache, ModelConfig
-from sizing import Acceptance, PassCost
+from sizing import Acceptance, PassCost, best_n
 
 PROMPTS = ["What is 12 times 7?", "Write a haiku about the sea.",
            "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -145,16 +145,29 @@ def test_acceptance_rates_by_hand():
 
 
 def test_pass_cost_of_rows_between_and_beyond_the_measured():
-    cost = PassCost({1: 10.0, 2: 12.0, 4: 20.0})
-    assert [cost(r) for r in (1, 2, 3, 4, 6, 8)] == [10.0, 12.0, 20.0, 20.0, 30.0, 40.0]
+    cost = PassCost({1: 10.0, 2: 12.0, 4: 20.0})  # beyond 4 rows: 4 per row, as from 2 to 4
+    assert [cost(r) for r in (1, 2, 3, 4, 6, 8)] == [10.0, 12.0, 20.0, 20.0, 28.0, 36.0]
+
+
+def test_verify_feeds_the_whole_block_where_rows_are_free_beyond_the_measured():
+    """A GPU's pass costs the same from 1 to 64 rows (H200, Qwen3-4B's shape: docs/GPU.md). Beyond
+    the 64 measured rows a --verify pass of k_max 16 feeds 15 drafts and branches of 15: 256 rows,
+    which must not be guessed four times dearer, or no more than 7 drafts would ever be fed."""
+    flat = PassCost({r: 0.025 for r in (1, 2, 4, 8, 16, 32, 64)})
+    held = Acceptance(15)
+    for _ in range(50):
+        held.record(n_fed=15, n_held=15)
+    assert best_n(15, held, flat, rows=lambda n: (1 + n) ** 2) == 15
+    flat.observe(256, 0.05)  # and once fed, the pass's own time is what counts
+    assert flat(256) == 0.05 and flat(129) == 0.05 and flat.rows[-1] == 256
 
 
 def test_pass_cost_follows_the_passes_decoding_times():
     cost = PassCost({1: 10.0, 2: 12.0, 4: 20.0})
     cost.observe(1, 6.0)  # the start-up measurement counts as one pass: the mean of the two
     cost.observe(3, 30.0)  # a pass of 3 rows runs at 4
-    cost.observe(8, 99.0)  # beyond the table: not tracked
-    assert [cost(r) for r in (1, 2, 4, 8)] == [8.0, 12.0, 25.0, 50.0]
+    cost.observe(8, 99.0)  # beyond the table: a new row count
+    assert [cost(r) for r in (1, 2, 4, 8)] == [8.0, 12.0, 25.0, 99.0]
     for _ in range(100):
         cost.observe(1, 4.0)
     assert cost(1) == pytest.approx(4.0, abs=1e-3)  # the recent passes weigh most

@@ -165,3 +165,18 @@ def test_help_shows_the_recipes_that_run(script):
     for key in RECIPES["cpu-hour"]:
         line = [line for line in r.stdout.splitlines() if line.split()[:1] == [key]][-1]  # the table is last
         assert line.split()[1:] == [str(recipe[key]) for recipe in RECIPES.values()], line
+
+
+def test_one_gpu_defaults_to_the_paper_recipe_in_a_time_budget(tmp_path, monkeypatch):
+    """On one GPU no flags give the paper's settings, stopped after 8 hours (about 10,700 steps at the
+    step time measured on an H200, docs/GPU.md); several processes get the paper's recipe as it is."""
+    import torch
+    from train import RECIPES, get_args
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    a = get_args(["--device", "cuda", "--out", str(tmp_path / "a")])
+    assert a.recipe == "one-gpu" and a.max_minutes == 480
+    want = {k: v for k, v in RECIPES["paper-gpu"].items() if k not in ("lora_lr", "max_minutes")}
+    assert {k: getattr(a, k) for k in want} == want
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    a = get_args(["--device", "cuda", "--out", str(tmp_path / "b")])
+    assert a.recipe == "paper-gpu" and a.max_minutes is None
