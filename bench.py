@@ -35,30 +35,13 @@ from unittest import mock
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from data import extract_number, gsm8k_prompt, load_gsm8k
-from distill import teacher_nll
-from decode import default_init, encode_prompt, generate, load, measure_pass_cost
-from evaluate import default_reference
-from cpu_kernels import best_seconds, machine
-from sizing import PassCost, mask_pass
-from weights import save_model
-
-
-def bandwidth_gbs(device, n_bytes=1 << 28, reps=5):
-    """Measured copy bandwidth (read + write) in GB/s."""
-    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    return 2 * n_bytes / best_seconds(lambda: finished(dst.copy_(src)), reps) / 1e9
-
-
-def finished(t: torch.Tensor) -> torch.Tensor:
-    """t, once the GPU has computed it (on a CPU it already has)."""
-    if t.is_cuda:
-        torch.cuda.synchronize()
-    return t
+from data import gsm8k_prompt, load_gsm8k
+from decode import against_original, default_init, describe_against_original, encode_prompt, generate, load
+from support.cpu_kernels import machine
+from support.timing import bandwidth_gbs, matmul_gflops
+from support.sizing import PassCost, mask_pass
+from support.weights import default_reference, save_model
 
 
 def zeros_linear(self, x):
@@ -68,7 +51,7 @@ def zeros_linear(self, x):
 @contextlib.contextmanager
 def without_matmuls():
     """Every linear layer returns zeros: a decode step then costs only its overhead."""
-    from cpu_kernels import FewRowLinear
+    from support.cpu_kernels import FewRowLinear
     with mock.patch.object(nn.Linear, "forward", zeros_linear), \
             mock.patch.object(FewRowLinear, "forward", zeros_linear):
         yield
@@ -108,59 +91,6 @@ def pass_profile(model, rows=(1, 2, 4, 16), context=256, reps=5, top=6):
     return report
 
 
-def bench_train_step(run, n_steps: int):
-    """The cost of one MTP step against one plain fine-tuning step (student forward + backward with
-    next-token cross-entropy) on the same ground-truth rows. The paper reports about 4/3
-    (docs/METHOD.md, "The paper's numbers")."""
-    from distill import mtp_loss, mtp_loss_gated
-    from optim import autocast
-    from train import micro_batches
-    args, model = run.args, run.model
-
-    def mtp(b):
-        with autocast(args):
-            loss, _ = mtp_loss_gated(model, b) if args.lora else mtp_loss(model, run.teacher, b)
-        loss.backward()
-
-    frozen = [p for p in run.student.parameters() if not p.requires_grad]
-
-    def plain(b):  # with gated LoRA no real token reaches the adapter: the plain step trains every weight
-        L = b.idx.size(1) - b.fill.size(1)
-        tokens = b.idx[:, :L]
-        for p in frozen:
-            p.requires_grad_(True)
-        with autocast(args):
-            logits = model(tokens)
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        for p in frozen:
-            p.requires_grad_(False)
-            p.grad = None
-
-    times = {"mtp": 0.0, "plain": 0.0}
-    for step in range(n_steps + 1):
-        batches = micro_batches(run, step)
-        for name, fn in (("mtp", mtp), ("plain", plain)):
-            t0 = time.perf_counter()
-            for b in batches:
-                fn(b)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if step:  # the first step is warm-up
-                times[name] += time.perf_counter() - t0
-            run.optimizer.zero_grad(set_to_none=True)
-    ratio = times["mtp"] / times["plain"]
-    run.log(f"bench: {n_steps} steps | mtp {times['mtp'] / n_steps:.3f} s/step | plain "
-            f"{times['plain'] / n_steps:.3f} s/step | ratio {ratio:.2f} (the paper: about 1.33)")
-    return ratio
-
-
-def matmul_gflops(device, dtype, n=1024, reps=5):
-    """Measured matrix-multiply rate (GFLOP/s) of an n x n x n product in this dtype."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / best_seconds(lambda: finished(a @ b), reps) / 1e9
-
-
 def pass_cost_table(model, device, dtype, max_rows=32):
     """(f) the cost of a pass by rows fed, against its two floors: every weight read once (weight
     bytes / copy bandwidth) and every row multiplied through every matrix (FLOPs / matmul rate)."""
@@ -176,64 +106,6 @@ def pass_cost_table(model, device, dtype, max_rows=32):
     return cost, {"bandwidth_GBps": bw, "matmul_GFLOPs": rate, "weight_MB": weight_bytes / 1e6, "rows": rows}
 
 
-@torch.no_grad()
-def against_original(original, model, tok, prompts, max_new_tokens: int, threshold: float = 0.9,
-                     k_max: int | None = None, deadline: float = float("inf"), teacher_loss: bool = False
-                     ) -> tuple[dict, int]:
-    """The tuned model's decoding against the ORIGINAL model's k=1, prompt by prompt, interleaved so
-    that load on the machine hits every strategy alike: tokens/s and its ratio to the original's, tokens
-    per pass, how often the text and the final number are the original's, and if asked the teacher loss
-    (the original's NLL per new token, distill.teacher_nll). Passes are sized by their cost, as
-    decode.py sizes them. original may be model itself (gated LoRA: its k=1 is the original).
-    No prompt starts after the deadline (time.time()), but the first. Returns the table and the
-    number of prompts it measured."""
-    k_max = k_max or model.cfg.k_max or 16
-    stop = sorted(tok.stop_ids)
-    tuned_k1 = original is not model
-    strategies = {"original k=1": lambda p, _: generate(original, p, max_new_tokens, k=1, stop_ids=stop)}
-    if tuned_k1:  # full fine-tuning: the tuned model's own k=1 is another model
-        strategies["k=1"] = lambda p, _: generate(model, p, max_new_tokens, k=1, stop_ids=stop)
-    strategies[f"ConfAdapt({threshold})"] = lambda p, c: generate(
-        model, p, max_new_tokens, threshold=threshold, k_max=k_max, stop_ids=stop, pass_cost=c)
-    strategies["--verify"] = lambda p, c: generate(model, p, max_new_tokens, verify=True, k_max=k_max,
-                                                   stop_ids=stop, pass_cost=c)
-    costs = {"original k=1": None, "k=1": None, f"ConfAdapt({threshold})": measure_pass_cost(model, k_max, False),
-             "--verify": measure_pass_cost(model, k_max, True)}
-    for name, run in strategies.items():  # warm-up: every kernel has chosen for its rows
-        run(prompts[0][:16], costs[name])
-    totals = {name: dict(tokens=0, seconds=0.0, passes=0, same=0, same_answer=0, nll=0.0) for name in strategies}
-    measured = 0
-    for prompt in prompts:
-        if measured and time.time() > deadline:
-            break
-        measured += 1
-        ref = None
-        for name, run in strategies.items():
-            r = run(prompt, costs[name])
-            ref = r.tokens if ref is None else ref  # the original's k=1 runs first
-            t = totals[name]
-            t["tokens"] += len(r.tokens)
-            t["seconds"] += r.seconds
-            t["passes"] += r.passes
-            t["same"] += r.tokens == ref
-            t["same_answer"] += extract_number(tok.decode(r.tokens)) == extract_number(tok.decode(ref))
-            t["nll"] += teacher_nll(original, prompt, r.tokens) if teacher_loss else 0.0
-    base = totals["original k=1"]["tokens"] / totals["original k=1"]["seconds"]
-    return {name: {"tokens_per_s": t["tokens"] / t["seconds"], "vs_original": t["tokens"] / t["seconds"] / base,
-                   "tokens_per_pass": t["tokens"] / max(t["passes"], 1), "same_text": t["same"] / measured,
-                   "same_answer": t["same_answer"] / measured,
-                   **({"teacher_loss": t["nll"] / max(t["tokens"], 1)} if teacher_loss else {})}
-            for name, t in totals.items()}, measured
-
-
-def describe_against_original(table: dict) -> list[str]:
-    """against_original's table, a line per strategy."""
-    return [f"{name:<16} {t['tokens_per_s']:6.1f} tokens/s {t['vs_original']:5.2f}x the original's k=1 | "
-            f"{t['tokens_per_pass']:.2f} tokens per pass | final answer = the original's {t['same_answer']:.0%}, "
-            f"text {t['same_text']:.0%}" + (f" | teacher loss {t['teacher_loss']:.3f}" if "teacher_loss" in t else "")
-            for name, t in table.items()]
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--train-step" in argv:  # the rest of the command line is train.py's
@@ -241,7 +113,7 @@ def main(argv=None):
         i = argv.index("--train-step")
         n_steps, rest = int(argv[i + 1]), argv[:i] + argv[i + 2:]
         args = train.get_args(rest, fresh_out=False)  # own answers an earlier run wrote are reused
-        return bench_train_step(train.setup(args), n_steps)
+        return train.mtp_step_cost(train.setup(args), n_steps)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default=None)
     p.add_argument("--prompts", type=int, default=8, help="GSM8K test questions used as prompts")

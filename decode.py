@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill import branch_layout as branch_layout_of_chunk
-from cpu_kernels import fast_dtype, packed_summary, use_few_row_kernels
-from sizing import Acceptance, PassCost, best_n
-from weights import load_model, trained_model
+from data import extract_number
+from distill import branch_layout as branch_layout_of_chunk, teacher_nll
+from support.cpu_kernels import fast_dtype, packed_summary, use_few_row_kernels
+from support.sizing import Acceptance, PassCost, best_n
+from support.weights import load_model, trained_model
 
 DEFAULT_OUT = "out"  # where train.py writes (train.py --out)
 
@@ -102,7 +103,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     verify: the output of k=1 decoding, with up to k_max - 1 drafts per pass checked by the model
     itself (generate_verify; draft_threshold and layout are its options).
     pass_cost None: every pass feeds the whole block (the paper's ConfAdapt); a PassCost: each pass
-    feeds the masks (or drafts) that pay off on this machine (sizing.py)."""
+    feeds the masks (or drafts) that pay off on this machine (support/sizing.py)."""
     if verify:
         if k != 1 or threshold is not None:
             raise ValueError("--verify checks its own drafts; it takes no --k or --threshold")
@@ -125,7 +126,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     t0 = time.perf_counter()
     while len(out) < max_new_tokens:
         t_pass = time.perf_counter()
-        m = n_masks  # masks this pass: the whole block, or what pays off (sizing.py)
+        m = n_masks  # masks this pass: the whole block, or what pays off (support/sizing.py)
         if threshold is not None and pass_cost is not None:
             m = best_n(n_masks, acceptance, pass_cost, rows=lambda n: len(pending) + n)
         inp = torch.cat([pending, masks[:m]])[None]
@@ -189,7 +190,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
     layout "quadratic" (Samragh et al. 2025): a branch of k_max - 1 masks after every fed token, so
     that whichever prefix is accepted, the branch after its last token holds drafts conditioned on it.
     "simple": one branch after the last draft; after a rejection the next pass has no drafts.
-    pass_cost (sizing.py): each pass feeds the n drafts, and branches of n masks, that pay off; else
+    pass_cost (support/sizing.py): each pass feeds the n drafts, and branches of n masks, that pay off; else
     n = k_max - 1. Which drafts are fed never changes the output, only the number of passes."""
     n_masks = k_max - 1
     if n_masks < 1:
@@ -275,6 +276,69 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
 
 
 # -----------------------------------------------------------------------------
+# the tuned model against the original's k=1: what train.py ends with, and bench.py --against-original
+
+@torch.no_grad()
+def against_original(original, model, tok, prompts, max_new_tokens: int, threshold: float = 0.9,
+                     k_max: int | None = None, deadline: float = float("inf"), teacher_loss: bool = False
+                     ) -> tuple[dict, int]:
+    """The tuned model's decoding against the ORIGINAL model's k=1, prompt by prompt, interleaved so
+    that load on the machine hits every strategy alike: tokens/s and its ratio to the original's, tokens
+    per pass, how often the text and the final number are the original's, and if asked the teacher loss
+    (the original's NLL per new token, distill.teacher_nll). Passes are sized by their cost, as
+    decode.py sizes them. original may be model itself (gated LoRA: its k=1 is the original).
+    No prompt starts after the deadline (time.time()). Returns the table ({} if no prompt was measured)
+    and the number of prompts it measured."""
+    k_max = k_max or model.cfg.k_max or 16
+    stop = sorted(tok.stop_ids)
+    tuned_k1 = original is not model
+    strategies = {"original k=1": lambda p, _, n=max_new_tokens: generate(original, p, n, k=1, stop_ids=stop)}
+    if tuned_k1:  # full fine-tuning: the tuned model's own k=1 is another model
+        strategies["k=1"] = lambda p, _, n=max_new_tokens: generate(model, p, n, k=1, stop_ids=stop)
+    strategies[f"ConfAdapt({threshold})"] = lambda p, c, n=max_new_tokens: generate(
+        model, p, n, threshold=threshold, k_max=k_max, stop_ids=stop, pass_cost=c)
+    strategies["--verify"] = lambda p, c, n=max_new_tokens: generate(model, p, n, verify=True, k_max=k_max,
+                                                                     stop_ids=stop, pass_cost=c)
+    costs = {"original k=1": None, "k=1": None, f"ConfAdapt({threshold})": measure_pass_cost(model, k_max, False),
+             "--verify": measure_pass_cost(model, k_max, True)}
+    for name, run in strategies.items():  # warm-up: every kernel has chosen for its rows
+        run(prompts[0][:16], costs[name], 8)
+    totals = {name: dict(tokens=0, seconds=0.0, passes=0, same=0, same_answer=0, nll=0.0) for name in strategies}
+    measured = 0
+    for prompt in prompts:
+        if time.time() > deadline:
+            break
+        measured += 1
+        ref = None
+        for name, run in strategies.items():
+            r = run(prompt, costs[name])
+            ref = r.tokens if ref is None else ref  # the original's k=1 runs first
+            t = totals[name]
+            t["tokens"] += len(r.tokens)
+            t["seconds"] += r.seconds
+            t["passes"] += r.passes
+            t["same"] += r.tokens == ref
+            t["same_answer"] += extract_number(tok.decode(r.tokens)) == extract_number(tok.decode(ref))
+            t["nll"] += teacher_nll(original, prompt, r.tokens) if teacher_loss else 0.0
+    if not measured:
+        return {}, 0
+    base = totals["original k=1"]["tokens"] / totals["original k=1"]["seconds"]
+    return {name: {"tokens_per_s": t["tokens"] / t["seconds"], "vs_original": t["tokens"] / t["seconds"] / base,
+                   "tokens_per_pass": t["tokens"] / max(t["passes"], 1), "same_text": t["same"] / measured,
+                   "same_answer": t["same_answer"] / measured,
+                   **({"teacher_loss": t["nll"] / max(t["tokens"], 1)} if teacher_loss else {})}
+            for name, t in totals.items()}, measured
+
+
+def describe_against_original(table: dict) -> list[str]:
+    """against_original's table, a line per strategy."""
+    return [f"{name:<16} {t['tokens_per_s']:6.1f} tokens/s {t['vs_original']:5.2f}x the original's k=1 | "
+            f"{t['tokens_per_pass']:.2f} tokens per pass | final answer = the original's {t['same_answer']:.0%}, "
+            f"text {t['same_text']:.0%}" + (f" | teacher loss {t['teacher_loss']:.3f}" if "teacher_loss" in t else "")
+            for name, t in table.items()]
+
+
+# -----------------------------------------------------------------------------
 # loading and the command line (evaluation has its own: evaluate.py)
 
 def default_init() -> str:
@@ -301,7 +365,7 @@ def load(init: str | None, device: str, dtype: str | None, kernels: bool = True)
 
 
 def use_decode_kernels(model):
-    """Time and choose the few-row kernels (cpu_kernels.py) for the passes the model's block can feed."""
+    """Time and choose the few-row kernels (support/cpu_kernels.py) for the passes the model's block can feed."""
     k_max = model.cfg.k_max or 16
     use_few_row_kernels(model, max_rows=min(k_max * k_max, 32), pack=True)
 

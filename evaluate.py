@@ -27,7 +27,7 @@ import torch
 from data.evalsets import humaneval_program, is_correct, load_eval_tasks, read_answer
 from decode import ArgumentParser, check_decoding_args, default_init, encode_prompt, generate, load, strategy_name
 from distill import teacher_nll
-from weights import load_model
+from support.weights import default_reference, load_model
 
 SWEEP_K = (1, 2, 3, 4)
 SWEEP_THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
@@ -90,17 +90,6 @@ def run_program(source: str, timeout: float) -> bool:
 def load_reference(init: str, device: str, dtype: str | None):
     """The original model as it is: no <MTP> row added, so its softmax is over its own vocabulary."""
     return load_model(init, device=device, dtype=getattr(torch, dtype) if dtype else None, add_mask=False)
-
-
-def default_reference(init: str, model) -> str:
-    """The model a tuned checkpoint started from: a gated adapter's base (read with the adapter), the
-    --init of train.py (train_args.json), else the model itself."""
-    if getattr(model, "lora", None):
-        return model.lora["base"]
-    args_file = Path(init) / "train_args.json"
-    if args_file.is_file():
-        return json.loads(args_file.read_text())["init"]
-    return init
 
 
 # -----------------------------------------------------------------------------

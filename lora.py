@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from cpu_kernels import FewRowLinear
+from support.cpu_kernels import FewRowLinear
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -66,7 +66,7 @@ class GatedLoRALinear(nn.Module):
 
     def few_row_products(self) -> tuple[FewRowLinear, FewRowLinear]:
         """The update's two products, x A^T and h B^T, as linears on the same weights, for
-        cpu_kernels.use_few_row_kernels to time and give their kernels: at rank 128 on SmolLM2 they read
+        support.cpu_kernels.use_few_row_kernels to time and give their kernels: at rank 128 on SmolLM2 they read
         27% more bytes than the base's products in a pass with masks. A plain attribute, not
         submodules, so that nothing is saved twice."""
         if "products" not in self.__dict__:

@@ -1,6 +1,6 @@
 """The network: a Llama / Qwen3 transformer with a static KV cache, and the <MTP> row.
 
-    model = weights.load_model("smollm2-135m")             # weights.py: presets, hub, HF dir, .gguf
+    model = load_model("smollm2-135m")                     # support/weights.py: presets, hub, HF dir, .gguf
     logits = model(idx)                                    # plain causal forward, (B, T, V)
     cache = model.new_cache(max_len=2048)                  # decoding: static KV cache
     logits = model(chunk, cache=cache); cache.truncate(n)  # feed a chunk, drop what follows n
@@ -170,7 +170,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
-        self.tokenizer = None  # the checkpoint's tokenizer, attached by weights.load_model
+        self.tokenizer = None  # the checkpoint's tokenizer, attached by support.weights.load_model
         self.checkpointing = False  # recompute each block in backward instead of keeping its activations
         self.recompute_context = torch.utils.checkpoint.noop_context_fn  # what a swapped-in module restores then
 

@@ -26,17 +26,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from bench import against_original, describe_against_original
-from ckpt import Diverged, load_checkpoint, probe, restore_last_good, save_checkpoint, save_final_model
+from support.checkpoint import Diverged, load_checkpoint, restore_last_good, save_checkpoint, save_final_model
 from data import check_branches, get_rows, gsm8k_prompt, load_dataset, load_gsm8k, tokenize
 from data.own_answers import own_answer_examples
-from decode import ArgumentParser, encode_prompt, generate
+from decode import ArgumentParser, against_original, describe_against_original, encode_prompt, generate
 from distill import build_batch, distill_loss, teacher_nll
-from cpu_kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
+from support.cpu_kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
 from lora import add_lora
-from optim import AdamW, autocast, plan_memory
-from weights import load_model, recover_dir
+from support.optim import AdamW, autocast, plan_memory
+from support.timing import finished
+from support.files import recover_dir
+from support.weights import load_model
 
 RECIPES = {
     # the paper's recipe (docs/METHOD.md, "Training"): its data, k up to 16, a branch every 32 tokens
@@ -228,9 +230,9 @@ class Run:
     log: callable = print
     t0: float = 0.0                   # when the run started (time.time())
     step: int = 0
-    last_good_step: int | None = None  # of the latest checkpoint that passed the probe (ckpt.save_checkpoint)
+    last_good_step: int | None = None  # of the latest checkpoint that passed the probe (support.checkpoint.save_checkpoint)
     probe: object = None              # a fixed batch (probe_batch) that every checkpoint is checked on
-    good_probe: dict = None           # ckpt.probe of the last good checkpoint (at the start: of the model)
+    good_probe: dict = None           # probe() of the last good checkpoint (at the start: of the model)
     progress: float = 0.0             # the fraction of the budget spent, which --decay follows (budget_spent)
     k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
@@ -448,8 +450,23 @@ def rows_batch(run, first: int, k: int, g: torch.Generator):
 
 
 def probe_batch(run):
-    """The fixed batch every checkpoint is checked on (ckpt.probe): the first rows, k = k_max."""
+    """The fixed batch every checkpoint is checked on (probe): the first rows, k = k_max."""
     return rows_batch(run, 0, run.args.k_max, torch.Generator().manual_seed(run.args.seed))
+
+
+@torch.no_grad()
+def probe(run) -> dict:
+    """The model on run.probe, a fixed batch (probe_batch), in eval mode: the training loss
+    ("loss", every offset) and the teacher loss at the cut ("teacher": cross-entropy of the student's
+    next-token logits to the original's argmax; with gated LoRA it cannot move). A model whose
+    logits are not finite gives a non-finite loss; finite weights can still overflow."""
+    training = run.student.training
+    run.student.eval()
+    with autocast(run.args):  # every process calls it: an FSDP-sharded student needs them all
+        loss, metrics = distill_loss(run.student, run.teacher, run.probe, bool(run.args.lora))
+    run.student.train(training)
+    n = metrics["agree_n"][0].clamp(min=1)
+    return {"loss": loss.item(), "teacher": (metrics["loss_sum"][0] / n).item()}
 
 
 def batch_loss(run, batch, denom=None):
@@ -491,6 +508,37 @@ def train_step(run, step):
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return dict(ok=ok, loss=loss_sum, grad_norm=grad_norm, lr=lr, preds=preds * run.world, empty=denom.item() == 0)
+
+
+def mtp_step_cost(run, n_steps: int) -> float:
+    """Seconds of an MTP step over seconds of a plain fine-tuning step (student forward + backward,
+    next-token loss, every weight trained) on the same ground-truth rows, after a step of warm-up:
+    the paper reports about 4/3 (docs/METHOD.md, "Training"). Nothing is updated."""
+    frozen = [p for p in run.student.parameters() if not p.requires_grad]
+
+    def plain(b):
+        tokens = b.idx[:, :b.idx.size(1) - b.fill.size(1)]
+        for p in frozen:
+            p.requires_grad_(True)
+        logits = run.model(tokens)[:, :-1].float()
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        for p in frozen:
+            p.requires_grad_(False), setattr(p, "grad", None)
+
+    seconds = {"mtp": 0.0, "plain": 0.0}
+    for step in range(n_steps + 1):
+        for name, one in (("mtp", lambda b: batch_loss(run, b)[0].backward()), ("plain", plain)):
+            t0 = time.perf_counter()
+            with autocast(run.args):
+                for b in micro_batches(run, step):
+                    one(b)
+            finished(torch.zeros(1, device=run.args.device))
+            seconds[name] += (time.perf_counter() - t0) if step else 0.0
+            run.optimizer.zero_grad(set_to_none=True)
+    ratio = seconds["mtp"] / seconds["plain"]
+    run.log(f"bench: {n_steps} steps | mtp {seconds['mtp'] / n_steps:.3f} s/step | plain "
+            f"{seconds['plain'] / n_steps:.3f} s/step | ratio {ratio:.2f} (the paper: about 1.33)")
+    return ratio
 
 
 @torch.no_grad()
@@ -576,7 +624,7 @@ def train_loop(run, stop):
         if (run.master or args.fsdp) and args.eval_every and run.eval_prompts and run.step % args.eval_every == 0:
             log(f"eval step {run.step} | minute {(time.time() - run.t0) / 60:.1f} | {quick_eval(run)}")
         if run.step % args.save_every == 0:
-            save_checkpoint(run, run.step)
+            save_checkpoint(run, run.step, probe(run))
         out_of_time = time.time() > deadline
         if run.ddp:  # every process stops after the same step: rank 0's clock and signals decide
             out_of_time, stop["now"] = map(bool, rank0_values(run, out_of_time, stop["now"]))
@@ -603,14 +651,16 @@ NEXT_PROMPT = ("Marin and his neighbor Nancy each eat 4 apples a day. How many a
 
 def summary(run):
     """What the run bought, in the units a user cares about: the tuned model's ConfAdapt(0.9) and
-    --verify against the ORIGINAL model's k=1 on the held-out prompts, in tokens/s (bench.against_original),
+    --verify against the ORIGINAL model's k=1 on the held-out prompts, in tokens/s (decode.against_original),
     as far as the time budget allows; then the command that decodes with it."""
     original = run.teacher  # the frozen copy, or with gated LoRA the model itself (its k=1 is the original)
     end = run.end
+    measured = 0
     if run.eval_prompts and time.time() < end:
         run.student.eval()
         table, measured = against_original(original, run.student, run.tok, run.eval_prompts, run.args.eval_tokens,
                                            0.9, run.args.k_max, deadline=end)
+    if measured:
         run.log(f"done in {(time.time() - run.t0) / 60:.1f} min | on {measured} held-out prompts"
                 f"{f' of {len(run.eval_prompts)} (the time budget ended)' if measured < len(run.eval_prompts) else ''}, "
                 f"interleaved, against the original model's k=1:")
@@ -632,7 +682,7 @@ def main(args, argv=()):
     run = setup(args)
     try:
         step, interrupted = train(run)
-        model_state = save_checkpoint(run, step)  # a signal's save comes first, before anything else
+        model_state = save_checkpoint(run, step, probe(run))  # a signal's save comes first, before anything else
     except Diverged as diverged:
         restore_last_good(run, diverged)
     if run.master:

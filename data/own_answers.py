@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from data import gsm8k_prompt
 from decode import encode_prompt, generate_batch
-from weights import write_file_atomically
+from support.files import write_file_atomically
 
 
 def write_own_answers(model, tok, rows, n, max_new, prompt_of, path, log, header, batch=32, deadline=math.inf):

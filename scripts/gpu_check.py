@@ -18,7 +18,6 @@ what it measured. --tiny runs the same code on tiny shapes on the CPU, so that a
 import argparse
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -27,19 +26,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-
-import bench  # noqa: E402
-import train  # noqa: E402
-from data import gsm8k_prompt, load_gsm8k  # noqa: E402
-from decode import encode_prompt, generate  # noqa: E402
-from distill import build_batch  # noqa: E402
-from model import ModelConfig, Transformer, rope_frequencies  # noqa: E402
-from optim import AdamW, memory_estimate, plan_memory  # noqa: E402
-from sizing import mask_pass  # noqa: E402
-from weights import load_model  # noqa: E402
+import train
+from data import gsm8k_prompt, load_gsm8k
+from decode import against_original, describe_against_original, encode_prompt, generate
+from distill import build_batch
+from model import ModelConfig, Transformer, rope_frequencies
+from support.optim import AdamW, memory_estimate, plan_memory
+from support.sizing import mask_pass
+from support.timing import bandwidth_gbs
+from support.weights import load_model
 
 # Qwen3-4B's published config.json (Qwen/Qwen3-4B): the shape the design card's first command trains
 QWEN3_4B = dict(model_type="qwen3", vocab_size=151936, dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
@@ -49,6 +45,7 @@ QWEN3_4B = dict(model_type="qwen3", vocab_size=151936, dim=2560, n_layers=36, n_
 TINY_4B = dict(QWEN3_4B, vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
                mask_id=500)
 LOGIT_TOL = 1e-4  # float32 logits, CPU against the device
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Results:
@@ -134,7 +131,7 @@ def greedy_by_plain_forwards(model, prompt, n):
     return ids[len(prompt):]
 
 
-def decoding_against_k1(record, name, model, n_prompts=4, n_new=40):
+def decoding_against_k1(record, name, model, n_prompts, n_new):
     """k=1 (cached) against greedy over plain forwards; --verify, ConfAdapt with the whole block and
     static k against k=1, in float32 and bfloat16: same text per prompt."""
     prompts = [torch.randint(0, model.cfg.mask_id, (20 + 7 * i,), generator=torch.Generator().manual_seed(i)).tolist()
@@ -228,7 +225,7 @@ def correctness(record, device, tiny):
     for name, cfg in tiny_shapes(tiny).items():
         try:
             model = logits_against_cpu(record, name, cfg, device)
-            decoding_against_k1(record, name, model)
+            decoding_against_k1(record, name, model, *((2, 16) if tiny else (4, 40)))
         except Exception as e:  # a failure is a finding: record it and go on
             record("error", check=f"correctness {name}", error=f"{type(e).__name__}: {e}"[:500])
     try:
@@ -247,7 +244,7 @@ def short_training(record, out, init, device, minutes, tiny):
     flags = ["--init", init, "--device", device, "--recipe", "cpu-hour", "--data", "gsm8k", "--out", str(run_dir),
              "--overwrite", "--dtype", "float32", "--eval-every", "0", "--save-every", "100000", "--log-every", "20"]
     if tiny:
-        flags += ["--lora", "8", "--lora-layers", "1", "--self-answers", "8", "--steps", "3", "--batch-size", "2",
+        flags += ["--lora", "8", "--lora-layers", "1", "--self-answers", "4", "--steps", "2", "--batch-size", "2",
                   "--seq-len", "256", "--amp", "none", "--eval-prompts", "1", "--eval-tokens", "16"]
     else:
         flags += ["--lora", "128", "--lora-layers", "4", "--self-answers", "512", "--batch-size", "32",
@@ -263,7 +260,7 @@ def short_training(record, out, init, device, minutes, tiny):
     return run_dir / "model" if code == 0 else None
 
 
-def against_original(record, model_dir, device, tiny, seconds):
+def tuned_against_original(record, model_dir, device, tiny, seconds):
     """The tuned adapter's ConfAdapt(0.9) and --verify against the original's k=1 (the same model's
     k=1 with gated LoRA) on held-out GSM8K test problems 200.., in float32 and bfloat16."""
     for dtype in (torch.float32, torch.bfloat16):
@@ -271,10 +268,10 @@ def against_original(record, model_dir, device, tiny, seconds):
         tok = model.tokenizer
         prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), True)
                    for r in load_gsm8k("test")[200:200 + (2 if tiny else 30)]]
-        table, measured = bench.against_original(model, model, tok, prompts, 16 if tiny else 256, 0.9,
+        table, measured = against_original(model, model, tok, prompts, 16 if tiny else 256, 0.9,
                                                  model.cfg.k_max, deadline=time.time() + seconds)
         record("against_original", dtype=str(dtype).removeprefix("torch."), device=device, prompts=measured,
-               first_problem=200, table=table, lines=bench.describe_against_original(table))
+               first_problem=200, table=table, lines=describe_against_original(table))
         seconds /= 2  # bfloat16: the mismatch rate of --verify, on fewer prompts
 
 
@@ -328,7 +325,7 @@ def qwen3_4b_shape(record, device, tiny, out):
     record("qwen3_4b_setup", params=n, checkpointing=run.student.checkpointing, estimate_gib=estimate,
            estimate_total_gib=sum(estimate.values()), micro_batch=run.args.batch_size, grad_accum=run.args.grad_accum,
            seq_len=run.args.seq_len, k_max=run.args.k_max, branch_every=run.args.branch_every)
-    ratio = bench.bench_train_step(run, 1)
+    ratio = train.mtp_step_cost(run, 1)
     record("qwen3_4b_mtp_vs_plain", ratio=ratio, target=1.45, ok=ratio <= 1.45)
     params = [p for p in run.student.parameters()]
     before = [p.detach().cpu().clone() for p in params]
@@ -376,7 +373,7 @@ def decode_cost(record, model, device, tiny):
         record("decode_pass_ms", context=context, dtype="bfloat16", ms=ms, vs_one_row={r: ms[r] / ms[1] for r in rows})
     weights = {t.data_ptr(): t for t in model.state_dict().values()}.values()
     weight_bytes = sum(t.numel() * t.element_size() for t in weights)
-    bandwidth = bench.bandwidth_gbs(device, n_bytes=(1 << 24) if tiny else (1 << 30))
+    bandwidth = bandwidth_gbs(device, n_bytes=(1 << 24) if tiny else (1 << 30))
     prompt = torch.randint(0, model.cfg.mask_id, (64 if tiny else 512,), generator=torch.Generator().manual_seed(0)).tolist()
     generate(model, prompt, 8, k=1)
     r = generate(model, prompt, 16 if tiny else 256, k=1)
@@ -393,7 +390,7 @@ def rest(record, out, device, tiny, gguf, minutes):
         model_dir = short_training(record, out, init, device, minutes, tiny)
         if model_dir is not None:
             bring_back(out, model_dir)
-            against_original(record, model_dir, device, tiny, seconds=8 if tiny else 45)
+            tuned_against_original(record, model_dir, device, tiny, seconds=2 if tiny else 45)
     except Exception as e:
         record("error", check="training", error=f"{type(e).__name__}: {e}"[:500])
     try:
@@ -405,9 +402,9 @@ def rest(record, out, device, tiny, gguf, minutes):
 
 def tiny_checkpoint() -> Path:
     """--tiny: a random Qwen3-shaped model with the real Qwen3 tokenizer, saved as a HF folder."""
-    from data import FIXTURES
-    from tokenizer import Tokenizer
-    from weights import save_model
+    from support.files import FIXTURES
+    from support.tokenizer import Tokenizer
+    from support.weights import save_model
     path = Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_check_tiny_model"
     model = random_model(dict(TINY_4B, vocab_size=151936, mask_id=None), "cpu")
     model.tokenizer = Tokenizer.from_dir(FIXTURES / "tokenizers" / "qwen3")

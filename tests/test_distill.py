@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distill import build_batch, mtp_loss
-from weights import load_model
+from support.weights import load_model
 
 TOL = 1e-4
 MASK = 299

@@ -17,7 +17,7 @@ from data.evalsets import (humaneval_program, load_eval_tasks, load_prompts_json
 from decode import TextStream, generate
 from distill import teacher_nll
 from evaluate import load_reference, merge_reports, run_program
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -13,9 +13,9 @@ import transformers
 
 from decode import generate
 from distill import build_batch, mtp_loss, mtp_loss_gated
-from cpu_kernels import use_few_row_kernels
+from support.cpu_kernels import use_few_row_kernels
 from lora import GatedLoRALinear, adapter_state, add_lora
-from weights import load_model, save_model
+from support.weights import load_model, save_model
 
 
 def with_random_adapter(model, rank=4, seed=0):

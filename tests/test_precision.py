@@ -1,14 +1,19 @@
 """Precision: every update survives in every precision a user can pick, and bfloat16 is used on a
 CPU only where that CPU computes it fast."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from cpu_kernels import (KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, dnnl_packed_works, mkl_packed_works, packed_summary,
-                     use_few_row_kernels)
-from optim import AdamW
+from conftest import ROOT
+from model import ModelConfig, Transformer
+from support.cpu_kernels import (KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, dnnl_packed_works, few_row_layers,
+                                 mkl_packed_works, packed_summary, use_few_row_kernels)
+from support.optim import AdamW
 
 # the same CPU, restricted to its AVX2 kernels (torch, oneDNN and MKL): what a laptop without
 # AVX512-BF16/AMX computes with; bfloat16 matmuls are then ~50-200x slower than float32
@@ -78,10 +83,11 @@ def test_bf16_training_moves_weights_like_fp32(train_tiny, tiny_qwen, tmp_path):
     assert cosine[0] > 0.8 and cosine[1] > 0.95, cosine  # the saved weights carry the rounding
 
 
-def test_cpu_bf16_check_agrees_with_the_cpu_flags(script):
+def test_cpu_bf16_check_agrees_with_the_cpu_flags():
     flags = cpu_flags().split()
     assert cpu_bf16_is_fast() == ("avx512_bf16" in flags or "amx_bf16" in flags)
-    r = script("cpu_kernels.py", env=AVX2_ONLY)  # prints what it measures
+    r = subprocess.run([sys.executable, "-m", "support.cpu_kernels"], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, **AVX2_ONLY))  # prints what it measures
     assert "bfloat16 is fast: False" in r.stdout, r.stderr
 
 
@@ -194,3 +200,13 @@ def test_amp_auto_times_a_real_step_and_keeps_the_faster(train_tiny, tmp_path):
     assert saved == ("bfloat16" if chosen == "bfloat16" else "none")
     r = train_tiny(tmp_path / "out", "--resume", amp="auto", steps=3, lora=8)  # the precision it started in
     assert r.returncode == 0 and "a micro-batch of this job took" not in r.stdout, r.stderr
+
+
+def test_a_model_off_the_cpu_keeps_its_layers():
+    """The few-row kernels are CPU kernels: a model elsewhere (here on the meta device, as one on a GPU)
+    keeps its own nn.Linear layers, and nothing is timed or packed for it."""
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                                        hidden_dim=48))
+    use_few_row_kernels(model, pack=True)
+    assert not few_row_layers(model) and type(model.layers[0].mlp.up_proj) is torch.nn.Linear

@@ -9,7 +9,7 @@ import shlex
 import pytest
 
 from decode import encode_prompt, generate
-from weights import load_model
+from support.weights import load_model
 
 SIZE = ["--self-answers", "4", "--steps", "3", "--eval-prompts", "2", "--max-minutes", "5",  # + --init: the tiny model
         "--batch-size", "1", "--seq-len", "96", "--branch-every", "4", "--eval-tokens", "16"]

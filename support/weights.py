@@ -8,20 +8,17 @@ kill or a full disk. model.py holds the network only; this file turns files into
 
 External weights are read through safetensors or gguf only, never unpickled.
 """
-import errno
 import functools
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from data import CACHE_DIR, file_from_pypi_wheel
 from lora import add_lora, adapter_state, is_adapter_param
 from model import ModelConfig, Transformer, rope_frequencies
-from tokenizer import Tokenizer
+from support.files import CACHE_DIR, cleanup_on_failure, file_from_pypi_wheel, recover_dir, swap_in_dir
+from support.tokenizer import Tokenizer
 
 PRESETS = {  # short name -> hub repo id
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -85,6 +82,17 @@ def load_model(init: str, device="cpu", dtype=None, add_mask: bool = True) -> Tr
             raise ValueError(f"{path} has no tokenizer.json or tokenizer.model; add the model's tokenizer files")
         model.add_mask_token(tokenizer.n_vocab)
     return model.eval()
+
+
+def default_reference(init: str, model) -> str:
+    """The model a tuned checkpoint started from: a gated adapter's base (read with the adapter), the
+    --init of train.py (train_args.json), else the model itself."""
+    if getattr(model, "lora", None):
+        return model.lora["base"]
+    args_file = Path(init) / "train_args.json"
+    if args_file.is_file():
+        return json.loads(args_file.read_text())["init"]
+    return init
 
 
 def check_tensor_names(path: Path, cfg: ModelConfig, state: dict, tensors: dict):
@@ -446,84 +454,3 @@ def read_gguf(path: Path, reader):
         return w
 
     return cfg, {name: (lambda t=t, name=name: load(t, name)) for name, t in hf_names.items()}
-
-
-# -----------------------------------------------------------------------------
-# saving that survives a kill or a full disk at any instant: write X.tmp, fsync, then rename
-
-def fsync_path(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class cleanup_on_failure:
-    """Around writing `partial` (a file or folder of about nbytes): on any failure remove it; if the
-    disk is full, say so in one line (ValueError) instead of the library's own error."""
-
-    def __init__(self, partial: Path, nbytes: int):
-        self.partial, self.nbytes = Path(partial), nbytes
-
-    def __enter__(self):
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self.check_space()
-        return self
-
-    def check_space(self, failed=False):
-        free = shutil.disk_usage(self.partial.parent).free
-        if failed or free < self.nbytes:
-            raise ValueError(f"out of disk space writing {self.partial.name.removesuffix('.tmp')} in "
-                             f"{self.partial.parent}: it needs about {self.nbytes / 1e6:.0f} MB, {free / 1e6:.0f} MB "
-                             f"are free; nothing partial was left and earlier files are intact") from None
-
-    def __exit__(self, kind, error, tb):
-        if error is None:
-            return False
-        if self.partial.is_dir():
-            shutil.rmtree(self.partial, ignore_errors=True)
-        else:
-            self.partial.unlink(missing_ok=True)
-        full = isinstance(error, OSError) and error.errno == errno.ENOSPC
-        if full or (isinstance(error, Exception) and shutil.disk_usage(self.partial.parent).free < self.nbytes):
-            self.check_space(failed=True)
-        return False
-
-
-def write_file_atomically(path: Path, write, nbytes: int):
-    """write(tmp_path) then rename over path: readers see the old file or the new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with cleanup_on_failure(tmp, nbytes):
-        write(tmp)
-        fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def recover_dir(path: Path):
-    """Finish what an interrupted swap_in_dir left: X.tmp is never trusted (removed); X.old is the
-    last complete version and becomes X again if X is missing, else it is removed."""
-    path = Path(path)
-    shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
-    old = path.with_name(path.name + ".old")
-    if old.exists():
-        if path.exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, path)
-
-
-def swap_in_dir(tmp: Path, path: Path):
-    """Make the complete folder tmp become path. At every instant either path or path.old is a
-    complete folder (recover_dir puts things right after a kill)."""
-    for f in tmp.iterdir():
-        fsync_path(f)
-    fsync_path(tmp)
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-    shutil.rmtree(old, ignore_errors=True)

@@ -9,10 +9,9 @@ import math
 
 import torch
 
-from distill import distill_loss
 from model import Transformer, rope_frequencies
-from optim import autocast
-from weights import save_model, write_file_atomically
+from support.files import write_file_atomically
+from support.weights import save_model
 
 # settings that shape a run: --resume refuses a checkpoint written with other values
 SHAPING = ("init", "data", "format", "k_max", "batch_size", "grad_accum", "seq_len", "branch_every",
@@ -49,21 +48,6 @@ class Diverged(ValueError):
 SPIKE_FACTOR, SPIKE_MARGIN = 1.5, 0.1
 
 
-@torch.no_grad()
-def probe(run) -> dict:
-    """The model on run.probe, a fixed batch (train.probe_batch), in eval mode: the training loss
-    ("loss", every offset) and the teacher loss at the cut ("teacher": cross-entropy of the student's
-    next-token logits to the original's argmax; with gated LoRA it cannot move). A model whose
-    logits are not finite gives a non-finite loss; finite weights can still overflow."""
-    training = run.student.training
-    run.student.eval()
-    with autocast(run.args):  # every process calls it: an FSDP-sharded student needs them all
-        loss, metrics = distill_loss(run.student, run.teacher, run.probe, bool(run.args.lora))
-    run.student.train(training)
-    n = metrics["agree_n"][0].clamp(min=1)
-    return {"loss": loss.item(), "teacher": (metrics["loss_sum"][0] / n).item()}
-
-
 def spike(now: dict, good: dict) -> str | None:
     """What jumped, if a probe result is past the bound set by the last good checkpoint's."""
     for key, what in (("loss", "probe loss"), ("teacher", "teacher loss at the cut")):
@@ -72,10 +56,9 @@ def spike(now: dict, good: dict) -> str | None:
     return None
 
 
-def save_checkpoint(run, step):
-    """OUT/ckpt.pt, replaced atomically, and only from a model that still works: finite logits, and
-    a probe loss within the bound of the last good checkpoint's (spike)."""
-    now = probe(run)
+def save_checkpoint(run, step, now: dict):
+    """OUT/ckpt.pt, replaced atomically, and only from a model that still works: now, its loss on the
+    fixed probe batch (train.probe), finite and within the bound of the last good checkpoint's (spike)."""
     if not all(map(math.isfinite, now.values())):
         raise Diverged(step, "the model gives non-finite logits")
     jumped = spike(now, run.good_probe)

@@ -10,13 +10,14 @@ can be built from its own bytes by the merges (true for these vocabularies, chec
 """
 import base64
 import json
-import os
 import re
 import time
 import unicodedata
 from pathlib import Path
 
 import tiktoken
+
+from support.files import write_file_atomically
 
 # pre-tokenizer regexes (tiktoken's regex engine reads these the same way as HF's)
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -144,12 +145,6 @@ def _check_tokenizer_config(file: Path, cfg) -> None:
         raise ValueError(f"{file}: chat_template is a {type(cfg['chat_template']).__name__}, not a template string")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class Tokenizer:
     def __init__(self, ranks: dict[bytes, int], added: dict[str, int], special: set[str], pre: dict, *,
                  bos: str | None, eos: str, chat_template: str | None = None, nfc: bool = False,
@@ -266,8 +261,10 @@ class Tokenizer:
                   "eos_token": self.decode([self.eos_id]), "clean_up_tokenization_spaces": False,
                   "chat_template": self.chat_template or {"chatml": CHATML_JINJA, "llama3": LLAMA31_JINJA}.get(
                       self.chat_format)}
-        _write_atomic(out / "tokenizer.json", text)
-        _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        write_file_atomically(out / "tokenizer.json", lambda tmp: tmp.write_text(text, encoding="utf-8"), len(text))
+        config_text = json.dumps(config, indent=2, ensure_ascii=False)
+        write_file_atomically(out / "tokenizer_config.json", lambda tmp: tmp.write_text(config_text, encoding="utf-8"),
+                              len(config_text))
 
     # ---- loading
     @classmethod
@@ -352,7 +349,7 @@ class Tokenizer:
                              "(byte-level BPE) is supported")
         pre = get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE:
-            raise ValueError(f"{path}: unknown tokenizer.ggml.pre {pre!r}; add its regex to GGUF_PRE in tokenizer.py")
+            raise ValueError(f"{path}: unknown tokenizer.ggml.pre {pre!r}; add its regex to GGUF_PRE in support/tokenizer.py")
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                     "tokenizer.ggml.eos_token_id"):
             if key not in fields:

@@ -12,22 +12,13 @@ so it is measured on this machine, once per case, rather than assumed:
 """
 import functools
 import os
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def best_seconds(fn, reps: int = 6) -> float:
-    """The fastest of reps timed calls: the least disturbed by whatever else the machine runs."""
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from support.timing import best_seconds
 
 
 @functools.cache
@@ -244,7 +235,10 @@ def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False
     each the fastest kernel, timed here on the model's own weights, for passes of 1..max_rows rows
     (at most 32). pack: oneDNN's and MKL's packed GEMMs are candidates too, and their packed weights
     are kept where they win, within a quarter of the memory still free; only for weights that stay
-    as they are (decoding). packed_summary says what they cost."""
+    as they are (decoding). packed_summary says what they cost. A model that is not on the CPU is
+    left as it is: these are CPU kernels."""
+    if next(model.parameters()).device.type != "cpu":
+        return model
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:

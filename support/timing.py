@@ -1,0 +1,37 @@
+"""Timing on a CPU or a GPU: the best of a few calls, what a GPU has finished, and the machine's
+own ceilings (copy bandwidth, matrix-multiply rate) that a speed figure is held against.
+"""
+import time
+
+import torch
+
+
+def best_seconds(fn, reps: int = 6) -> float:
+    """The fastest of reps timed calls: the least disturbed by whatever else the machine runs."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bandwidth_gbs(device, n_bytes=1 << 28, reps=5):
+    """Measured copy bandwidth (read + write) in GB/s."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * n_bytes / best_seconds(lambda: finished(dst.copy_(src)), reps) / 1e9
+
+
+def finished(t: torch.Tensor) -> torch.Tensor:
+    """t, once the GPU has computed it (on a CPU it already has)."""
+    if t.is_cuda:
+        torch.cuda.synchronize()
+    return t
+
+
+def matmul_gflops(device, dtype, n=1024, reps=5):
+    """Measured matrix-multiply rate (GFLOP/s) of an n x n x n product in this dtype."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / best_seconds(lambda: finished(a @ b), reps) / 1e9

@@ -1,0 +1,70 @@
+"""The repository's layout and its one import rule (README, "The import rule"): commands import the
+lesson, the lesson imports support/, and of the lesson support/ imports only model.py and lora.py. No
+file imports a command, model.py and distill.py import nothing of ours, and nothing imports in a circle."""
+import ast
+
+from conftest import ROOT
+
+LESSON = {"model", "distill", "lora", "train", "decode", "data"}
+COMMANDS = {"evaluate", "bench", "scripts"}
+OURS = LESSON | COMMANDS | {"support"}
+
+
+def our_imports(path) -> set[str]:
+    """The modules of ours a file imports, anywhere in it (a function's own imports too), as dotted names."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return {n for n in names if n.split(".")[0] in OURS}
+
+
+def files() -> dict[str, set[str]]:
+    """Each of our Python files (as a module name) and the modules of ours it imports."""
+    graph = {}
+    for path in sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("*/*.py")):
+        if path.parts[-2] in ("tests", ".venv") or path.name == "__init__.py" and path.parent == ROOT:
+            continue
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        graph[module] = our_imports(path)
+    return graph
+
+
+def test_the_top_level_holds_the_lesson_and_the_commands():
+    top = {p.stem for p in ROOT.glob("*.py")}
+    assert top == {"model", "distill", "lora", "train", "decode", "evaluate", "bench"}, top
+    assert (ROOT / "data").is_dir() and (ROOT / "support" / "__init__.py").is_file()
+
+
+def test_one_import_rule():
+    graph = files()
+    assert set(graph) >= {"model", "train", "decode", "support.weights", "data", "data.own_answers"}
+    for module, imports in graph.items():
+        kind = module.split(".")[0]
+        for name in imports:
+            top = name.split(".")[0]
+            assert top not in COMMANDS or kind == top, f"{module} imports the command {name}"
+            if kind == "support":
+                assert top == "support" or name in ("model", "lora"), f"support's {module} imports {name}"
+            if module in ("model", "distill"):
+                raise AssertionError(f"{module} imports {name}: it imports nothing of ours")
+
+
+def test_no_import_circles():
+    modules = files()
+    graph = {m: {n if n in modules else n.rsplit(".", 1)[0] for n in imports} for m, imports in modules.items()}
+    done, path = set(), []
+
+    def visit(m):
+        assert m not in path, "import circle: " + " -> ".join(path[path.index(m):] + [m])
+        if m in done or m not in graph:
+            return
+        path.append(m)
+        for n in graph[m] - {m}:
+            visit(n)
+        path.pop()
+        done.add(m)
+    for m in graph:
+        visit(m)
