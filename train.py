@@ -16,9 +16,7 @@ import contextlib
 import copy
 import math
 import os
-import shlex
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from support.budget import Budget, resume_command
 from support.checkpoint import Diverged, load_checkpoint, restore_last_good, save_checkpoint, save_final_model
 from data import check_branches, get_rows, gsm8k_prompt, load_dataset, load_gsm8k, tokenize
 from data.own_answers import own_answer_examples
@@ -36,6 +35,7 @@ from distill import build_batch, distill_loss, teacher_nll
 from support.cpu_kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
 from lora import add_lora
 from support.optim import AdamW, autocast, plan_memory
+from support.processes import make_logger, rank0_values, start_processes
 from support.timing import finished
 from support.files import recover_dir
 from support.weights import load_model
@@ -60,9 +60,6 @@ RECIPES = {
                      self_answers=512, warmup=20, decay="none", steps=100_000, max_minutes=60, eval_every=60,
                      eval_prompts=8, save_every=50),
 }
-FINISH_RESERVE_S = 150  # kept for the save and the closing measurement (at most a quarter of a short budget)
-AMP_TIMING_SHARE = 0.05  # of the training time left at most for --amp auto's timing
-OWN_ANSWERS_SHARE = 0.25  # of --max-minutes at most for writing the own answers (about 0.15 on an idle CPU)
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
 
 
@@ -192,23 +189,10 @@ def check_args(a, p, fresh_out: bool):
 
 def lr_at(step, args, progress=0.0):
     """Linear warm-up, then the peak (the paper); with --decay, the lower of the warm-up ramp and a
-    fall from the peak to zero over the whole budget. progress: the fraction spent, 0..1 (budget_spent)."""
+    fall from the peak to zero over the whole budget. progress: the fraction spent, 0..1 (Budget.spent)."""
     warm = min(1.0, (step + 1) / max(args.warmup, 1))
     decayed = {"none": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[args.decay]
     return args.lr * min(warm, decayed)
-
-
-def finish_reserve(args) -> float:
-    """Seconds of --max-minutes kept after training for the save and the closing measurement."""
-    return min(FINISH_RESERVE_S, 0.25 * args.max_minutes * 60)
-
-
-def budget_spent(step, args, t_start, deadline, progress0=0.0):
-    """How much of the budget is spent: steps done of --steps, or the time since training started
-    (at t_start, after progress0 of an earlier run resumed here) of the time left until the deadline."""
-    by_time = 0.0 if deadline == math.inf else progress0 + (1 - progress0) * min(
-        1.0, (time.time() - t_start) / max(deadline - t_start, 1e-9))
-    return min(1.0, max(step / args.steps, by_time))
 
 
 # -----------------------------------------------------------------------------
@@ -228,12 +212,12 @@ class Run:
     rank: int = 0
     world: int = 1
     log: callable = print
-    t0: float = 0.0                   # when the run started (time.time())
+    budget: Budget = None             # --max-minutes and the stop signals (support/budget.py)
     step: int = 0
     last_good_step: int | None = None  # of the latest checkpoint that passed the probe (support.checkpoint.save_checkpoint)
     probe: object = None              # a fixed batch (probe_batch) that every checkpoint is checked on
     good_probe: dict = None           # probe() of the last good checkpoint (at the start: of the model)
-    progress: float = 0.0             # the fraction of the budget spent, which --decay follows (budget_spent)
+    progress: float = 0.0             # the fraction of the budget spent, which --decay follows (Budget.spent)
     k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
     counts: torch.Tensor = field(default=None)
@@ -247,33 +231,14 @@ class Run:
         return self.world > 1
 
     @property
-    def end(self):  # when --max-minutes is spent (time.time())
-        return self.t0 + self.args.max_minutes * 60 if self.args.max_minutes else math.inf
-
-    @property
-    def deadline(self):  # when training must stop, to leave time for the end of the run
-        return self.end - finish_reserve(self.args) if self.args.max_minutes else math.inf
-
-    @property
     def ckpt_path(self):
         return self.out / "ckpt.pt"
 
 
-def make_logger(master):
-    def log(*a):
-        if not master:
-            return
-        try:
-            print(*a, flush=True)
-        except BrokenPipeError:  # stdout closed (e.g. piped into head): keep training, stop printing
-            sys.stdout = open(os.devnull, "w")
-    return log
-
-
 def setup(args) -> Run:
     """Processes, data, models and optimizer: everything the loop needs, in a Run."""
-    t0 = time.time()  # the run's wall-clock budget (--max-minutes) counts from here
-    rank, world = start_processes(args)
+    budget = Budget(args.max_minutes)  # the run's wall-clock budget counts from here
+    rank, world, args.device = start_processes(args.device)
     log = make_logger(rank == 0)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -285,14 +250,11 @@ def setup(args) -> Run:
     rows, held_out = load_rows(args)  # data first: bad data fails in seconds, before a large model loads
     student, teacher = load_student_and_teacher(args, world, log)
     tok = student.tokenizer
-    if args.max_minutes:
-        answers = f"{args.self_answers} own answers (until minute {OWN_ANSWERS_SHARE * args.max_minutes:.1f} at most), then "
-        log(f"plan: {args.max_minutes:g} min in all: {answers if args.self_answers else ''}"
-            f"training until minute {args.max_minutes - finish_reserve(args) / 60:.1f} (now {(time.time() - t0) / 60:.1f}), "
-            f"then the save and a measurement of decoding against the original")
+    if plan := budget.plan(args.self_answers):
+        log(plan)
     if args.self_answers:
-        deadline = t0 + OWN_ANSWERS_SHARE * args.max_minutes * 60 if args.max_minutes else math.inf
-        examples = own_answer_examples(args, teacher, tok, rows, out / "self_answers.jsonl", log, rank == 0, deadline)
+        examples = own_answer_examples(args, teacher, tok, rows, out / "self_answers.jsonl", log, rank == 0,
+                                       budget.own_answers_deadline)
     else:
         examples = tokenize(rows, tok, args.format, args.seq_len)
     check_branches(examples, args)
@@ -315,7 +277,7 @@ def setup(args) -> Run:
     optimizer = AdamW([{"params": decay, "weight_decay": args.weight_decay},
                        {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=args.betas)
     run = Run(args, student, model, teacher, optimizer, tok, examples, eval_prompts, out, rank, world, log,
-              t0=t0, hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
+              budget=budget, hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
     if args.resume:
         run.step = run.last_good_step = load_checkpoint(run)  # also the precision the run started in
         log(f"resumed from {run.ckpt_path} at step {run.step}")
@@ -330,13 +292,13 @@ def choose_amp(run):
     """--amp auto on a CPU with fast bfloat16: time a real micro-batch of this job (student, teacher,
     backward) in float32 and under bfloat16 autocast, after an untimed round of each, and keep the
     faster: about 50 s of the CPU hour. A small product can favour bfloat16 where the step does not
-    (autocast casts the frozen base again on every pass). The timing takes at most AMP_TIMING_SHARE
-    of the training time left: on a busy machine it stops early and decides by what it measured."""
+    (autocast casts the frozen base again on every pass). The timing takes at most a share of the
+    training time left (Budget): on a busy machine it stops early and decides by what it measured."""
     args, batch, log = run.args, micro_batches(run, 0)[0], run.log
-    t_begin, left = time.time(), run.deadline - time.time()
+    t_begin, left, allowed = time.time(), run.budget.deadline - time.time(), run.budget.amp_timing_seconds
     seconds, cut = {}, False
     for amp in ("none", "bfloat16") * 2:  # the first round warms up
-        if time.time() - t_begin > AMP_TIMING_SHARE * left:
+        if time.time() - t_begin > allowed:
             cut = True
             break
         args.amp, t0 = amp, time.perf_counter()
@@ -347,7 +309,7 @@ def choose_amp(run):
     run.optimizer.zero_grad(set_to_none=True)
     faster = min(seconds, key=seconds.get) if len(seconds) == 2 else "none"
     if run.ddp:  # one precision for every process: rank 0's timing
-        faster = "bfloat16" if rank0_values(run, faster == "bfloat16")[0] else "none"
+        faster = "bfloat16" if rank0_values(args.device, faster == "bfloat16")[0] else "none"
     args.amp = faster
     matmuls = "bfloat16" if faster == "bfloat16" else "float32"
     if len(seconds) < 2:
@@ -357,21 +319,6 @@ def choose_amp(run):
     log(f"precision: a micro-batch of this job took {1e3 * seconds['none']:.1f} ms in float32, "
         f"{1e3 * seconds['bfloat16']:.1f} ms under bfloat16 autocast: matmuls in {matmuls} (--amp auto"
         f"{', cut short by the time budget' if cut else ''})")
-
-
-def start_processes(args) -> tuple[int, int]:
-    """(rank, world size): one process, or one of several started by torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    if args.device.startswith("cuda"):
-        local = int(os.environ["LOCAL_RANK"])
-        if local >= torch.cuda.device_count():
-            raise ValueError(f"process {local} of this machine needs GPU {local}, and it has "
-                             f"{torch.cuda.device_count()}; start at most that many processes (--nproc_per_node)")
-        args.device = f"cuda:{local}"
-        torch.cuda.set_device(args.device)
-    return dist.get_rank(), dist.get_world_size()
 
 
 def load_rows(args):
@@ -573,29 +520,19 @@ def quick_eval(run) -> str:
 def train(run):
     """The loop (train_loop), where Ctrl-C or SIGTERM finishes the step, then saves and exits.
     Returns the last step and whether a signal stopped it."""
-    stop = {"now": False}
-    handlers = {sig: signal.signal(sig, lambda *_: stop.update(now=True)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return train_loop(run, stop), stop["now"]
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    with run.budget.stop_on_signals() as budget:
+        return train_loop(run), budget.signalled
 
 
-def train_loop(run, stop):
+def train_loop(run):
     """Steps until --steps, --max-minutes or a stop signal, with logging, quick evals and checkpoints."""
-    args, log = run.args, run.log
-    t_start, first_step, t_log, preds_since = time.time(), run.step, time.time(), 0
-    deadline = run.deadline
-    if time.time() > deadline:
-        raise ValueError(f"the --max-minutes {args.max_minutes:g} budget was spent before the first step "
-                         f"({(time.time() - run.t0) / 60:.1f} min on loading{' and own answers' if args.self_answers else ''}, "
-                         f"{finish_reserve(args) / 60:.1f} min kept for the end); nothing was trained or saved")
-    bad, learned, progress0 = 0, 0, run.progress
-    while run.step < args.steps and not stop["now"]:
-        run.progress = budget_spent(run.step, args, t_start, deadline, progress0)
+    args, log, budget = run.args, run.log, run.budget
+    budget.start_training(run.progress, bool(args.self_answers))
+    t_start, first_step, t_log, preds_since, bad, learned = time.time(), run.step, time.time(), 0, 0, 0
+    while run.step < args.steps and not budget.signalled:
+        run.progress = budget.spent(run.step, args.steps)
         if run.ddp:  # one learning rate for every process: rank 0's clock
-            run.progress, = rank0_values(run, run.progress)
+            run.progress, = rank0_values(args.device, run.progress)
         r = train_step(run, run.step)
         if not r["ok"]:
             bad += 1
@@ -615,33 +552,25 @@ def train_loop(run, stop):
             dt = time.time() - t_log
             shown = min(6, args.k_max)
             agree = " ".join(f"{h / c:.2f}" if c else "-" for h, c in zip(run.hits[:shown], run.counts[:shown]))
-            elapsed = time.time() - t_start
-            eta = max(0.0, min(elapsed / (run.step - first_step) * (args.steps - run.step), deadline - time.time()))
+            eta = budget.eta((time.time() - t_start) / (run.step - first_step), args.steps - run.step)
             log(f"step {run.step} | loss {r['loss']:.4f} | agree@1..{shown} {agree} | gnorm {r['grad_norm']:.2f} "
                 f"| lr {r['lr']:.2e} | {preds_since / dt:.0f} preds/s | eta {eta / 60:.1f} min")
             t_log, preds_since = time.time(), 0
             run.hits.zero_(), run.counts.zero_()
         if (run.master or args.fsdp) and args.eval_every and run.eval_prompts and run.step % args.eval_every == 0:
-            log(f"eval step {run.step} | minute {(time.time() - run.t0) / 60:.1f} | {quick_eval(run)}")
+            log(f"eval step {run.step} | minute {budget.minutes_in():.1f} | {quick_eval(run)}")
         if run.step % args.save_every == 0:
             save_checkpoint(run, run.step, probe(run))
-        out_of_time = time.time() > deadline
+        out_of_time = budget.out_of_time()
         if run.ddp:  # every process stops after the same step: rank 0's clock and signals decide
-            out_of_time, stop["now"] = map(bool, rank0_values(run, out_of_time, stop["now"]))
+            out_of_time, budget.signalled = map(bool, rank0_values(args.device, out_of_time, budget.signalled))
         if out_of_time:
-            log(f"time budget: training stops at step {run.step}, {(time.time() - run.t0) / 60:.1f} min into the run")
+            log(f"time budget: training stops at step {run.step}, {budget.minutes_in():.1f} min into the run")
             break
     if learned == 0 and run.step > first_step:
         raise ValueError("no prediction was trained on (every branch ran past the end of its text); "
                          "nothing was saved")
     return run.step
-
-
-def rank0_values(run, *values) -> list[float]:
-    """Rank 0's values of these numbers, on every process (so all of them take the same decision)."""
-    t = torch.tensor([float(v) for v in values], device=run.args.device)
-    dist.broadcast(t, 0)
-    return t.tolist()
 
 
 # a held-out GSM8K test problem (454) in the training prompts' words: the domain the hour trains on
@@ -654,28 +583,22 @@ def summary(run):
     --verify against the ORIGINAL model's k=1 on the held-out prompts, in tokens/s (decode.against_original),
     as far as the time budget allows; then the command that decodes with it."""
     original = run.teacher  # the frozen copy, or with gated LoRA the model itself (its k=1 is the original)
-    end = run.end
+    end = run.budget.end
     measured = 0
     if run.eval_prompts and time.time() < end:
         run.student.eval()
         table, measured = against_original(original, run.student, run.tok, run.eval_prompts, run.args.eval_tokens,
                                            0.9, run.args.k_max, deadline=end)
     if measured:
-        run.log(f"done in {(time.time() - run.t0) / 60:.1f} min | on {measured} held-out prompts"
+        run.log(f"done in {run.budget.minutes_in():.1f} min | on {measured} held-out prompts"
                 f"{f' of {len(run.eval_prompts)} (the time budget ended)' if measured < len(run.eval_prompts) else ''}, "
                 f"interleaved, against the original model's k=1:")
         for line in describe_against_original(table):
             run.log("  " + line)
     elif run.eval_prompts:
-        run.log(f"done in {(time.time() - run.t0) / 60:.1f} min | no time left in the budget to measure decoding")
+        run.log(f"done in {run.budget.minutes_in():.1f} min | no time left in the budget to measure decoding")
     init = "" if run.out.resolve() == Path("out").resolve() else f" --init {run.out / 'model'}"
     run.log(f'next: python decode.py{init} --prompt "{NEXT_PROMPT}" --threshold 0.9')
-
-
-def resume_command(argv) -> str:
-    """The command that continues this run: its own flags, with --resume."""
-    flags = [a for a in argv if a != "--overwrite"]
-    return shlex.join(["python", "train.py", *flags, *([] if "--resume" in flags else ["--resume"])])
 
 
 def main(args, argv=()):

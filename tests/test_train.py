@@ -79,12 +79,14 @@ def test_lr_decay_follows_the_clock_under_a_time_budget():
     """With --max-minutes the budget is time: half the time to the deadline is half the decay, and
     a resumed run decays the rest of the way in its own budget."""
     import time
-    from train import budget_spent, get_args
-    a = get_args(["--device", "cpu", "--decay", "linear"], fresh_out=False)
-    now = time.time()
-    assert budget_spent(0, a, now - 30, now + 30) == pytest.approx(0.5, abs=0.01)
-    assert budget_spent(0, a, now - 30, now + 30, progress0=0.5) == pytest.approx(0.75, abs=0.01)
-    assert budget_spent(a.steps, a, now, now + 60) == 1.0
+    from support.budget import Budget
+    budget = Budget(2.0, t0=time.time() - 30)  # 2 minutes, 30 s of them kept for the end: the deadline in 60 s
+    budget.start_training(0.0, own_answers=False)
+    budget.t_train -= 60  # training started 60 s ago
+    assert budget.spent(0, 100_000) == pytest.approx(0.5, abs=0.01)
+    budget.progress0 = 0.5  # a resumed run: half was spent before
+    assert budget.spent(0, 100_000) == pytest.approx(0.75, abs=0.01)
+    assert budget.spent(100_000, 100_000) == 1.0
 
 
 def test_k_weights_choose_how_often_each_k_is_drawn(train_tiny, tmp_path):

@@ -1,0 +1,42 @@
+"""One process or several (torchrun): which one this is, its device, its log, and decisions every
+process takes alike (rank 0's)."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def start_processes(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device): one process, or one of several started by torchrun, each on its own
+    GPU when the device is CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"process {local} of this machine needs GPU {local}, and it has "
+                             f"{torch.cuda.device_count()}; start at most that many processes (--nproc_per_node)")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank0_values(device, *values) -> list[float]:
+    """Rank 0's values of these numbers, on every process (so all of them take the same decision)."""
+    t = torch.tensor([float(v) for v in values], device=device)
+    dist.broadcast(t, 0)
+    return t.tolist()
+
+
+def make_logger(master: bool):
+    """print, on the first process only; a closed stdout (piped into head) stops the printing, not the run."""
+    def log(*a):
+        if not master:
+            return
+        try:
+            print(*a, flush=True)
+        except BrokenPipeError:
+            sys.stdout = open(os.devnull, "w")
+    return log
