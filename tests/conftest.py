@@ -190,3 +190,19 @@ def train_tiny(script, tiny_qwen, qa_jsonl):
         return script("train.py", *args(out, **changes), *flags, nproc=nproc, env=env)
     run.args = args
     return run
+
+
+# -----------------------------------------------------------------------------
+# the fast tier: python -m pytest -m "not slow" tests skips what runs a script, trains, or loads the real SmolLM2
+
+SLOW_FIXTURES = {"script", "train_tiny", "smollm2", "smollm2_hf", "smollm2_gguf"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a script, trains, or loads the real SmolLM2 (seconds to a minute)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_the_gpu_run_runs_tiny_on_the_cpu(tmp_path, fixtures):
     out = tmp_path / "out"
     env = dict(os.environ, TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
