@@ -57,10 +57,14 @@ def without_matmuls():
         yield
 
 
+@contextlib.contextmanager
 def without_adapter():
     """Every gated-LoRA projection computes its base product only, as a real token's row does."""
     from lora import GatedLoRALinear
-    return mock.patch.object(GatedLoRALinear, "forward", lambda self, x: self.base(x))
+    from support.cpu_kernels import FewRowGatedLoRA
+    base_only = lambda self, x: self.base(x)  # noqa: E731
+    with mock.patch.object(GatedLoRALinear, "forward", base_only), mock.patch.object(FewRowGatedLoRA, "forward", base_only):
+        yield
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn as nn
 
-from support.cpu_kernels import FewRowLinear
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -57,21 +56,10 @@ class GatedLoRALinear(nn.Module):
             return y
         if rows is True:
             return y + (x @ self.lora_a.t() * self.scale) @ self.lora_b.t()
-        # some rows are <MTP> rows (a decode pass): the update, zeroed on the real tokens' rows
-        if "products" in self.__dict__:  # with the CPU's fastest kernel for each product (few_row_products)
-            down, up = self.products
-            return torch.add(y, up(down(x) * rows), alpha=self.scale)
-        h = (x @ self.lora_a.t()) * rows  # else in one fused product (a pass runs 7 of these per layer)
+        # some rows are <MTP> rows (a decode pass): the update, zeroed on the real tokens' rows, in one fused
+        # product (a pass runs 7 of these per block; support/cpu_kernels.py gives the CPU its own kernels)
+        h = (x @ self.lora_a.t()) * rows
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_b.t(), alpha=self.scale).view_as(y)
-
-    def few_row_products(self) -> tuple[FewRowLinear, FewRowLinear]:
-        """The update's two products, x A^T and h B^T, as linears on the same weights, for
-        support.cpu_kernels.use_few_row_kernels to time and give their kernels: at rank 128 on SmolLM2 they read
-        27% more bytes than the base's products in a pass with masks. A plain attribute, not
-        submodules, so that nothing is saved twice."""
-        if "products" not in self.__dict__:
-            self.__dict__["products"] = tuple(FewRowLinear.on(w) for w in (self.lora_a, self.lora_b))
-        return self.products
 
 
 def add_lora(model, rank: int, alpha: float | None = None, base: str | None = None, layers: int | None = None):
