@@ -23,6 +23,7 @@ import torch
 
 from data import extract_number
 from distill import branch_layout as branch_layout_of_chunk, teacher_nll
+from support.cli import ArgumentParser
 from support.cpu_kernels import fast_dtype, packed_summary, use_few_row_kernels
 from support.sizing import Acceptance, PassCost, best_n
 from support.weights import load_model, trained_model
@@ -338,6 +339,35 @@ def describe_against_original(table: dict) -> list[str]:
             for name, t in table.items()]
 
 
+@torch.no_grad()
+def quick_eval(model, teacher, prompts, max_new_tokens: int, k_max: int, stop_ids, k1_texts: dict | None = None) -> str:
+    """ConfAdapt(0.9) against the same model's own next-token decoding on held-out prompts, and the
+    teacher loss of both texts (the original model's NLL per token, docs/METHOD.md, "Evaluation").
+    k1_texts: where k=1 is the untouched original (gated LoRA), its texts and losses, kept between calls."""
+    training = model.training
+    model.eval()
+    accel, same, nll, n_tokens = [], 0, [0.0, 0.0], [0, 0]
+    for i, p in enumerate(prompts):
+        if k1_texts is not None and i in k1_texts:
+            ref, ref_nll = k1_texts[i]
+        else:
+            ref = generate(model, p, max_new_tokens, k=1, stop_ids=stop_ids).tokens
+            ref_nll = teacher_nll(teacher, p, ref)
+            if k1_texts is not None:
+                k1_texts[i] = ref, ref_nll
+        mtp = generate(model, p, max_new_tokens, threshold=0.9, k_max=k_max, stop_ids=stop_ids)
+        accel.append(mtp.acceleration)
+        same += mtp.tokens == ref
+        nll[0] += ref_nll
+        nll[1] += teacher_nll(teacher, p, mtp.tokens)
+        n_tokens[0] += len(ref)
+        n_tokens[1] += len(mtp.tokens)
+    model.train(training)
+    return (f"ConfAdapt(0.9) on {len(prompts)} held-out prompts: acceleration {sum(accel) / len(accel):.2f} tokens "
+            f"per pass (k=1: 1.00), same text as k=1 {same}/{len(prompts)}, teacher loss "
+            f"{nll[1] / max(n_tokens[1], 1):.3f} (k=1 {nll[0] / max(n_tokens[0], 1):.3f})")
+
+
 # -----------------------------------------------------------------------------
 # loading and the command line (evaluation has its own: evaluate.py)
 
@@ -427,11 +457,6 @@ def paint(text: str, chunk: int) -> str:
 
 def chunk_legend() -> str:
     return "tokens accepted per pass: " + " ".join(paint(f" {n}{'+' if n == 7 else ''} ", n) for n in range(1, 8))
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block: bad input says what is wrong and stops
-        sys.exit(f"error: {message} (see --help)")
 
 
 def get_args(argv=None):

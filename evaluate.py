@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from data.evalsets import humaneval_program, is_correct, load_eval_tasks, read_answer
-from decode import ArgumentParser, check_decoding_args, default_init, encode_prompt, generate, load, strategy_name
+from decode import check_decoding_args, default_init, encode_prompt, generate, load, strategy_name
 from distill import teacher_nll
+from support.cli import ArgumentParser
 from support.weights import default_reference, load_model
 
 SWEEP_K = (1, 2, 3, 4)

@@ -9,7 +9,8 @@ The student starts as the model and the teacher is a frozen copy of it (docs/MET
 with --lora R the model is frozen and gated adapters act on <MTP> rows only, so it is its own
 teacher (lora.py). Output: OUT/model, a Hugging Face directory that decode.py and transformers load
 as they are (with --lora: the adapter and the name of the untouched original). A recipe (RECIPES
-below) gives every setting a default; a flag overrides it. Read main() at the bottom first.
+below) gives every setting a default; a flag overrides it. The file reads top to bottom: recipes,
+arguments, set-up, one step, the loop, main.
 """
 import argparse
 import contextlib
@@ -26,32 +27,30 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from support.budget import Budget, resume_command
-from support.checkpoint import Diverged, load_checkpoint, restore_last_good, save_checkpoint, save_final_model
 from data import check_branches, get_rows, gsm8k_prompt, load_dataset, load_gsm8k, tokenize
 from data.own_answers import own_answer_examples
-from decode import ArgumentParser, against_original, describe_against_original, encode_prompt, generate
-from distill import build_batch, distill_loss, teacher_nll
-from support.cpu_kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
+from decode import against_original, describe_against_original, encode_prompt, quick_eval
+from distill import build_batch, distill_loss
 from lora import add_lora
+from support.budget import Budget, resume_command
+from support.checkpoint import Diverged, load_checkpoint, restore_last_good, save_checkpoint, save_final_model
+from support.cli import ArgumentParser, check_train_args, recipe_table
+from support.cpu_kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
+from support.files import recover_dir
 from support.optim import AdamW, autocast, plan_memory
 from support.processes import make_logger, rank0_values, start_processes
 from support.timing import finished
-from support.files import recover_dir
 from support.weights import load_model
 
+# the paper's recipe (docs/METHOD.md, "Training"): its data, k up to 16, a branch every 32 tokens
+PAPER = dict(data="metamathqa", dtype="bfloat16", amp="none", lora=0, lora_layers=0, lr=1e-5, lora_lr=1e-5, k_max=16,
+             batch_size=16, grad_accum=8, seq_len=160, branch_every=32, branch_from="all", self_answers=0, warmup=2000,
+             decay="none", steps=100_000, max_minutes=None, eval_every=1000, eval_prompts=4, save_every=1000)
 RECIPES = {
-    # the paper's recipe (docs/METHOD.md, "Training"): its data, k up to 16, a branch every 32 tokens
-    "paper-gpu": dict(data="metamathqa", dtype="bfloat16", amp="none", lora=0, lora_layers=0, lr=1e-5, lora_lr=1e-5,
-                      k_max=16, batch_size=16, grad_accum=8, seq_len=160, branch_every=32, branch_from="all",
-                      self_answers=0, warmup=2000, decay="none", steps=100_000, max_minutes=None, eval_every=1000,
-                      eval_prompts=4, save_every=1000),
+    "paper-gpu": PAPER,
     # the paper's recipe on one GPU, stopped after 8 hours: about 10,700 steps at the 2.7 s a step of
     # Qwen3-4B's shape took on an H200 (docs/GPU.md), a tenth of the paper's 100,000
-    "one-gpu": dict(data="metamathqa", dtype="bfloat16", amp="none", lora=0, lora_layers=0, lr=1e-5, lora_lr=1e-5,
-                    k_max=16, batch_size=16, grad_accum=8, seq_len=160, branch_every=32, branch_from="all",
-                    self_answers=0, warmup=2000, decay="none", steps=100_000, max_minutes=480, eval_every=1000,
-                    eval_prompts=4, save_every=1000),
+    "one-gpu": dict(PAPER, max_minutes=480),
     # what decoded fastest against the original model after the same CPU time (docs/RESULTS.md, "Choosing
     # the CPU hour's recipe"): gated LoRA in the top 4 blocks, the model's own answers to 512 GSM8K
     # questions, k up to 4, a branch after every answer token
@@ -63,16 +62,9 @@ RECIPES = {
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
 
 
-def recipe_table() -> str:
-    keys = list(RECIPES["cpu-hour"])
-    rows = [f"  {'setting':<14}" + "".join(f"{name:>14}" for name in RECIPES)]
-    rows += [f"  {k:<14}" + "".join(f"{str(r[k]):>14}" for r in RECIPES.values()) for k in keys]
-    return "recipes (a flag overrides its setting; lora_lr is --lr with --lora):\n" + "\n".join(rows)
-
-
 def get_args(argv=None, fresh_out: bool = True):
     """fresh_out: refuse an --out that holds an earlier run unless --resume or --overwrite say what to do."""
-    p = ArgumentParser(description=__doc__, epilog=recipe_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, epilog=recipe_table(RECIPES), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="the defaults of every setting below (default: one-gpu on one GPU, paper-gpu on several, "
                    "cpu-hour on a CPU)")
@@ -143,45 +135,8 @@ def get_args(argv=None, fresh_out: bool = True):
             setattr(a, key, value)
     if a.amp == "auto" and not (a.device == "cpu" and cpu_bf16_is_fast()):  # else timed on the job (choose_amp)
         a.amp = "none"
-    check_args(a, p, fresh_out)
+    check_train_args(a, p, fresh_out)
     return a
-
-
-def check_args(a, p, fresh_out: bool):
-    if a.lora < 0:
-        p.error("--lora must be 0 (full fine-tuning) or a rank of 1 or more")
-    if a.lora and a.fsdp:
-        p.error("--lora with --fsdp is not supported: the adapter is small, use data parallelism")
-    if a.k_max < 2:
-        p.error("--k-max must be at least 2")
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "branch_every", "log_every", "save_every",
-                 "eval_tokens"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup", "eval_every", "eval_prompts", "self_answers", "lora_layers"):
-        if getattr(a, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be 0 or more")
-    for name in ("lr", "clip"):
-        if not 0 < getattr(a, name) < math.inf:
-            p.error(f"--{name} must be a positive number")
-    if a.max_minutes is not None and not 0 < a.max_minutes < math.inf:
-        p.error("--max-minutes must be a positive number")
-    if a.k_weights is not None and (len(a.k_weights) != a.k_max - 1 or min(a.k_weights) < 0 or
-                                    not 0 < sum(a.k_weights) < math.inf):
-        p.error(f"--k-weights needs {a.k_max - 1} weights of 0 or more (one per k of 2..{a.k_max}), not all 0")
-    if a.seq_len <= a.k_max:
-        p.error(f"--seq-len ({a.seq_len}) must be longer than --k-max ({a.k_max})")
-    if a.dtype not in ("float32", "bfloat16", "float16"):
-        p.error(f"--dtype must be float32, bfloat16 or float16, not {a.dtype}")
-    if a.amp not in ("float32", "bfloat16", "float16", "none", "auto"):
-        p.error(f"--amp must be bfloat16, float16, float32, none or auto, not {a.amp}")
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out} exists and is not a folder")
-    earlier = (out / "ckpt.pt").exists() or (out / "model").exists() or (out / "model.old").exists()
-    if earlier and fresh_out and not (a.resume or a.overwrite):
-        p.error(f"{out} holds an earlier run; pass --resume to continue it, --overwrite to replace it, "
-                f"or another --out")
 
 
 # -----------------------------------------------------------------------------
@@ -488,35 +443,6 @@ def mtp_step_cost(run, n_steps: int) -> float:
     return ratio
 
 
-@torch.no_grad()
-def quick_eval(run) -> str:
-    """ConfAdapt(0.9) against the same model's own next-token decoding on the held-out prompts, and
-    the teacher loss of both texts (the original model's NLL per token, docs/METHOD.md, "Evaluation")."""
-    model, stop_ids, max_new = run.student, run.tok.stop_ids, run.args.eval_tokens
-    model.eval()
-    accel, same, nll, n_tokens = [], 0, [0.0, 0.0], [0, 0]
-    for i, p in enumerate(run.eval_prompts):
-        if i in run.k1_texts:  # with gated LoRA k=1 is the untouched original: its text and loss never change
-            ref, ref_nll = run.k1_texts[i]
-        else:
-            ref = generate(model, p, max_new, k=1, stop_ids=stop_ids).tokens
-            ref_nll = teacher_nll(run.teacher, p, ref)
-            if run.args.lora:
-                run.k1_texts[i] = ref, ref_nll
-        mtp = generate(model, p, max_new, threshold=0.9, k_max=run.args.k_max, stop_ids=stop_ids)
-        accel.append(mtp.acceleration)
-        same += mtp.tokens == ref
-        nll[0] += ref_nll
-        nll[1] += teacher_nll(run.teacher, p, mtp.tokens)
-        n_tokens[0] += len(ref)
-        n_tokens[1] += len(mtp.tokens)
-    model.train()
-    return (f"ConfAdapt(0.9) on {len(run.eval_prompts)} held-out prompts: acceleration "
-            f"{sum(accel) / len(accel):.2f} tokens per pass (k=1: 1.00), same text as k=1 "
-            f"{same}/{len(run.eval_prompts)}, teacher loss {nll[1] / max(n_tokens[1], 1):.3f} "
-            f"(k=1 {nll[0] / max(n_tokens[0], 1):.3f})")
-
-
 def train(run):
     """The loop (train_loop), where Ctrl-C or SIGTERM finishes the step, then saves and exits.
     Returns the last step and whether a signal stopped it."""
@@ -558,7 +484,9 @@ def train_loop(run):
             t_log, preds_since = time.time(), 0
             run.hits.zero_(), run.counts.zero_()
         if (run.master or args.fsdp) and args.eval_every and run.eval_prompts and run.step % args.eval_every == 0:
-            log(f"eval step {run.step} | minute {budget.minutes_in():.1f} | {quick_eval(run)}")
+            quick = quick_eval(run.student, run.teacher, run.eval_prompts, args.eval_tokens, args.k_max,
+                               run.tok.stop_ids, run.k1_texts if args.lora else None)
+            log(f"eval step {run.step} | minute {budget.minutes_in():.1f} | {quick}")
         if run.step % args.save_every == 0:
             save_checkpoint(run, run.step, probe(run))
         out_of_time = budget.out_of_time()
@@ -606,8 +534,8 @@ def main(args, argv=()):
     try:
         step, interrupted = train(run)
         model_state = save_checkpoint(run, step, probe(run))  # a signal's save comes first, before anything else
-    except Diverged as diverged:
-        restore_last_good(run, diverged)
+    except Diverged as diverged:  # nothing from what diverged is kept: OUT/model is the last good checkpoint
+        raise ValueError(restore_last_good(run, diverged)) from None
     if run.master:
         save_final_model(run, step, model_state)
     if interrupted:  # a scheduler's grace period is short: no evaluation, only the way back

@@ -9,6 +9,9 @@ decode.py can skip.
     cpu_kernels.py  the CPU's fastest kernel for the few rows of a decode pass, the bfloat16 speed check
     sizing.py       how many masks and drafts a decode pass feeds: the most expected tokens per second
     timing.py       the best of a few timed calls, and the machine's bandwidth and matmul rate
+    budget.py       --max-minutes and the stop signals behind one object, Budget
+    processes.py    one process or several (torchrun): rank, device, log, rank 0's decisions
+    cli.py          a parser whose errors are one line; train.py's checks of its settings, its recipe table
 
 Of the lesson, this package imports only what it builds: the network (model.py) and the adapters
 (lora.py). tests/test_layout.py holds the rule.

@@ -78,18 +78,17 @@ def save_checkpoint(run, step, now: dict):
     return model_state
 
 
-def restore_last_good(run, diverged: Diverged):
-    """After a run diverged: OUT/model from the last checkpoint that passed the probe (this run's
-    or the one it resumed), then the one-line error that says which step it holds."""
+def restore_last_good(run, diverged: Diverged) -> str:
+    """After a run diverged: OUT/model from the last checkpoint that passed the probe (this run's or the
+    one it resumed), if there is one. Returns the one-line error that says which step it holds."""
     what = f"{diverged.why} at step {diverged.step}"
     if run.last_good_step is None:
-        raise ValueError(f"{what}; nothing was saved from this run (try a lower --lr)")
+        return f"{what}; nothing was saved from this run (try a lower --lr)"
     run.step = load_checkpoint(run)
     model_state = gather_state(run.student, run.optimizer)[0]
     if run.master:
         save_final_model(run, run.step, model_state)
-    raise ValueError(f"{what}; {run.out / 'model'} holds step {run.step}, the last good checkpoint "
-                     f"(try a lower --lr)")
+    return f"{what}; {run.out / 'model'} holds step {run.step}, the last good checkpoint (try a lower --lr)"
 
 
 def load_checkpoint(run):

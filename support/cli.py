@@ -1,0 +1,58 @@
+"""The command lines' shared plumbing: a parser whose errors are one line, and train.py's checks of
+its settings and its table of recipes."""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: bad input says what is wrong and stops
+        sys.exit(f"error: {message} (see --help)")
+
+
+def recipe_table(recipes: dict) -> str:
+    """The recipes side by side, a setting per line (train.py --help's epilog)."""
+    keys = list(next(iter(recipes.values())))
+    rows = [f"  {'setting':<14}" + "".join(f"{name:>14}" for name in recipes)]
+    rows += [f"  {k:<14}" + "".join(f"{str(r[k]):>14}" for r in recipes.values()) for k in keys]
+    return "recipes (a flag overrides its setting; lora_lr is --lr with --lora):\n" + "\n".join(rows)
+
+
+def check_train_args(a, p, fresh_out: bool):
+    """train.py's settings in range, each error naming its flag; fresh_out: an --out that holds an earlier
+    run needs --resume or --overwrite."""
+    if a.lora < 0:
+        p.error("--lora must be 0 (full fine-tuning) or a rank of 1 or more")
+    if a.lora and a.fsdp:
+        p.error("--lora with --fsdp is not supported: the adapter is small, use data parallelism")
+    if a.k_max < 2:
+        p.error("--k-max must be at least 2")
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "branch_every", "log_every", "save_every",
+                 "eval_tokens"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup", "eval_every", "eval_prompts", "self_answers", "lora_layers"):
+        if getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more")
+    for name in ("lr", "clip"):
+        if not 0 < getattr(a, name) < math.inf:
+            p.error(f"--{name} must be a positive number")
+    if a.max_minutes is not None and not 0 < a.max_minutes < math.inf:
+        p.error("--max-minutes must be a positive number")
+    if a.k_weights is not None and (len(a.k_weights) != a.k_max - 1 or min(a.k_weights) < 0 or
+                                    not 0 < sum(a.k_weights) < math.inf):
+        p.error(f"--k-weights needs {a.k_max - 1} weights of 0 or more (one per k of 2..{a.k_max}), not all 0")
+    if a.seq_len <= a.k_max:
+        p.error(f"--seq-len ({a.seq_len}) must be longer than --k-max ({a.k_max})")
+    if a.dtype not in ("float32", "bfloat16", "float16"):
+        p.error(f"--dtype must be float32, bfloat16 or float16, not {a.dtype}")
+    if a.amp not in ("float32", "bfloat16", "float16", "none", "auto"):
+        p.error(f"--amp must be bfloat16, float16, float32, none or auto, not {a.amp}")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} exists and is not a folder")
+    earlier = (out / "ckpt.pt").exists() or (out / "model").exists() or (out / "model.old").exists()
+    if earlier and fresh_out and not (a.resume or a.overwrite):
+        p.error(f"{out} holds an earlier run; pass --resume to continue it, --overwrite to replace it, "
+                f"or another --out")
