@@ -12,7 +12,6 @@ def start_processes(device: str) -> tuple[int, int, str]:
     GPU when the device is CUDA."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         local = int(os.environ["LOCAL_RANK"])
         if local >= torch.cuda.device_count():
@@ -20,6 +19,7 @@ def start_processes(device: str) -> tuple[int, int, str]:
                              f"{torch.cuda.device_count()}; start at most that many processes (--nproc_per_node)")
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -110,6 +110,24 @@ def test_kv_cache_incremental_and_chunked(tiny, name):
     assert cache.length == 30
 
 
+@pytest.mark.parametrize("name", ["llama-untied-gqa2", "qwen3-tied-headdim"])
+def test_a_gpus_lower_right_causal_bias_is_the_cached_chunks_mask(tiny, name, monkeypatch):
+    """On a GPU a chunk fed after cached positions attends through torch's lower-right causal bias
+    (model.causal_after), which reaches the flash kernel with grouped heads (docs/GPU.md). The CPU
+    takes the same path here: its logits are those of a plain forward, as with the tensor mask."""
+    import model as model_py
+    from torch.nn.attention.bias import causal_lower_right
+    _, path = tiny(name)
+    model = load_model(str(path), add_mask=False)
+    idx = torch.randint(0, 300, (2, 30))
+    with torch.no_grad():
+        full = model(idx)
+        monkeypatch.setattr(model_py, "causal_after", lambda T, start, device: causal_lower_right(T, start + T))
+        cache = model.new_cache(64, batch=2)
+        chunks = torch.cat([model(idx[:, a:b], cache=cache) for a, b in [(0, 7), (7, 8), (8, 21), (21, 30)]], 1)
+    assert (chunks - full).abs().max().item() <= TOL
+
+
 def test_explicit_positions_and_mask(tiny):
     """Two sequences packed in one row, each with its own positions and a block-causal mask,
     give the logits of two separate plain forwards."""

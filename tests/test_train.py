@@ -182,3 +182,15 @@ def test_one_gpu_defaults_to_the_paper_recipe_in_a_time_budget(tmp_path, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     a = get_args(["--device", "cuda", "--out", str(tmp_path / "b")])
     assert a.recipe == "paper-gpu" and a.max_minutes is None
+
+
+def test_a_process_without_its_gpu_says_so(monkeypatch):
+    """torchrun with more processes than the machine has GPUs: the second process of a one-GPU machine
+    would ask for cuda:1; it stops with one line before any process group starts."""
+    import torch
+    from support.processes import start_processes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="process 1 of this machine needs GPU 1, and it has 1"):
+        start_processes("cuda")
