@@ -39,7 +39,7 @@ from support.cpu_kernels import cpu_bf16_is_fast, cpu_flags, use_few_row_kernels
 from support.files import recover_dir
 from support.optim import AdamW, autocast, plan_memory
 from support.processes import make_logger, rank0_values, start_processes
-from support.timing import finished
+from support.timing import wait_for
 from support.weights import load_model
 
 # the paper's recipe (docs/METHOD.md, "Training"): its data, k up to 16, a branch every 32 tokens
@@ -226,12 +226,7 @@ def setup(args) -> Run:
         fully_shard(student)
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    optimizer = AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=args.betas)
-    run = Run(args, student, model, teacher, optimizer, tok, examples, eval_prompts, out, rank, world, log,
+    run = Run(args, student, model, teacher, make_optimizer(student, args), tok, examples, eval_prompts, out, rank, world, log,
               budget=budget, hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
     if args.resume:
         run.step = run.last_good_step = load_checkpoint(run)  # also the precision the run started in
@@ -241,6 +236,13 @@ def setup(args) -> Run:
     run.probe = probe_batch(run)
     run.good_probe = probe(run)  # the model as it starts: the original, or the checkpoint resumed
     return run
+
+
+def make_optimizer(student, args) -> AdamW:
+    """AdamW over the trained parameters, with weight decay on the matrices only."""
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    return AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
+                  {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}], lr=args.lr, betas=args.betas)
 
 
 def choose_amp(run):
@@ -434,7 +436,7 @@ def mtp_step_cost(run, n_steps: int) -> float:
             with autocast(run.args):
                 for b in micro_batches(run, step):
                     one(b)
-            finished(torch.zeros(1, device=run.args.device))
+            wait_for(run.args.device)
             seconds[name] += (time.perf_counter() - t0) if step else 0.0
             run.optimizer.zero_grad(set_to_none=True)
     ratio = seconds["mtp"] / seconds["plain"]

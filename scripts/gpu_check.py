@@ -32,9 +32,9 @@ from data import gsm8k_prompt, load_gsm8k
 from decode import against_original, describe_against_original, encode_prompt, generate
 from distill import build_batch
 from model import ModelConfig, Transformer, rope_frequencies
-from support.optim import AdamW, memory_estimate, plan_memory
+from support.optim import memory_estimate, plan_memory
 from support.sizing import mask_pass
-from support.timing import bandwidth_gbs
+from support.timing import bandwidth_gbs, wait_for
 from support.weights import load_model
 
 # Qwen3-4B's published config.json (Qwen/Qwen3-4B): the shape the design card's first command trains
@@ -76,11 +76,6 @@ def random_model(cfg: dict, device, dtype=torch.float32, seed=0) -> Transformer:
     model.to(dtype)
     model.inv_freq = rope_frequencies(model.cfg).to(device)  # RoPE stays float32
     return model.eval()
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 # -----------------------------------------------------------------------------
@@ -173,11 +168,11 @@ def backends_of(fn) -> list[str]:
 
 def timed_ms(fn, device, reps=10):
     fn()
-    sync(device)
+    wait_for(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    sync(device)
+    wait_for(device)
     return 1e3 * (time.perf_counter() - t0) / reps
 
 
@@ -303,12 +298,8 @@ def paper_run(cfg, device, tiny, out):
     examples = [(torch.randint(0, cfg["mask_id"], (args.seq_len,), generator=g).tolist(), 16) for _ in range(256)]
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     plan_memory(student, args, 1, log)
-    decay = [p for p in student.parameters() if p.dim() >= 2]
-    no_decay = [p for p in student.parameters() if p.dim() < 2]
-    optimizer = AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                      lr=args.lr, betas=args.betas)
     tok = SimpleNamespace(eos_id=0)
-    return train.Run(args, student, student, teacher, optimizer, tok, examples, [], out, log=log,
+    return train.Run(args, student, student, teacher, train.make_optimizer(student, args), tok, examples, [], out, log=log,
                      hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
 
 
@@ -332,10 +323,10 @@ def qwen3_4b_shape(record, device, tiny, out):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for step in range(2):
-        sync(device)
+        wait_for(device)
         t0 = time.perf_counter()
         r = train.train_step(run, step)
-        sync(device)
+        wait_for(device)
         seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
         fields = dict(step=step + 1, seconds=seconds, loss=r["loss"], lr=r["lr"], ok=r["ok"], peak_gib=peak,
@@ -348,10 +339,10 @@ def qwen3_4b_shape(record, device, tiny, out):
     if not tiny:  # the same with activation checkpointing, the estimate's other column
         run.student.checkpointing = True
         torch.cuda.reset_peak_memory_stats()
-        sync(device)
+        wait_for(device)
         t0 = time.perf_counter()
         train.train_step(run, 2)
-        sync(device)
+        wait_for(device)
         est = memory_estimate(run.student.cfg, n, run.args, checkpointing=True)
         record("qwen3_4b_step_checkpointed", seconds=time.perf_counter() - t0,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, estimate_total_gib=sum(est.values()))

@@ -2,10 +2,10 @@
 
     budget = Budget(args.max_minutes)      # counts from now
     budget.own_answers_deadline            # the own answers stop here (a quarter of the budget)
-    with budget.stop_on_signals():         # Ctrl-C / SIGTERM: finish the step, then stop
-        budget.start_training(progress0)   # says so if nothing is left for training
-        while not budget.stop_now(): ...   # a signal came, or training must end to leave time for the end
-    budget.spent(step, steps)              # the fraction spent, which --decay follows
+    with budget.stop_on_signals():         # Ctrl-C / SIGTERM set budget.signalled: the step finishes first
+        budget.start_training(progress0, own_answers)  # says so if nothing is left for training
+        while not budget.signalled:        # ... one step, then stop if budget.out_of_time()
+            budget.spent(step, steps)      # the fraction spent, which --decay follows
 """
 import contextlib
 import math

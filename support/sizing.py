@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from support.timing import wait_for
+
 
 class PassCost:
     """Seconds of one forward pass by the number of rows it feeds, at 1, 2, 4, ... rows. A pass of r
@@ -114,8 +116,7 @@ def mask_pass(model, rows, context: int = 256):
 
     def one_pass(r):
         model(inputs[r], cache=cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        wait_for(device)
         cache.truncate(context)
     return one_pass
 

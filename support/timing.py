@@ -24,10 +24,15 @@ def bandwidth_gbs(device, n_bytes=1 << 28, reps=5):
     return 2 * n_bytes / best_seconds(lambda: finished(dst.copy_(src)), reps) / 1e9
 
 
+def wait_for(device):
+    """Return once the device has finished the work queued on it (a CPU has, at once)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def finished(t: torch.Tensor) -> torch.Tensor:
     """t, once the GPU has computed it (on a CPU it already has)."""
-    if t.is_cuda:
-        torch.cuda.synchronize()
+    wait_for(t.device)
     return t
 
 
