@@ -39,6 +39,7 @@ import torch.nn as nn
 from data import gsm8k_prompt, load_gsm8k
 from decode import against_original, default_init, describe_against_original, encode_prompt, generate, load
 from support.cpu_kernels import machine
+from support.step_timing import mtp_step_cost
 from support.timing import bandwidth_gbs, matmul_gflops
 from support.sizing import PassCost, mask_pass
 from support.weights import default_reference, save_model
@@ -117,7 +118,7 @@ def main(argv=None):
         i = argv.index("--train-step")
         n_steps, rest = int(argv[i + 1]), argv[:i] + argv[i + 2:]
         args = train.get_args(rest, fresh_out=False)  # own answers an earlier run wrote are reused
-        return train.mtp_step_cost(train.setup(args), n_steps)
+        return mtp_step_cost(train.setup(args), n_steps, train.micro_batches, train.batch_loss)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default=None)
     p.add_argument("--prompts", type=int, default=8, help="GSM8K test questions used as prompts")

@@ -339,6 +339,21 @@ def describe_against_original(table: dict) -> list[str]:
             for name, t in table.items()]
 
 
+def closing_table(original, model, tok, prompts, max_new_tokens: int, k_max: int, budget) -> list[str]:
+    """train.py's closing lines: ConfAdapt(0.9) and --verify against the original model's k=1 on the
+    held-out prompts (against_original), with as many prompts as the run's budget (support/budget.py) leaves."""
+    if not prompts:
+        return []
+    measured = 0
+    if time.time() < budget.end:
+        table, measured = against_original(original, model, tok, prompts, max_new_tokens, 0.9, k_max, deadline=budget.end)
+    if not measured:
+        return [f"done in {budget.minutes_in():.1f} min | no time left in the budget to measure decoding"]
+    cut = f" of {len(prompts)} (the time budget ended)" if measured < len(prompts) else ""
+    return ([f"done in {budget.minutes_in():.1f} min | on {measured} held-out prompts{cut}, interleaved, against "
+             f"the original model's k=1:"] + ["  " + line for line in describe_against_original(table)])
+
+
 @torch.no_grad()
 def quick_eval(model, teacher, prompts, max_new_tokens: int, k_max: int, stop_ids, k1_texts: dict | None = None) -> str:
     """ConfAdapt(0.9) against the same model's own next-token decoding on held-out prompts, and the

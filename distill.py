@@ -27,6 +27,7 @@ class MTPBatch:
     offset: torch.Tensor  # (P,) which token ahead each prediction is for: 1..k
     fill: torch.Tensor   # (B, n_branches * (k-1)) the mask slots, in the order predictions 1..k-1 fill them
     k: int
+    texts: list | None = None  # which training text each row holds (train.py), for FrozenStore
 
 
 def branch_layout(n_real: int, anchors: torch.Tensor, n_masks: int):
@@ -143,9 +144,163 @@ def reduce(per, agree, batch: MTPBatch, denom):
     return loss, {"n": n.item(), "agree_n": per_offset_n, "agree_hit": per_offset_hit, "loss_sum": per_offset_loss}
 
 
-def distill_loss(student, teacher, batch: MTPBatch, gated: bool, soft: bool = False, denom=None):
+# -----------------------------------------------------------------------------
+# what is known before a step begins
+#
+# Under gated LoRA much of mtp_loss_gated's work is the same in every pass over the data: the real
+# rows see the frozen original, so their keys and values are fixed; with adapters in the top blocks
+# only and a fixed <MTP> embedding, a mask slot below the lowest adapter depends only on its prefix;
+# and along a rollout that equals the text, the teacher at slot j is the original at the real row
+# i+j, whose argmax is known. FrozenRows keeps these per training text, and mtp_loss_frozen computes
+# only the rest: the adapted blocks on the mask slots, and the teacher where the rollout left the text.
+
+@dataclass
+class FrozenRows:
+    k: torch.Tensor         # (n_layers, n_kv_heads, L, head_dim) keys of the real rows, in every block
+    v: torch.Tensor         # (n_layers, n_kv_heads, L, head_dim) their values
+    argmax: torch.Tensor    # (L,) the original's next-token argmax at each real row from first_cut on
+    cut_loss: torch.Tensor  # (L,) the cross-entropy of its logits there to that argmax (offset 1's loss)
+    masks: torch.Tensor     # (L - 1 - first_cut, k_max - 1, dim) the mask slots of the branch after each
+    first_cut: int          # real row from first_cut on, entering the lowest adapted block
+
+
+def frozen_bytes(cfg, n_tokens: int, n_cuts: int, k_max: int, first_block: int, itemsize: int) -> int:
+    """The size of FrozenRows for a text of n_tokens with n_cuts cuts."""
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_tokens * itemsize
+    return kv + 12 * n_tokens + (n_cuts * (k_max - 1) * cfg.dim * itemsize if first_block else 0)
+
+
+@torch.no_grad()
+def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: int) -> FrozenRows:
+    """What the frozen original computes for one training text: its real rows in every block, in one
+    forward pass that also gives the argmax at every row, and a branch of k_max - 1 <MTP> slots after
+    each row from first_cut on, up to the lowest adapted block (first_block; none if it is 0)."""
+    L, device = len(ids), model.embed_tokens.weight.device
+    cache = model.new_cache(L)
+    cuts = torch.arange(first_cut, L - 1, device=device)
+    logits = model(torch.tensor([ids], device=device), cache=cache, slots=cuts[None])[0].float()
+    argmax = torch.zeros(L, dtype=torch.long, device=device)
+    cut_loss = torch.zeros(L, device=device)
+    argmax[cuts] = logits.argmax(-1)
+    cut_loss[cuts] = F.cross_entropy(logits, argmax[cuts], reduction="none")
+    n_masks, masks = k_max - 1, torch.zeros(0, device=device)
+    if first_block and len(cuts):
+        pos, mask = branch_layout(L, cuts, n_masks)
+        idx = torch.full((1, len(cuts) * n_masks), model.cfg.mask_id, device=device)
+        masks = model(idx, pos[L:], mask[L:], cache=cache, keep=False, blocks=range(first_block))
+        masks = masks[0].view(len(cuts), n_masks, -1)
+    return FrozenRows(cache.k[:, 0].clone(), cache.v[:, 0].clone(), argmax, cut_loss, masks, first_cut)
+
+
+def mtp_loss_frozen(model, batch: MTPBatch, frozen: list[FrozenRows], first_block: int, soft: bool = False,
+                    denom=None):
+    """mtp_loss_gated's loss and gradients, with what is known before the step read from `frozen`
+    (frozen_rows of each row's text): only the adapted blocks run on the mask slots, and the teacher
+    only on the slots whose rollout left the text (every slot for the soft loss, which needs the
+    teacher's whole distribution)."""
+    k, (B, S), n_slots = batch.k, batch.idx.shape, batch.fill.size(1)
+    L, m = S - n_slots, k - 1
+    cuts = batch.pred[0, ::k]  # (n_branches,) the same in every row
+    at = lambda t, i: t[i.clamp(0, len(t) - 1)]  # noqa: E731  (a cut outside a row's text is not valid there)
+    cache = model_of(model).new_cache(L, B)
+    for b, f in enumerate(frozen):
+        cache.k[:, b, :, :f.k.size(2)], cache.v[:, b, :, :f.v.size(2)] = f.k, f.v
+    cache.length = L
+    # the student: the mask slots enter the lowest adapted block as the frozen blocks below left them
+    hidden = torch.stack([at(f.masks, cuts - f.first_cut)[:, :m].flatten(0, 1) for f in frozen]) if first_block else None
+    s = model(batch.idx[:, L:], batch.pos[:, L:], batch.mask[:, L:], cache=cache, keep=False, hidden=hidden,
+              blocks=range(first_block, len(model_of(model).layers))).float()  # (B, n_slots, V)
+    guess = s.detach().argmax(-1)
+    # offset 1, the logit at the cut, is the original's own: its argmax and loss are known
+    cut_guess = torch.stack([at(f.argmax, cuts) for f in frozen])  # (B, n_branches)
+    per_cut = torch.stack([at(f.cut_loss, cuts) for f in frozen]) * (not soft)  # KL(t || t) = 0
+    # the rollout: slot j holds y_j, the guess for row i+j; on the text, the teacher is the original there
+    y = torch.cat([cut_guess[:, :, None], guess.view(B, -1, m)[:, :, :m - 1]], 2)  # (B, n_branches, m)
+    rows = (cuts[:, None] + torch.arange(1, m + 1, device=cuts.device)).clamp(max=L - 1)  # i+1 .. i+m
+    on_text = (y == batch.idx[:, rows]).cumprod(2).bool()
+    known = torch.stack([at(f.argmax, rows) for f in frozen])
+    need = (torch.ones_like(on_text) if soft else ~on_text) & batch.valid.view(B, -1, k)[:, :, :1]
+    target, t = teacher_where_needed(model, cache, y, need, cuts, soft)
+    target = torch.where(need, target, known).flatten(1)
+    if soft:
+        per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t.float(), -1), log_target=True, reduction="none").sum(-1)
+    else:
+        per = F.cross_entropy(s.transpose(1, 2), target, reduction="none")
+    in_order = lambda at, rest: torch.cat([at[:, :, None], rest.view(B, -1, m)], 2).flatten(1)  # noqa: E731
+    return reduce(in_order(per_cut, per), in_order(torch.ones_like(y[:, :, 0], dtype=torch.bool), guess == target),
+                  batch, denom)
+
+
+@torch.no_grad()
+def teacher_where_needed(model, cache, y, need, cuts, soft: bool):
+    """The teacher on the slots `need` marks, (B, n_branches, m) with m = k - 1, each a suffix of its
+    branch: slots d..m-1 of a branch whose rollout y follows the text for d slots see the real rows up
+    to i+d (the same tokens as y_1..y_d) and their own earlier slots. Returns the teacher's argmax per
+    slot (0 where not needed) and, for the soft loss, its logits (B, n_branches * m, V)."""
+    B, nb, m = y.shape
+    L, device = cache.length, y.device
+    flat = need.flatten(1)
+    T = int(flat.sum(1).max())
+    target = torch.zeros(B, nb * m, dtype=torch.long, device=device)
+    if T == 0:
+        return target.view(B, nb, m), None
+    b, p = flat.nonzero(as_tuple=True)  # needed slots, row by row, in branch order
+    q = flat.long().cumsum(1)[b, p] - 1  # their query index within the row
+    branch, j = p // m, p % m
+    first = m - need.sum(2)  # slots on the text before the first needed one
+    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+    pos = torch.zeros(B, T, dtype=torch.long, device=device)
+    sees = torch.zeros(B, T, dtype=torch.long, device=device)  # the last real row a query sees
+    group = torch.full((B, T), -1, dtype=torch.long, device=device)
+    tokens[b, q], pos[b, q] = y.flatten(1)[b, p], cuts[branch] + j + 1
+    sees[b, q], group[b, q] = cuts[branch] + first[b, branch], branch
+    real = torch.arange(L, device=device)[None, None] <= sees[:, :, None]  # (B, T, L)
+    qi = torch.arange(T, device=device)
+    own = (group[:, :, None] == group[:, None, :]) & (qi[None, None] <= qi[None, :, None])
+    logits = model(tokens, pos, torch.cat([real, own], 2), cache=cache, keep=False)
+    target[b, p] = logits[b, q].argmax(-1)
+    t = None
+    if soft:
+        t = torch.zeros(B, nb * m, logits.size(-1), dtype=logits.dtype, device=device)
+        t[b, p] = logits[b, q]
+    return target.view(B, nb, m), t
+
+
+def model_of(model):
+    return getattr(model, "module", model)  # model may be a DDP wrapper
+
+
+class FrozenStore:
+    """FrozenRows of every training text, each made alone the first time its text is met, so that a
+    resumed run makes the same ones, and made again if the precision of the step changes."""
+
+    def __init__(self, examples, starts: list[int], k_max: int, first_block: int):
+        self.examples, self.starts, self.k_max, self.first_block = examples, starts, k_max, first_block
+        self.rows, self.precision = {}, None
+
+    def nbytes(self, cfg, itemsize: int) -> int:
+        """What keeping every text's FrozenRows takes."""
+        return sum(frozen_bytes(cfg, len(ids), max(len(ids) - 1 - s, 0), self.k_max, self.first_block, itemsize)
+                   for (ids, _), s in zip(self.examples, self.starts))
+
+    def get(self, model, texts: list[int]) -> list[FrozenRows]:
+        model = model_of(model)
+        device = model.embed_tokens.weight.device.type
+        precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if precision != self.precision:
+            self.rows, self.precision = {}, precision
+        for i in texts:
+            if i not in self.rows:
+                self.rows[i] = frozen_rows(model, self.examples[i][0], self.starts[i], self.k_max, self.first_block)
+        return [self.rows[i] for i in texts]
+
+
+def distill_loss(student, teacher, batch: MTPBatch, gated: bool, soft: bool = False, denom=None,
+                 frozen: FrozenStore | None = None):
     """The objective of one batch: mtp_loss against the frozen teacher, or for a gated-LoRA student
-    (its own teacher) mtp_loss_gated."""
+    (its own teacher) mtp_loss_gated; given a FrozenStore of the texts, mtp_loss_frozen."""
+    if gated and frozen is not None:
+        return mtp_loss_frozen(student, batch, frozen.get(student, batch.texts), frozen.first_block, soft, denom)
     if gated:
         return mtp_loss_gated(student, batch, soft=soft, denom=denom)
     return mtp_loss(student, teacher, batch, soft=soft, denom=denom)

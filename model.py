@@ -177,7 +177,8 @@ class Transformer(nn.Module):
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, max_len, batch, self.embed_tokens.weight.device, self.embed_tokens.weight.dtype)
 
-    def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None, slots=None, keep=True):
+    def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None, slots=None, keep=True, hidden=None,
+                blocks: range | None = None):
         """idx: (B, T) token ids. Four ways to call it:
         - model(idx): plain causal forward over positions 0..T-1.
         - model(idx, pos, mask): explicit positions (B, T) or (T,) and a boolean mask (B, T, T) or
@@ -186,6 +187,8 @@ class Transformer(nn.Module):
         - model(idx, pos, mask, cache=cache): the same with explicit positions (T,) and a boolean mask
           (T, S) or (B, T, S) over the S = cache.length + T cached and new keys (decode.py --verify).
         keep=False attends to the cache without adding this chunk to it (distill.mtp_loss_gated).
+        blocks: run these blocks only, from `hidden` (the input of the first, default the embedding);
+        if they stop below the top, the result is the hidden state they leave (distill.frozen_rows).
         Returns logits (B, T, vocab), or (B, P, vocab) at the given slots (B, P) only: the output
         layer is the costliest part of a step, and training needs it at few slots."""
         B, T = idx.shape
@@ -203,12 +206,15 @@ class Transformer(nn.Module):
             mask = mask[:, None]  # (B, 1, T, S): the same mask for every head
         if cache is not None and mask is None and T > 1 and start > 0:  # each sees the cache and the chunk up to itself
             mask = causal_after(T, start, idx.device)
-        x = self.embed_tokens(idx)
+        x = self.embed_tokens(idx)  # also tells gated LoRA which rows are <MTP> rows (lora.py)
+        if hidden is not None:
+            x = hidden
         freqs = pos.float()[..., None] * self.inv_freq  # (T, D/2) or (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos().to(x.dtype).expand(B, T, -1)[:, None]
         sin = emb.sin().to(x.dtype).expand(B, T, -1)[:, None]
-        for i, layer in enumerate(self.layers):
+        for i in blocks if blocks is not None else range(len(self.layers)):
+            layer = self.layers[i]
             kv = (cache.k[i], cache.v[i], start, keep) if cache is not None else None
             if self.checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv, use_reentrant=False,
@@ -217,6 +223,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, kv)
         if cache is not None and keep:
             cache.length += T
+        if blocks is not None and blocks.stop < len(self.layers):
+            return x
         if slots is not None:
             x = x.gather(1, slots[..., None].expand(-1, -1, x.size(-1)))
         return self.lm_head(self.norm(x))

@@ -79,6 +79,17 @@ def load_dataset(name: str) -> list[dict]:
 # -----------------------------------------------------------------------------
 # formatting
 
+def load_rows(data: str, n_held_out: int) -> tuple[list[dict], list[dict]]:
+    """The training rows, and the held-out ones of train.py's quick eval (GSM8K test, else the last rows)."""
+    rows = load_dataset(data)
+    if data.startswith("gsm8k"):
+        return rows, load_gsm8k("test")[:n_held_out]
+    if len(rows) <= n_held_out:
+        raise ValueError(f"{data} has {len(rows)} rows; it needs more than --eval-prompts "
+                         f"({n_held_out}), which are held out for the quick eval")
+    return rows[:len(rows) - n_held_out], rows[len(rows) - n_held_out:]
+
+
 def clean_gsm8k_answer(answer: str) -> str:
     """Drop GSM8K's calculator annotations <<...>> and spell the final '#### N' as a sentence."""
     answer = re.sub(r"<<[^>]*>>", "", answer)
@@ -135,19 +146,18 @@ def epoch_order(n: int, seed: int) -> list[int]:
 
 
 def get_rows(examples, first: int, count: int, seed: int, pad_id: int):
-    """Rows first .. first+count-1 of the endless stream: epoch e is a permutation seeded by seed+e."""
+    """Rows first .. first+count-1 of the endless stream: epoch e is a permutation seeded by seed+e.
+    Returns their tokens (padded), lengths, first cuts (the last prompt token) and example indices."""
     n = len(examples)
-    picked = []
-    for i in range(first, first + count):
-        epoch, j = divmod(i, n)
-        picked.append(examples[epoch_order(n, seed + epoch)[j]])
+    texts = [epoch_order(n, seed + epoch)[j] for epoch, j in (divmod(i, n) for i in range(first, first + count))]
+    picked = [examples[t] for t in texts]
     L = max(len(ids) for ids, _ in picked)
     tokens = torch.full((count, L), pad_id, dtype=torch.long)
     for r, (ids, _) in enumerate(picked):
         tokens[r, :len(ids)] = torch.tensor(ids)
     lengths = torch.tensor([len(ids) for ids, _ in picked])
-    starts = torch.tensor([max(p - 1, 0) for _, p in picked])  # first cut: the last prompt token
-    return tokens, lengths, starts
+    starts = torch.tensor([max(p - 1, 0) for _, p in picked])
+    return tokens, lengths, starts, texts
 
 
 def check_branches(examples, args):

@@ -32,8 +32,9 @@ from data import gsm8k_prompt, load_gsm8k
 from decode import against_original, describe_against_original, encode_prompt, generate
 from distill import build_batch
 from model import ModelConfig, Transformer, rope_frequencies
-from support.optim import memory_estimate, plan_memory
+from support.optim import make_optimizer, memory_estimate, plan_memory
 from support.sizing import mask_pass
+from support.step_timing import mtp_step_cost
 from support.timing import bandwidth_gbs, wait_for
 from support.weights import load_model
 
@@ -299,7 +300,7 @@ def paper_run(cfg, device, tiny, out):
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     plan_memory(student, args, 1, log)
     tok = SimpleNamespace(eos_id=0)
-    return train.Run(args, student, student, teacher, train.make_optimizer(student, args), tok, examples, [], out, log=log,
+    return train.Run(args, student, student, teacher, make_optimizer(student, args), tok, examples, [], out, log=log,
                      hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
 
 
@@ -316,7 +317,7 @@ def qwen3_4b_shape(record, device, tiny, out):
     record("qwen3_4b_setup", params=n, checkpointing=run.student.checkpointing, estimate_gib=estimate,
            estimate_total_gib=sum(estimate.values()), micro_batch=run.args.batch_size, grad_accum=run.args.grad_accum,
            seq_len=run.args.seq_len, k_max=run.args.k_max, branch_every=run.args.branch_every)
-    ratio = train.mtp_step_cost(run, 1)
+    ratio = mtp_step_cost(run, 1, train.micro_batches, train.batch_loss)
     record("qwen3_4b_mtp_vs_plain", ratio=ratio, target=1.45, ok=ratio <= 1.45)
     params = [p for p in run.student.parameters()]
     before = [p.detach().cpu().clone() for p in params]

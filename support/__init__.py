@@ -8,7 +8,8 @@ decode.py can skip.
     optim.py        AdamW with a float32 master copy, autocast, the memory estimate
     cpu_kernels.py  the CPU's fastest kernel for the few rows of a decode pass, the bfloat16 speed check
     sizing.py       how many masks and drafts a decode pass feeds: the most expected tokens per second
-    timing.py       the best of a few timed calls, and the machine's bandwidth and matmul rate
+    timing.py       the best of a few timed calls, calls timed by turns, the machine's bandwidth and matmul rate
+    step_timing.py  --amp auto's choice of precision, timed on the job; an MTP step against a plain one
     budget.py       --max-minutes and the stop signals behind one object, Budget
     processes.py    one process or several (torchrun): rank, device, log, rank 0's decisions
     cli.py          a parser whose errors are one line; train.py's checks of its settings, its recipe table

@@ -6,17 +6,28 @@ file serves one process, DDP and FSDP alike.
 """
 import json
 import math
+import shutil
+from pathlib import Path
 
 import torch
 
 from model import Transformer, rope_frequencies
-from support.files import write_file_atomically
+from support.files import recover_dir, write_file_atomically
 from support.weights import save_model
 
 # settings that shape a run: --resume refuses a checkpoint written with other values
 SHAPING = ("init", "data", "format", "k_max", "batch_size", "grad_accum", "seq_len", "branch_every",
            "branch_from", "self_answers", "loss", "k_weights", "seed", "dtype", "lora", "lora_alpha",
            "lora_layers")
+
+
+def prepare_out(out: Path, start_afresh: bool):
+    """The output folder before a run: a save that a kill interrupted leaves the last complete model;
+    start_afresh (--overwrite) removes an earlier run's checkpoint and model."""
+    recover_dir(out / "model")
+    if start_afresh:
+        (out / "ckpt.pt").unlink(missing_ok=True)
+        shutil.rmtree(out / "model", ignore_errors=True)
 
 
 def gather_state(student, optimizer):

@@ -2,8 +2,13 @@
 its settings and its table of recipes."""
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
+
+import torch
+
+from support.cpu_kernels import cpu_bf16_is_fast
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -17,6 +22,27 @@ def recipe_table(recipes: dict) -> str:
     rows = [f"  {'setting':<14}" + "".join(f"{name:>14}" for name in recipes)]
     rows += [f"  {k:<14}" + "".join(f"{str(r[k]):>14}" for r in recipes.values()) for k in keys]
     return "recipes (a flag overrides its setting; lora_lr is --lr with --lora):\n" + "\n".join(rows)
+
+
+def fill_from_recipe(a, recipes: dict, p):
+    """Every setting left unset takes its recipe's value; the recipe defaults by device (cpu-hour on a
+    CPU, one-gpu on one GPU, paper-gpu on several). --lr takes lora_lr under --lora. --amp auto stays
+    auto (timed on the job: support.step_timing.faster_precision) only on a CPU with fast bfloat16."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
+    a.recipe = a.recipe or ("cpu-hour" if not a.device.startswith("cuda") else "paper-gpu" if several else "one-gpu")
+    recipe = recipes[a.recipe]
+    if a.lora is None:
+        a.lora = 0 if a.fsdp else recipe["lora"]
+    if a.lr is None:
+        a.lr = recipe["lora_lr"] if a.lora else recipe["lr"]
+    a.lora_layers_from_recipe = a.lora_layers is None  # the recipe's top N blocks: all of a smaller model
+    for key, value in recipe.items():
+        if key != "lora_lr" and getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.amp == "auto" and not (a.device == "cpu" and cpu_bf16_is_fast()):
+        a.amp = "none"
 
 
 def check_train_args(a, p, fresh_out: bool):
@@ -56,3 +82,18 @@ def check_train_args(a, p, fresh_out: bool):
     if earlier and fresh_out and not (a.resume or a.overwrite):
         p.error(f"{out} holds an earlier run; pass --resume to continue it, --overwrite to replace it, "
                 f"or another --out")
+
+
+def check_model_settings(cfg, args):
+    """train.py's settings whose range depends on the model, each named in its message."""
+    last = args.seq_len + args.k_max - 1  # the last position a branch reaches
+    if last > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} with --k-max {args.k_max} reaches position {last}, beyond "
+                         f"the model's context of {cfg.max_seq_len} positions")
+    if args.lora_layers > cfg.n_layers and getattr(args, "lora_layers_from_recipe", False):
+        args.lora_layers = 0  # every block
+    if args.lora_layers > cfg.n_layers:
+        raise ValueError(f"--lora-layers {args.lora_layers} is more than the model's {cfg.n_layers} blocks")
+    if args.lora > min(cfg.dim, cfg.n_heads * cfg.head_dim):
+        raise ValueError(f"--lora {args.lora} is more than the model's width ({cfg.dim}); gated LoRA needs a "
+                         f"rank below it")

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from support.cpu_kernels import cpu_bf16_is_fast, cpu_flags
+
 
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay), the same arithmetic as torch.optim.AdamW, except that a
@@ -45,6 +47,13 @@ class AdamW(torch.optim.Optimizer):
                 w.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
                 if w is not p:
                     p.copy_(w)
+
+
+def make_optimizer(student, args) -> AdamW:
+    """AdamW over the trained parameters, with weight decay on the matrices only."""
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    return AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
+                  {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}], lr=args.lr, betas=args.betas)
 
 
 def memory_estimate(cfg, n_params, args, world=1, checkpointing=False, n_trained=None):
@@ -95,3 +104,16 @@ def autocast(args):
     if args.amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.amp))
+
+
+def describe_setup(student, args, world: int) -> str:
+    """The log lines of a run's model and precision: its weights and its matrix products."""
+    where = f"{args.device} ({cpu_flags() or 'no avx2/avx512 flags'})" if args.device == "cpu" else args.device
+    trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    model = (f"model {args.init}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, "
+             f"{f'gated LoRA rank {args.lora}: {trained / 1e6:.2f}M trained' if args.lora else 'all trained'}, "
+             f"mask id {student.cfg.mask_id}, {world} process(es) on {where}")
+    matmuls = {"auto": "bfloat16 or float32, timed on a real step below", "none": args.dtype}.get(args.amp, args.amp)
+    fast = f" (bfloat16 is {'fast' if cpu_bf16_is_fast() else 'slow'} on this CPU, measured)" if args.device == "cpu" else ""
+    return (f"{model}\nprecision: {args.dtype} weights{' + float32 master copy' if args.dtype != 'float32' else ''}, "
+            f"matmuls in {matmuls}{fast}")

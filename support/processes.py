@@ -30,6 +30,12 @@ def rank0_values(device, *values) -> list[float]:
     return t.tolist()
 
 
+def summed_over_processes(device, value: float) -> float:
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
 def make_logger(master: bool):
     """print, on the first process only; a closed stdout (piped into head) stops the printing, not the run."""
     def log(*a):
@@ -40,3 +46,15 @@ def make_logger(master: bool):
         except BrokenPipeError:
             sys.stdout = open(os.devnull, "w")
     return log
+
+
+def shard_or_replicate(student, fsdp: bool, world: int):
+    """What a training step calls: with --fsdp the student sharded in place across processes (FSDP2),
+    with several processes its DDP wrapper, else the student itself."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in student.layers:
+            fully_shard(block)
+        fully_shard(student)
+        return student
+    return torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student

@@ -1,0 +1,103 @@
+"""distill.mtp_loss_frozen: what is known before a step, read from FrozenRows, gives mtp_loss_gated's
+loss, metrics and gradients (in float64, where no rounding can flip an argmax), and the teacher's
+targets along any rollout, on the text or off it."""
+import pytest
+import torch
+
+from distill import build_batch, frozen_rows, mtp_loss_frozen, mtp_loss_gated, teacher_where_needed
+from lora import adapter_state, add_lora
+from support.weights import load_model
+
+MASK = 299
+
+
+@pytest.fixture
+def tiny(make_tiny, tmp_path):
+    """A random 3-block Llama in float64 with gated LoRA in its top block, and a batch of its own
+    greedy answers (so that a rollout can follow the text) of two lengths, with prompts."""
+    _, path = make_tiny(tmp_path / "tiny", "llama", num_hidden_layers=3, tie_word_embeddings=False)
+    model = load_model(str(path), add_mask=False, dtype=torch.float64)
+    model.cfg.mask_id = MASK
+    add_lora(model, 4, alpha=8.0, layers=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapter_state(model).items():
+            if "lora" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    prompts = [torch.randint(0, MASK, (n,), generator=g).tolist() for n in (7, 4)]
+    texts = []
+    with torch.no_grad():
+        for prompt, n in zip(prompts, (26, 20)):
+            ids = list(prompt)
+            while len(ids) < n:
+                logits = model(torch.tensor([ids]))[0, -1]
+                logits[MASK] = -float("inf")
+                ids.append(int(logits.argmax()))
+            texts.append(ids)
+    return model, texts, [len(p) - 1 for p in prompts]
+
+
+def batch_of(texts, starts, k, seed=0):
+    L = max(map(len, texts))
+    tokens = torch.zeros(len(texts), L, dtype=torch.long)
+    for r, ids in enumerate(texts):
+        tokens[r, :len(ids)] = torch.tensor(ids)
+    lengths = torch.tensor([len(t) for t in texts])
+    return build_batch(tokens, lengths, k, MASK, branch_every=1, start=torch.tensor(starts),
+                       generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("k,soft", [(2, False), (4, False), (4, True)])
+def test_frozen_rows_give_the_gated_loss_and_gradients(tiny, k, soft):
+    model, texts, starts = tiny
+    frozen = [frozen_rows(model, ids, s, 5, first_block=2) for ids, s in zip(texts, starts)]
+    b = batch_of(texts, starts, k)
+    assert b.valid.any()
+
+    def run(fn):
+        model.zero_grad()
+        loss, metrics = fn()
+        loss.backward()
+        return loss.item(), metrics, {n: p.grad.clone() for n, p in adapter_state(model).items() if p.requires_grad}
+    gated = run(lambda: mtp_loss_gated(model, b, soft=soft))
+    cached = run(lambda: mtp_loss_frozen(model, b, frozen, first_block=2, soft=soft))
+    assert cached[0] == pytest.approx(gated[0], rel=1e-6)
+    for key in ("agree_n", "agree_hit"):
+        assert torch.equal(cached[1][key], gated[1][key]), key
+    torch.testing.assert_close(cached[1]["loss_sum"], gated[1]["loss_sum"], rtol=1e-6, atol=1e-6)
+    assert gated[2]
+    for name, grad in gated[2].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(cached[2][name], grad, rtol=1e-6, atol=1e-9)
+
+
+def test_the_teacher_on_the_text_and_off_it(tiny):
+    """Rollouts that follow the text for d slots, then leave it, for every d: where they follow it the
+    original's argmax at the real row is the teacher's target; where they left it, the teacher runs on
+    the slots after the last one on the text only. Both equal the teacher of mtp_loss on the whole branch."""
+    model, texts, starts = tiny
+    k, m = 5, 4
+    b = batch_of(texts, starts, k)
+    frozen = [frozen_rows(model, ids, s, k, first_block=2) for ids, s in zip(texts, starts)]
+    B, L = len(texts), b.idx.size(1) - b.fill.size(1)
+    cuts = b.pred[0, ::k]
+    rows = (cuts[:, None] + torch.arange(1, m + 1)).clamp(max=L - 1)
+    text = b.idx[:, rows]  # (B, n_branches, m)
+    g = torch.Generator().manual_seed(1)
+    follow = torch.randint(0, m + 1, text.shape[:2], generator=g)  # slots on the text, per branch
+    off = (text + 1 + torch.randint(0, MASK - 1, text.shape, generator=g)) % MASK  # never the text's token
+    y = torch.where(torch.arange(m) < follow[..., None], text, off)
+    with torch.no_grad():  # the reference: the teacher on whole branches holding y (distill.mtp_loss)
+        t = model(b.idx.scatter(1, b.fill, y.flatten(1)), b.pos, b.mask, slots=b.pred)
+    want = t.view(B, -1, k, t.size(-1))[:, :, 1:].argmax(-1)  # offsets 2..k, (B, n_branches, m)
+    on_text = (y == text).cumprod(2).bool()
+    valid = b.valid.view(B, -1, k)[:, :, :1].expand_as(on_text)
+    assert on_text[valid].any() and (~on_text[valid]).any()
+    cache = model.new_cache(L, B)
+    for r, f in enumerate(frozen):
+        cache.k[:, r, :, :f.k.size(2)], cache.v[:, r, :, :f.v.size(2)] = f.k, f.v
+    cache.length = L
+    got, _ = teacher_where_needed(model, cache, y, ~on_text & valid, cuts, soft=False)
+    known = torch.stack([f.argmax[rows.clamp(max=len(f.argmax) - 1)] for f in frozen])
+    got = torch.where(on_text, known, got)
+    assert torch.equal(got[valid], want[valid])
