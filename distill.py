@@ -208,9 +208,10 @@ def mtp_loss_frozen(model, batch: MTPBatch, frozen: list[FrozenRows], first_bloc
     cache.length = L
     # the student: the mask slots enter the lowest adapted block as the frozen blocks below left them
     hidden = torch.stack([at(f.masks, cuts - f.first_cut)[:, :m].flatten(0, 1) for f in frozen]) if first_block else None
+    valid = batch.valid.view(B, -1, k)[:, :, 1:].flatten(1)  # (B, n_slots): the output layer runs on these only
     s = model(batch.idx[:, L:], batch.pos[:, L:], batch.mask[:, L:], cache=cache, keep=False, hidden=hidden,
-              blocks=range(first_block, len(model_of(model).layers))).float()  # (B, n_slots, V)
-    guess = s.detach().argmax(-1)
+              blocks=range(first_block, len(model_of(model).layers)), slots=valid).float()  # (N, V)
+    guess = torch.zeros(B, n_slots, dtype=torch.long, device=s.device).masked_scatter(valid, s.detach().argmax(-1))
     # offset 1, the logit at the cut, is the original's own: its argmax and loss are known
     cut_guess = torch.stack([at(f.argmax, cuts) for f in frozen])  # (B, n_branches)
     per_cut = torch.stack([at(f.cut_loss, cuts) for f in frozen]) * (not soft)  # KL(t || t) = 0
@@ -223,9 +224,10 @@ def mtp_loss_frozen(model, batch: MTPBatch, frozen: list[FrozenRows], first_bloc
     target, t = teacher_where_needed(model, cache, y, need, cuts, soft)
     target = torch.where(need, target, known).flatten(1)
     if soft:
-        per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t.float(), -1), log_target=True, reduction="none").sum(-1)
+        per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t[valid].float(), -1), log_target=True, reduction="none").sum(-1)
     else:
-        per = F.cross_entropy(s.transpose(1, 2), target, reduction="none")
+        per = F.cross_entropy(s, target[valid], reduction="none")
+    per = torch.zeros(B, n_slots, dtype=per.dtype, device=per.device).masked_scatter(valid, per)
     in_order = lambda at, rest: torch.cat([at[:, :, None], rest.view(B, -1, m)], 2).flatten(1)  # noqa: E731
     return reduce(in_order(per_cut, per), in_order(torch.ones_like(y[:, :, 0], dtype=torch.bool), guess == target),
                   batch, denom)

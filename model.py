@@ -189,8 +189,9 @@ class Transformer(nn.Module):
         keep=False attends to the cache without adding this chunk to it (distill.mtp_loss_gated).
         blocks: run these blocks only, from `hidden` (the input of the first, default the embedding);
         if they stop below the top, the result is the hidden state they leave (distill.frozen_rows).
-        Returns logits (B, T, vocab), or (B, P, vocab) at the given slots (B, P) only: the output
-        layer is the costliest part of a step, and training needs it at few slots."""
+        Returns logits (B, T, vocab), or (B, P, vocab) at the given slots (B, P) only, or (N, vocab) at
+        the N True entries of a boolean (B, T) `slots`: the output layer is the costliest part of a step,
+        and training needs it at few slots."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if cache is not None:
@@ -226,7 +227,7 @@ class Transformer(nn.Module):
         if blocks is not None and blocks.stop < len(self.layers):
             return x
         if slots is not None:
-            x = x.gather(1, slots[..., None].expand(-1, -1, x.size(-1)))
+            x = x[slots] if slots.dtype == torch.bool else x.gather(1, slots[..., None].expand(-1, -1, x.size(-1)))
         return self.lm_head(self.norm(x))
 
     def add_mask_token(self, n_named: int) -> int:

@@ -31,6 +31,7 @@ from support.budget import Budget, resume_command
 from support.checkpoint import Diverged, load_checkpoint, prepare_out, restore_last_good, save_checkpoint, save_final_model
 from support.cli import ArgumentParser, check_model_settings, check_train_args, fill_from_recipe, recipe_table
 from support.cpu_kernels import use_few_row_kernels
+from support.files import release_folders
 from support.optim import autocast, describe_setup, make_optimizer, plan_memory
 from support.processes import make_logger, rank0_values, shard_or_replicate, start_processes, summed_over_processes
 from support.step_timing import faster_precision
@@ -254,8 +255,7 @@ def probe_batch(run):
 
 @torch.no_grad()
 def probe(run) -> dict:
-    """The model on run.probe in eval mode: the training loss, and the teacher loss at the cut (the
-    student's next-token logits against the original's argmax). save_checkpoint refuses a non-finite one."""
+    """The model on run.probe in eval mode: the training loss, and the teacher loss at the cut (offset 1)."""
     training = run.student.training
     run.student.eval()
     with autocast(run.args):  # every process calls it: an FSDP-sharded student needs them all
@@ -323,9 +323,7 @@ def train_loop(run):
                     Diverged(run.step + 1, f"{bad} steps in a row were skipped ({why})")
             run.step += 1
             continue
-        bad, learned = 0, learned + r["preds"]
-        run.step += 1
-        preds_since += r["preds"]
+        bad, learned, preds_since, run.step = 0, learned + r["preds"], preds_since + r["preds"], run.step + 1
         if run.step % args.log_every == 0 or run.step == 1:
             dt = time.time() - t_log
             shown = min(6, args.k_max)
@@ -371,16 +369,16 @@ def summary(run):
 
 def main(args, argv=()):
     run = setup(args)
+    run.log(f"if this run stops, this continues it: {resume_command(argv)}")
     try:
         with run.budget.stop_on_signals():  # Ctrl-C or SIGTERM: the step in flight finishes, then the save
             step = train_loop(run)
-        interrupted = run.budget.signalled
         model_state = save_checkpoint(run, step, probe(run))  # a signal's save comes first, before anything else
     except Diverged as diverged:  # nothing from what diverged is kept: OUT/model is the last good checkpoint
         raise ValueError(restore_last_good(run, diverged)) from None
     if run.master:
         save_final_model(run, step, model_state)
-    if interrupted:  # a scheduler's grace period is short: no evaluation, only the way back
+    if run.budget.signalled:  # a scheduler's grace period is short: no evaluation, only the way back
         run.log(f"stopped by a signal after step {step}; to continue: {resume_command(argv)}")
     elif run.master or args.fsdp:  # a sharded student needs every process for a forward pass
         summary(run)
@@ -394,6 +392,8 @@ def cli(argv=None):
         main(get_args(argv), argv)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    finally:  # the run lets go of its --out (support/files.py); an in-process caller may start another
+        release_folders()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from model import Transformer, rope_frequencies
-from support.files import recover_dir, write_file_atomically
+from support.files import hold_folder, recover_dir, write_file_atomically
 from support.weights import save_model
 
 # settings that shape a run: --resume refuses a checkpoint written with other values
@@ -23,7 +23,9 @@ SHAPING = ("init", "data", "format", "k_max", "batch_size", "grad_accum", "seq_l
 
 def prepare_out(out: Path, start_afresh: bool):
     """The output folder before a run: a save that a kill interrupted leaves the last complete model;
-    start_afresh (--overwrite) removes an earlier run's checkpoint and model."""
+    start_afresh (--overwrite) removes an earlier run's checkpoint and model. The run holds the folder
+    from here on: another run that is still going stops this one before it touches a file."""
+    hold_folder(out)
     recover_dir(out / "model")
     if start_afresh:
         (out / "ckpt.pt").unlink(missing_ok=True)

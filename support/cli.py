@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from support.cpu_kernels import cpu_bf16_is_fast
+from support.files import IN_USE, folder_holder
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -78,6 +79,8 @@ def check_train_args(a, p, fresh_out: bool):
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out} exists and is not a folder")
+    if out.is_dir() and (holder := folder_holder(out)):
+        p.error(IN_USE.format(out=out, holder=holder))
     earlier = (out / "ckpt.pt").exists() or (out / "model").exists() or (out / "model.old").exists()
     if earlier and fresh_out and not (a.resume or a.overwrite):
         p.error(f"{out} holds an earlier run; pass --resume to continue it, --overwrite to replace it, "

@@ -143,3 +143,50 @@ def swap_in_dir(tmp: Path, path: Path):
     os.replace(tmp, path)
     fsync_path(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# A run holds its output folder for as long as its process lives: a second run on the same folder
+# stops before it touches a file. flock is released by the kernel when the holder exits or is
+# killed, so a dead holder leaves nothing that blocks the next run.
+HELD = {}  # folder -> the open lock file this process holds
+IN_USE = "{out} is in use by a run that is still going (process {holder}); wait for it, stop it, or pass another --out"
+
+
+def folder_holder(out: Path) -> str | None:
+    """The process id of another live process that holds out (hold_folder), else None."""
+    import fcntl
+    lock = out / ".lock"
+    if str(out.resolve()) in HELD or not lock.exists():
+        return None
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return f.read().strip() or "unknown"
+
+
+def hold_folder(out: Path):
+    """Hold out/.lock for the rest of this process, or say which process holds it."""
+    import fcntl
+    if str(out.resolve()) in HELD:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(IN_USE.format(out=out, holder=holder)) from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    HELD[str(out.resolve())] = f
+
+
+def release_folders():
+    """Let go of every folder this process holds (a caller that runs train.py in-process, as the tests do)."""
+    while HELD:
+        HELD.popitem()[1].close()

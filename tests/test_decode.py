@@ -11,7 +11,7 @@ from decode import generate, generate_batch, pick_drafts
 from model import KVCache, ModelConfig
 from support.sizing import Acceptance, PassCost, best_n
 
-PROMPTS = ["What is 12 times 7?", "Write a haiku about the sea.",
+PROMPTS = ["What is 12 times 7?",
            "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
            "How many clips did Natalia sell altogether in April and May?"]
 

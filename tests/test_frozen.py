@@ -68,7 +68,8 @@ def test_frozen_rows_give_the_gated_loss_and_gradients(tiny, k, soft):
     assert gated[2]
     for name, grad in gated[2].items():
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(cached[2][name], grad, rtol=1e-6, atol=1e-9)
+        # RMSNorm normalizes in float32 (as the reference does), so shapes that differ round differently
+        torch.testing.assert_close(cached[2][name], grad, rtol=1e-6, atol=1e-6 * grad.abs().max().item())
 
 
 def test_the_teacher_on_the_text_and_off_it(tiny):

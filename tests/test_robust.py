@@ -265,6 +265,33 @@ def test_earlier_work_is_not_overwritten(train_tiny, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_a_run_still_going_keeps_its_folder(script, train_tiny, tmp_path):
+    """A second run on the --out of a run that is still going, whatever its flags, says which process
+    holds the folder, exits non-zero and touches nothing; the holder killed with -9 blocks nothing,
+    and its printed command continues it from its last checkpoint."""
+    out = tmp_path / "out"
+    holder = script.start("train.py", *train_tiny.args(out, steps=100000, save_every=1))
+    lines = []
+    for line in holder.stdout:
+        lines.append(line)
+        if line.startswith("step 2 "):
+            break
+    for flags in ([], ["--overwrite"], ["--resume"], ["--resume", "--overwrite"]):
+        r = train_tiny(out, *flags, steps=4)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert f"is in use by a run that is still going (process {holder.pid})" in r.stderr, r.stderr
+    holder.kill()
+    holder.wait()
+    command = re.search(r"if this run stops, this continues it: (.+)", "".join(lines)).group(1)
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 1  # saved after every step
+    flags = shlex.split(command)[2:]
+    assert "--resume" in flags
+    r = script("train.py", *flags, "--steps", str(step + 1))  # the last --steps counts
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {out / 'ckpt.pt'} at step {step}" in r.stdout
+
+
 # -----------------------------------------------------------------------------
 # bad input: one clear line, a non-zero exit, before any long work
 

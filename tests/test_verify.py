@@ -115,7 +115,7 @@ def test_verify_equals_k1_and_transformers_on_tiny_models(tiny, family, tied):
 def test_verify_equals_transformers_on_smollm2(smollm2, smollm2_hf):
     tok = smollm2.tokenizer
     stop = sorted(tok.stop_ids)
-    texts = ["What is 12 times 7?", "Say hello.", "Name three colors. Be brief."]  # the last two stop early
+    texts = ["What is 12 times 7?", "Say hello."]  # the second stops early
     settings = [(4, None, "quadratic", None), (8, None, "simple", None), (3, 0.2, "quadratic", None),
                 (6, None, "quadratic", 0.8), (5, 0.5, "simple", 0.9)]
     sized = [(8, None, "quadratic", 0.9)]
