@@ -51,8 +51,8 @@ RECIPES = {
     # questions, k up to 4, a branch after every answer token
     "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=128, lora_layers=4, lr=1e-4, lora_lr=1e-3,
                      k_max=4, batch_size=4, grad_accum=1, seq_len=320, branch_every=1, branch_from="response",
-                     self_answers=512, warmup=20, decay="none", steps=100_000, max_minutes=60, eval_every=60,
-                     eval_prompts=8, save_every=50),
+                     self_answers=512, warmup=20, decay="none", steps=100_000, max_minutes=60, eval_every=120,
+                     eval_prompts=8, save_every=100),
 }
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
 FROZEN_GIB = 8  # at most this much memory for what is kept between passes over the data (frozen_store)

@@ -92,7 +92,7 @@ def test_cpu_bf16_check_agrees_with_the_cpu_flags():
 
 
 def test_avx2_cpu_trains_and_decodes_in_float32(script, train_tiny, tmp_path):
-    r = train_tiny(tmp_path / "out", amp=None, steps=2, dtype="bfloat16", env=AVX2_ONLY)  # amp: the measured default
+    r = train_tiny(tmp_path / "out", amp=None, steps=1, save_every=1, dtype="bfloat16", env=AVX2_ONLY)  # amp: the measured default
     assert r.returncode == 0, r.stderr
     assert "matmuls in bfloat16 (bfloat16 is slow on this CPU" in r.stdout  # --dtype is an override
     r = train_tiny(tmp_path / "out2", amp=None, steps=2, env=AVX2_ONLY)
