@@ -4,8 +4,11 @@ The paper recommends tuning on prompts from the deployment domain (docs/METHOD.m
 with the model's own greedy answers the training prefixes are exactly the contexts decoding meets.
 They are generated once, in batches of prompts of the same length, and kept in the output folder.
 """
+import errno
 import json
 import math
+import os
+import shutil
 import time
 
 import torch.distributed as dist
@@ -17,29 +20,80 @@ from support.files import write_file_atomically
 
 def write_own_answers(model, tok, rows, n, max_new, prompt_of, path, log, header, batch=32, deadline=math.inf):
     """Write the model's own greedy answers to n questions to path, one {ids, prompt_len} per line
-    after a first line that says what made them. Questions whose prompts have the same length are
-    answered together, the largest groups first. At the deadline (time.time()) it stops with the
-    answers it has, at least one batch."""
+    after a first line that says what made them, and a last line {"complete": count}. Questions whose
+    prompts have the same length are answered together, the largest groups first. Each batch is
+    appended as it comes: a run killed meanwhile keeps them, and the next one with the same header
+    answers only the batches after them. At the deadline (time.time()) it stops with the answers it
+    has, at least one batch."""
     groups = {}
     for row in rows:
         prompt = encode_prompt(tok, prompt_of(row["question"]), True)
         groups.setdefault(len(prompt), []).append(prompt)
     batches = [g[i:i + batch] for g in sorted(groups.values(), key=len, reverse=True)
                for i in range(0, len(g), batch)]
-    t0, lines = time.time(), []
+    lines = written_batches(path, header, batches, n)
+    text = "\n".join([header] + lines) + "\n"  # without a batch that a kill cut short
+    write_file_atomically(path, lambda tmp: tmp.write_text(text), len(text))
+    if lines:
+        log(f"self-answers: {len(lines)}/{n} kept from an interrupted run")
+    t0, done = time.time(), 0
     for prompts in batches:
-        if len(lines) >= n:
+        prompts = prompts[:n - done]
+        if not prompts:
             break
-        if lines and time.time() > deadline:
-            log(f"self-answers: stopped at {len(lines)}/{n}, the share of the time budget they may take "
+        if done + len(prompts) <= len(lines):  # written before the kill
+            done += len(prompts)
+            continue
+        if done and time.time() > deadline:
+            log(f"self-answers: stopped at {done}/{n}, the share of the time budget they may take "
                 f"(--max-minutes); training uses these")
             break
-        prompts = prompts[:n - len(lines)]
-        for p, a in zip(prompts, generate_batch(model, prompts, max_new, tok.stop_ids)):
-            lines.append(json.dumps({"ids": p + a, "prompt_len": len(p)}))
-        log(f"self-answers: {len(lines)}/{n} in {time.time() - t0:.0f} s")
-    text = "\n".join([header] + lines[:n]) + "\n"
-    write_file_atomically(path, lambda tmp: tmp.write_text(text), len(text))
+        new = [json.dumps({"ids": p + a, "prompt_len": len(p)})
+               for p, a in zip(prompts, generate_batch(model, prompts, max_new, tok.stop_ids))]
+        append_lines(path, new)
+        done += len(new)
+        log(f"self-answers: {done}/{n} in {time.time() - t0:.0f} s")
+    append_lines(path, [json.dumps({"complete": done})])
+
+
+def written_batches(path, header, batches, n) -> list[str]:
+    """The answer lines of an interrupted earlier write with this header, up to its last whole batch."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").split("\n")
+    if lines[0] != header:
+        return []
+    done = 0
+    for prompts in batches:
+        size = len(prompts[:n - done])
+        batch_lines = lines[1 + done:1 + done + size]
+        if size == 0 or len(batch_lines) < size or not all(map(is_answer, batch_lines)):
+            break
+        done += size
+    return lines[1:1 + done]
+
+
+def is_answer(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line)["ids"], list)
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def append_lines(path, lines: list[str]):
+    """Append lines to path and make them durable, or say how much a full disk lacked."""
+    text = "".join(line + "\n" for line in lines)
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise ValueError(f"the disk is full: appending {len(text)} bytes to {path} failed with "
+                         f"{shutil.disk_usage(path.parent).free} bytes free; the answers written so far are kept, "
+                         f"and the next run continues after them") from None
 
 
 def own_answer_examples(run_args, teacher, tok, rows, path, log, write: bool, deadline=math.inf):
@@ -47,14 +101,23 @@ def own_answer_examples(run_args, teacher, tok, rows, path, log, write: bool, de
     in the output folder: a resumed or repeated run with the same model and count reuses them.
     deadline: when generating them must stop (a time budget's share), with fewer answers."""
     header = json.dumps({"meta": {"init": run_args.init, "n": run_args.self_answers, "max_new": run_args.seq_len // 2}})
-    if write and not (path.exists() and path.read_text().split("\n", 1)[0] == header):
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    complete = len(lines) > 1 and lines[0] == header and lines[-1].startswith('{"complete"')
+    if write and not complete:
         prompt_of = gsm8k_prompt if run_args.data.startswith("gsm8k") else (lambda q: q)
         questions = [r for r in rows if "question" in r]
         if not questions:
             raise ValueError(f"--self-answers needs questions, and {run_args.data} has only text rows")
         write_own_answers(teacher, tok, questions, run_args.self_answers, run_args.seq_len // 2, prompt_of,
-                           path, log, header, deadline=deadline)
+                          path, log, header, deadline=deadline)
     if dist.is_initialized():
         dist.barrier()
-    answers = [json.loads(line) for line in path.read_text().splitlines()[1:]]
-    return [(r["ids"][:run_args.seq_len], r["prompt_len"]) for r in answers]
+    examples = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines()[1:-1], 2):
+        try:
+            r = json.loads(line)
+            examples.append((r["ids"][:run_args.seq_len], int(r["prompt_len"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}, line {i}: not an answer ({type(e).__name__}); remove the file to write "
+                             f"the answers again") from None
+    return examples

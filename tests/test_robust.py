@@ -517,6 +517,29 @@ def test_settings_out_of_range_for_the_model_name_the_setting(script, tiny_qwen,
     assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_own_answers_are_kept_as_they_come(tiny_qwen, tmp_path):
+    """The own answers are appended batch by batch: a file cut short at any byte (a kill while writing
+    them) keeps its whole batches, and the next write answers only the rest, ending in the same file
+    as a write never interrupted."""
+    from data.own_answers import write_own_answers
+    model = load_model(str(tiny_qwen))
+    rows = [{"question": "What is " + "very " * i + "big?"} for i in range(6)]  # 6 lengths: 6 batches
+    full = tmp_path / "full.jsonl"
+    write_own_answers(model, model.tokenizer, rows, 6, 4, lambda q: q, full, print, "{}")
+    text = full.read_text()
+    assert text.splitlines()[-1] == '{"complete": 6}' and len(text.splitlines()) == 8
+    ends = [i + 1 for i, c in enumerate(text) if c == "\n"]
+    for cut in sorted({1, 2, ends[1] - 3, ends[1], ends[2] + 5, ends[4], ends[6] - 1, len(text) - 3}):
+        path = tmp_path / f"cut{cut}.jsonl"
+        path.write_text(text[:cut])
+        logged = []
+        write_own_answers(model, model.tokenizer, rows, 6, 4, lambda q: q, path, logged.append, "{}")
+        assert path.read_text() == text, cut
+        kept = sum(1 for e in ends[1:7] if e - 1 <= cut)  # a whole line, its newline or not
+        made = [line for line in logged if re.fullmatch(r"self-answers: \d+/6 in \d+ s", line)]
+        assert len(made) == 6 - kept, (cut, logged)  # one line per batch answered now
+
+
 def test_own_answers_stop_at_their_deadline(tiny_qwen, tmp_path):
     """Past its deadline, writing the own answers stops after the batch in hand, says so, and keeps
     what it wrote; its count never passes the total."""
@@ -526,5 +549,6 @@ def test_own_answers_stop_at_their_deadline(tiny_qwen, tmp_path):
     logged = []
     write_own_answers(model, model.tokenizer, rows, 10, 4, lambda q: q, tmp_path / "a.jsonl", logged.append,
                       "{}", deadline=time.time() - 1)
-    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 1 + 1
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 1 + 1 and lines[-1] == '{"complete": 1}'
     assert logged[-1].startswith("self-answers: stopped at 1/10"), logged
