@@ -383,8 +383,8 @@ def main(argv=None):
                 raise ValueError(f"{f} is not a readable --json report ({type(e).__name__})") from None
         try:
             merged = merge_reports(reports)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"a report lacks {e}: give reports of evaluate.py ... --json") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"a report is not one of evaluate.py ... --json ({type(e).__name__}: {e})") from None
         print_table(merged)
         if args.out_json:
             require_matplotlib()

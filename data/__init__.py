@@ -9,6 +9,7 @@ import functools
 import gzip
 import json
 import re
+import zlib
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ def numbered_jsonl(path):
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             lines = f.read().splitlines()
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile):
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error):
         raise ValueError(f"{path} is not UTF-8 text (or not a readable .gz)") from None
     except OSError as e:
         raise ValueError(f"cannot read {path} ({e.strerror or e})") from None

@@ -73,6 +73,8 @@ def read_bbh_file(path) -> list[dict]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
     if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
         raise ValueError(f"{path}: expected a JSON object with an 'examples' list")
     return [check_row(f"{path}: example {i}", row, {"input": True, "target": True})
@@ -81,7 +83,10 @@ def read_bbh_file(path) -> list[dict]:
 
 def read_bbh_cot_prompt(path) -> str:
     """The few-shot text without the file's canary header (everything up to its '-----' line)."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
     text = text.split("\n-----\n", 1)[1] if "\n-----\n" in text else text
     if "Q:" not in text or "A:" not in text:
         raise ValueError(f"{path}: not a BBH chain-of-thought prompt (no 'Q:' / 'A:' examples)")

@@ -5,6 +5,7 @@ with the model's own greedy answers the training prefixes are exactly the contex
 They are generated once, in batches of prompts of the same length, and kept in the output folder.
 """
 import errno
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from support.files import write_file_atomically
 
 def write_own_answers(model, tok, rows, n, max_new, prompt_of, path, log, header, batch=32, deadline=math.inf):
     """Write the model's own greedy answers to n questions to path, one {ids, prompt_len} per line
-    after a first line that says what made them, and a last line {"complete": count}. Questions whose
+    after a first line that says what made them, and a last line {"complete": count, "sha256": of the rest}. Questions whose
     prompts have the same length are answered together, the largest groups first. Each batch is
     appended as it comes: a run killed meanwhile keeps them, and the next one with the same header
     answers only the batches after them. At the deadline (time.time()) it stops with the answers it
@@ -53,7 +54,8 @@ def write_own_answers(model, tok, rows, n, max_new, prompt_of, path, log, header
         append_lines(path, new)
         done += len(new)
         log(f"self-answers: {done}/{n} in {time.time() - t0:.0f} s")
-    append_lines(path, [json.dumps({"complete": done})])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()  # a byte that changes later is caught where it is read
+    append_lines(path, [json.dumps({"complete": done, "sha256": digest})])
 
 
 def written_batches(path, header, batches, n) -> list[str]:
@@ -101,8 +103,7 @@ def own_answer_examples(run_args, teacher, tok, rows, path, log, write: bool, de
     in the output folder: a resumed or repeated run with the same model and count reuses them.
     deadline: when generating them must stop (a time budget's share), with fewer answers."""
     header = json.dumps({"meta": {"init": run_args.init, "n": run_args.self_answers, "max_new": run_args.seq_len // 2}})
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-    complete = len(lines) > 1 and lines[0] == header and lines[-1].startswith('{"complete"')
+    complete = path.exists() and is_complete(path, header)
     if write and not complete:
         prompt_of = gsm8k_prompt if run_args.data.startswith("gsm8k") else (lambda q: q)
         questions = [r for r in rows if "question" in r]
@@ -112,12 +113,36 @@ def own_answer_examples(run_args, teacher, tok, rows, path, log, write: bool, de
                           path, log, header, deadline=deadline)
     if dist.is_initialized():
         dist.barrier()
+    if not is_complete(path, header):
+        raise ValueError(f"{path} holds no complete answers for this run; remove the file to write them again")
     examples = []
     for i, line in enumerate(path.read_text(errors="replace").splitlines()[1:-1], 2):
         try:
             r = json.loads(line)
-            examples.append((r["ids"][:run_args.seq_len], int(r["prompt_len"])))
+            ids, prompt_len = r["ids"], r["prompt_len"]
+            if not all(isinstance(t, int) and 0 <= t < tok.n_vocab for t in ids) or not 0 < prompt_len < len(ids):
+                raise TypeError
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}, line {i}: not an answer ({type(e).__name__}); remove the file to write "
                              f"the answers again") from None
+        examples.append((ids[:run_args.seq_len], prompt_len))
     return examples
+
+
+def is_complete(path, header) -> bool:
+    """path holds answers written under this header to their end. One whose last line says so but
+    whose sha256 no longer matches changed after it was written: an error, never silently reused."""
+    data = path.read_bytes()
+    body, _, last = data.rstrip(b"\n").rpartition(b"\n")
+    if not data.startswith(header.encode() + b"\n"):
+        return False
+    try:
+        end = json.loads(last)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    if not (isinstance(end, dict) and "complete" in end):
+        return False
+    if end.get("sha256") != hashlib.sha256(body + b"\n").hexdigest():
+        raise ValueError(f"{path} does not match its sha256: it changed after it was written; remove the file "
+                         f"to write the answers again")
+    return True

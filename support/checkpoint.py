@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from model import Transformer, rope_frequencies
-from support.files import hold_folder, recover_dir, write_file_atomically
+from support.files import hold_folder, recover_dir, tensors_sha256, write_file_atomically
 from support.weights import save_model
 
 # settings that shape a run: --resume refuses a checkpoint written with other values
@@ -37,6 +37,20 @@ def gather_state(student, optimizer):
     the student is sharded with FSDP, so every process must call this)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     return get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def tensor_bytes(state, seen=None) -> int:
+    """The bytes of every tensor in a nested state (model and optimizer), a storage that two names
+    share (tied embeddings) once: what torch.save writes of it."""
+    seen = set() if seen is None else seen
+    if isinstance(state, torch.Tensor):
+        storage = state.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
+    return sum(tensor_bytes(v, seen) for v in values)
 
 
 def all_finite(tensors) -> bool:
@@ -83,8 +97,8 @@ def save_checkpoint(run, step, now: dict):
             raise Diverged(step, "the weights are not finite")
         state = {"model": model_state, "optimizer": optim_state, "step": step, "progress": run.progress,
                  "args": vars(run.args)}
-        nbytes = 2 * sum(t.numel() * t.element_size() for t in model_state.values())
-        write_file_atomically(run.ckpt_path, lambda tmp: torch.save(state, tmp), nbytes)
+        state["sha256"] = tensors_sha256(state)  # a byte that changes on disk later is caught by --resume
+        write_file_atomically(run.ckpt_path, lambda tmp: torch.save(state, tmp), tensor_bytes(state) + (1 << 20))
     run.log(f"checkpoint step {step} | probe loss {now['loss']:.3f}, teacher loss {now['teacher']:.3f} "
             f"(last good, step {run.last_good_step or 0}: {run.good_probe['loss']:.3f}, {run.good_probe['teacher']:.3f})")
     run.last_good_step, run.good_probe = step, now
@@ -111,10 +125,13 @@ def load_checkpoint(run):
         raise ValueError(f"--resume: no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, tensors only
-        saved = state["args"]
+        saved, digest = state["args"], state.pop("sha256", None)
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); remove it or "
                          f"use --overwrite to start afresh") from None
+    if digest is not None and digest != tensors_sha256(state):
+        raise ValueError(f"{path} does not match its sha256: it changed after it was written; remove it or "
+                         f"use --overwrite to start afresh")
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(run.args, k)}" for k in SHAPING
                if saved.get(k) != getattr(run.args, k)]
     if changed:

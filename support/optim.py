@@ -48,6 +48,17 @@ class AdamW(torch.optim.Optimizer):
                 if w is not p:
                     p.copy_(w)
 
+    def load_state_dict(self, state_dict):
+        """As torch's, except that the moments and the master copy keep the float32 they were saved in
+        (torch casts them to the parameter's dtype, which would round a bfloat16 run's master copy)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for p, i in zip(params, ids):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if key != "step":
+                    self.state[p][key] = value.to(device=p.device)
+
 
 def make_optimizer(student, args) -> AdamW:
     """AdamW over the trained parameters, with weight decay on the matrices only."""

@@ -327,6 +327,8 @@ class Tokenizer:
                              "use a folder with tokenizer.json") from None
         if len(ranks) < 256:
             raise ValueError(f"{file} holds {len(ranks)} tokens, fewer than the 256 bytes a byte-level BPE needs")
+        if sorted(ranks.values()) != list(range(len(ranks))):  # a cut or damaged line repeats or skips one
+            raise ValueError(f"{file}: the ranks are not 0..{len(ranks) - 1}, each once; the file is damaged")
         names = {int(i): t["content"] for i, t in cfg.get("added_tokens_decoder", {}).items()}
         added = {names.get(len(ranks) + i, t): len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
         bos = None if cfg.get("add_bos_token") is False else bos or "<|begin_of_text|>"

