@@ -103,8 +103,7 @@ def own_answer_examples(run_args, teacher, tok, rows, path, log, write: bool, de
     in the output folder: a resumed or repeated run with the same model and count reuses them.
     deadline: when generating them must stop (a time budget's share), with fewer answers."""
     header = json.dumps({"meta": {"init": run_args.init, "n": run_args.self_answers, "max_new": run_args.seq_len // 2}})
-    complete = path.exists() and is_complete(path, header)
-    if write and not complete:
+    if write and not is_complete(path, header):
         prompt_of = gsm8k_prompt if run_args.data.startswith("gsm8k") else (lambda q: q)
         questions = [r for r in rows if "question" in r]
         if not questions:
@@ -132,6 +131,8 @@ def own_answer_examples(run_args, teacher, tok, rows, path, log, write: bool, de
 def is_complete(path, header) -> bool:
     """path holds answers written under this header to their end. One whose last line says so but
     whose sha256 no longer matches changed after it was written: an error, never silently reused."""
+    if not path.exists():
+        return False
     data = path.read_bytes()
     body, _, last = data.rstrip(b"\n").rpartition(b"\n")
     if not data.startswith(header.encode() + b"\n"):

@@ -64,23 +64,18 @@ def test_safetensors_cut_or_broken(tiny_qwen, tmp_path):
     shutil.copytree(tiny_qwen, folder)
     check_cuts(tiny_qwen / "model.safetensors", folder / "model.safetensors", lambda: load_model(str(folder)),
                "model.safetensors")
-    header = json.loads((tiny_qwen / "model.safetensors").read_bytes()[8:8 + struct.unpack("<Q", (
-        tiny_qwen / "model.safetensors").read_bytes()[:8])[0]])
+    data = (tiny_qwen / "model.safetensors").read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]  # the file: header length, JSON header, tensor bytes
+    header, body = json.loads(data[8:8 + length]), data[8 + length:]
     name = next(k for k in header if k != "__metadata__")
-    broken = [  # the header's length, its JSON, a tensor's dtype and its place in the file
-        (struct.pack("<Q", 1 << 40), None),
-        (None, b"{not json"),
-        (None, {**header, name: {**header[name], "dtype": "F99"}}),
-        (None, {**header, name: {**header[name], "data_offsets": [0, 1 << 30]}}),
-    ]
-    body = (tiny_qwen / "model.safetensors").read_bytes()[8 + struct.unpack("<Q", (
-        tiny_qwen / "model.safetensors").read_bytes()[:8])[0]:]
-    for length, new_header in broken:
-        if length is not None:
-            raw = length + (tiny_qwen / "model.safetensors").read_bytes()[8:]
-        else:
-            text = new_header if isinstance(new_header, bytes) else json.dumps(new_header).encode()
-            raw = struct.pack("<Q", len(text)) + text + body
+
+    def with_header(text: bytes) -> bytes:
+        return struct.pack("<Q", len(text)) + text + body
+    broken = [struct.pack("<Q", 1 << 40) + data[8:],  # the header's length, its JSON, a dtype, a tensor's place
+              with_header(b"{not json"),
+              with_header(json.dumps({**header, name: {**header[name], "dtype": "F99"}}).encode()),
+              with_header(json.dumps({**header, name: {**header[name], "data_offsets": [0, 1 << 30]}}).encode())]
+    for raw in broken:
         (folder / "model.safetensors").write_bytes(raw)
         fails_in_one_line(lambda: load_model(str(folder)), "model.safetensors")
 
