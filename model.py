@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 @dataclass
@@ -113,7 +112,7 @@ def attention(q, k, v, mask, is_causal: bool):
     fused kernels take no boolean mask together with grouped heads, and a call that has both falls
     back to the unfused one, which computes every score in memory: there keys and values are first
     repeated for every head, a copy that lets the memory-efficient kernel take the mask."""
-    if q.is_cuda and mask is not None and not isinstance(mask, CausalBias) and k.size(1) != q.size(1):
+    if q.is_cuda and type(mask) is torch.Tensor and k.size(1) != q.size(1):  # a boolean mask, not a causal bias
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
@@ -266,6 +265,7 @@ def causal_after(T: int, start: int, device):
     GPU it is a lower-right causal bias, which the flash kernel takes with grouped heads, instead
     of a tensor; the CPU's kernels take the tensor."""
     if device.type == "cuda":
+        from torch.nn.attention.bias import causal_lower_right  # imported here: its import takes a second on a CPU
         return causal_lower_right(T, start + T)
     return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
 

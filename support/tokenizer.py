@@ -168,6 +168,9 @@ class Tokenizer:
         self.stop_ids = {self.eos_id} | {added[t] for t in END_OF_TURN if t in added}
         self._chat_style(chat_template or "")
 
+    def __deepcopy__(self, memo):
+        return self  # read-only once built: a copied model (train.py's teacher) shares it, and copying 150k ids takes seconds
+
     def _chat_style(self, t: str) -> None:
         """Pick the chat format (and its variant) from the template text, or from the special tokens if none."""
         self.chat_format, self._default_system, self._date = None, None, None
