@@ -374,10 +374,10 @@ def decode_cost(record, model, device, tiny):
            weight_gb=weight_bytes / 1e9, copy_bandwidth_gbs=bandwidth)
 
 
-def rest(record, out, device, tiny, gguf, minutes):
+def rest(record, out, device, tiny, gguf, minutes, tokenizer=None):
     init = gguf
     if tiny:
-        init = str(tiny_checkpoint())
+        init = str(tiny_checkpoint(tokenizer))
     try:
         model_dir = short_training(record, out, init, device, minutes, tiny)
         if model_dir is not None:
@@ -392,14 +392,16 @@ def rest(record, out, device, tiny, gguf, minutes):
         record("error", check="qwen3-4b shape", error=f"{type(e).__name__}: {e}"[:500])
 
 
-def tiny_checkpoint() -> Path:
-    """--tiny: a random Qwen3-shaped model with the real Qwen3 tokenizer, saved as a HF folder."""
+def tiny_checkpoint(tokenizer: str | None = None) -> Path:
+    """--tiny: a random Qwen3-shaped model with the real Qwen3 tokenizer (or the one in folder `tokenizer`),
+    saved as a HF folder; 32 embedding rows past the tokenizer's ids stay free, as in Qwen3."""
     from support.files import FIXTURES
     from support.tokenizer import Tokenizer
     from support.weights import save_model
     path = Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_check_tiny_model"
-    model = random_model(dict(TINY_4B, vocab_size=151936, mask_id=None), "cpu")
-    model.tokenizer = Tokenizer.from_dir(FIXTURES / "tokenizers" / "qwen3")
+    tok = Tokenizer.from_dir(tokenizer or FIXTURES / "tokenizers" / "qwen3")
+    model = random_model(dict(TINY_4B, vocab_size=tok.n_vocab + 32, mask_id=None), "cpu")
+    model.tokenizer = tok
     save_model(model, path)
     return path
 
@@ -411,6 +413,7 @@ def main(argv=None):
     p.add_argument("--gguf", help="the real SmolLM2-135M-Instruct GGUF (the rest part)")
     p.add_argument("--minutes", type=float, default=3.0, help="train.py's --max-minutes in the rest part")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, under a minute")
+    p.add_argument("--tokenizer", help="--tiny: the tiny model's tokenizer folder (default: the Qwen3 fixture)")
     args = p.parse_args(argv)
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -425,7 +428,7 @@ def main(argv=None):
     if args.part in ("correctness", "all"):
         correctness(record, device, args.tiny)
     if args.part in ("rest", "all"):
-        rest(record, out, device, args.tiny, args.gguf, args.minutes)
+        rest(record, out, device, args.tiny, args.gguf, args.minutes, args.tokenizer)
     record("done", seconds=time.time() - t0)
 
 

@@ -98,7 +98,8 @@ def save_checkpoint(run, step, now: dict):
         state = {"model": model_state, "optimizer": optim_state, "step": step, "progress": run.progress,
                  "args": vars(run.args)}
         state["sha256"] = tensors_sha256(state)  # a byte that changes on disk later is caught by --resume
-        write_file_atomically(run.ckpt_path, lambda tmp: torch.save(state, tmp), tensor_bytes(state) + (1 << 20))
+        nbytes = tensor_bytes(state)  # and 1% and 64 KiB for the archive's own records
+        write_file_atomically(run.ckpt_path, lambda tmp: torch.save(state, tmp), nbytes + nbytes // 100 + (64 << 10))
     run.log(f"checkpoint step {step} | probe loss {now['loss']:.3f}, teacher loss {now['teacher']:.3f} "
             f"(last good, step {run.last_good_step or 0}: {run.good_probe['loss']:.3f}, {run.good_probe['teacher']:.3f})")
     run.last_good_step, run.good_probe = step, now

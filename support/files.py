@@ -79,6 +79,10 @@ def fsync_path(path: Path):
         os.close(fd)
 
 
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e7 else f"{n / 1e6:.0f} MB"
+
+
 class cleanup_on_failure:
     """Around writing `partial` (a file or folder of about nbytes): on any failure remove it; if the
     disk is full, say so in one line (ValueError) instead of the library's own error."""
@@ -95,7 +99,7 @@ class cleanup_on_failure:
         free = shutil.disk_usage(self.partial.parent).free
         if failed or free < self.nbytes:
             raise ValueError(f"out of disk space writing {self.partial.name.removesuffix('.tmp')} in "
-                             f"{self.partial.parent}: it needs about {self.nbytes / 1e6:.0f} MB, {free / 1e6:.0f} MB "
+                             f"{self.partial.parent}: it needs about {megabytes(self.nbytes)}, {megabytes(free)} "
                              f"are free; nothing partial was left and earlier files are intact") from None
 
     def __exit__(self, kind, error, tb):

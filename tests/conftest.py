@@ -10,7 +10,6 @@ import importlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,14 +82,45 @@ HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Conf
               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 
 
+TINY_TOKENS = 4096  # the tiny models' tokenizer: Qwen3's first 4,096 tokens, then its 26 added ones
+TINY_VOCAB = TINY_TOKENS + 32  # embedding rows: as in Qwen3, a few past the named ids stay free
+TINY_MASK = TINY_TOKENS + 26  # the first free row, which becomes <MTP> (Qwen3's own: 151669)
+
+
+def cut_qwen3_tokenizer(path: Path, n_tokens: int = TINY_TOKENS) -> Path:
+    """The real Qwen3 tokenizer cut to its first n_tokens tokens and the merges that make them, its added
+    tokens renumbered right after: text splits as Qwen3 splits it, with fewer merges. A tiny model then
+    has 4,128 embedding rows instead of 151,936, which cost a tiny run most of its time. HF tokenizers
+    reads the same file (tests/test_tokenizer.py checks both agree)."""
+    source = need(FIXTURES / "tokenizers" / "qwen3")
+    tok = json.loads((source / "tokenizer.json").read_text())
+    vocab = {text: i for text, i in tok["model"]["vocab"].items() if i < n_tokens}
+    tok["model"]["vocab"] = vocab
+    tok["model"]["merges"] = [m for m in tok["model"]["merges"] if m[0] + m[1] in vocab]
+    renumber = {}
+    for j, added in enumerate(tok["added_tokens"]):
+        renumber[str(added["id"])] = added["id"] = n_tokens + j
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {str(renumber[k]): v for k, v in config["added_tokens_decoder"].items()}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    return cut_qwen3_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
 def make_tiny_model(path: Path, family: str = "qwen3", seed: int = 0, tokenizer: bool = False,
                     noisy_norms: bool = False, save_kw: dict | None = None, **config):
     """A random 2-layer transformers model saved to path; returns (the transformers model, path).
-    tokenizer: copy the real Qwen3 tokenizer beside it (then the vocabulary is Qwen3's 151936 rows).
+    tokenizer: the cut Qwen3 tokenizer beside it (cut_qwen3_tokenizer; then the vocabulary has TINY_VOCAB rows).
     noisy_norms: norms away from all-ones, so that a wrong norm shows in the logits."""
     import transformers
     config_class, model_class = (getattr(transformers, name) for name in HF_CLASSES[family])
-    defaults = dict(vocab_size=151936 if tokenizer else 300, hidden_size=64, intermediate_size=96,
+    defaults = dict(vocab_size=TINY_VOCAB if tokenizer else 300, hidden_size=64, intermediate_size=96,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                     initializer_range=0.2)
     torch.manual_seed(seed)
@@ -102,8 +132,7 @@ def make_tiny_model(path: Path, family: str = "qwen3", seed: int = 0, tokenizer:
                     p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(path, **(save_kw or {}))
     if tokenizer:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(need(FIXTURES / "tokenizers" / "qwen3") / name, path / name)  # the test's temp folder only
+        cut_qwen3_tokenizer(path)
     return hf, path
 
 
@@ -114,7 +143,7 @@ def make_tiny():
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):
-    """A random 2-layer Qwen3 with the real Qwen3 vocabulary (151936 rows, 151669 named)."""
+    """A random 2-layer Qwen3 with the cut Qwen3 tokenizer (TINY_VOCAB rows; <MTP> is the first free one)."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen", tokenizer=True, hidden_size=32,
                            intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                            tie_word_embeddings=True, initializer_range=0.02)[1]

@@ -209,7 +209,7 @@ def test_teacher_loss_equals_transformers(smollm2, smollm2_gguf, smollm2_hf):
 
 @pytest.fixture(scope="module")
 def tiny_pair(make_tiny, tmp_path_factory):
-    """Two random 2-layer Qwen3 with the real Qwen3 tokenizer: an original, and a "tuned" one whose
+    """Two random 2-layer Qwen3 with the cut Qwen3 tokenizer (conftest.cut_qwen3_tokenizer): an original, and a "tuned" one whose
     train_args.json names the original as its --init."""
     root = tmp_path_factory.mktemp("tiny")
     shape = dict(tokenizer=True, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,

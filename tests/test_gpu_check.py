@@ -11,10 +11,10 @@ from conftest import ROOT
 
 
 @pytest.mark.slow
-def test_the_gpu_run_runs_tiny_on_the_cpu(tmp_path, fixtures):
+def test_the_gpu_run_runs_tiny_on_the_cpu(tmp_path, fixtures, tiny_tokenizer):
     out = tmp_path / "out"
     env = dict(os.environ, TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
-    r = subprocess.run([sys.executable, "-m", "scripts.gpu_check", "--tiny", "--out", str(out)], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, "-m", "scripts.gpu_check", "--tiny", "--tokenizer", str(tiny_tokenizer), "--out", str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -15,6 +15,7 @@ from decode import generate
 from distill import build_batch, mtp_loss, mtp_loss_gated
 from support.cpu_kernels import use_few_row_kernels
 from lora import GatedLoRALinear, adapter_state, add_lora
+from conftest import TINY_MASK
 from support.weights import load_model, save_model
 
 
@@ -94,7 +95,7 @@ def test_adapter_round_trip(tiny_qwen, tmp_path):
     saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert "adapter.safetensors" in saved and "adapter_config.json" in saved and "model.safetensors" not in saved
     conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert conf["rank"] == 4 and conf["mtp_mask_id"] == 151669 and conf["mtp_k_max"] == 5
+    assert conf["rank"] == 4 and conf["mtp_mask_id"] == TINY_MASK and conf["mtp_k_max"] == 5
     n_adapter = sum(p.numel() for p in adapter_state(model).values())
     assert n_adapter < 0.1 * sum(p.numel() for p in model.parameters())
 
@@ -102,7 +103,7 @@ def test_adapter_round_trip(tiny_qwen, tmp_path):
     assert loaded.cfg.k_max == 5 and loaded.tokenizer is not None
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    idx = torch.tensor([[9707, 11, 1879, 151669, 151669, 151669]])
+    idx = torch.tensor([[1001, 11, 2001, TINY_MASK, TINY_MASK, TINY_MASK]])
     with torch.no_grad():
         assert torch.equal(model(idx), loaded(idx))
     assert files_digest(tiny_qwen) == before  # the original weights are untouched
@@ -214,7 +215,7 @@ def test_adapters_in_the_top_blocks_leave_the_blocks_below_the_original(tiny_qwe
     assert trained and all(name.startswith(f"layers.{n - 1}.") and "lora_" in name for name in trained), trained
     into_top = []
     model.layers[-1].register_forward_pre_hook(lambda module, args: into_top.append(args[0]))
-    idx = torch.tensor([[9707, 11, 1879, 151669, 151669, 151669]])
+    idx = torch.tensor([[1001, 11, 2001, TINY_MASK, TINY_MASK, TINY_MASK]])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen).eval()
     with torch.no_grad():
         logits = model(idx)

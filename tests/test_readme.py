@@ -12,7 +12,7 @@ from decode import encode_prompt, generate
 from support.weights import load_model
 
 SIZE = ["--self-answers", "4", "--steps", "3", "--eval-prompts", "2", "--max-minutes", "5",  # + --init: the tiny model
-        "--batch-size", "1", "--seq-len", "96", "--branch-every", "4", "--eval-tokens", "16"]
+        "--batch-size", "1", "--seq-len", "160", "--branch-every", "4", "--eval-tokens", "16"]
 
 
 def main_job(readme: str) -> list[list[str]]:

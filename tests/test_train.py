@@ -1,4 +1,4 @@
-"""train.py end to end on a tiny Qwen3-shaped model with the real Qwen3 tokenizer: output loads in
+"""train.py end to end on a tiny Qwen3-shaped model with the cut Qwen3 tokenizer: output loads in
 decode.py and transformers, --resume is exact, 2 data-parallel processes equal 1, bad input."""
 import json
 import math
@@ -10,6 +10,7 @@ import transformers
 from safetensors.torch import load_file
 
 from decode import generate
+from conftest import TINY_MASK, TINY_VOCAB
 from support.weights import load_model
 
 
@@ -24,11 +25,11 @@ def test_train_writes_a_model_decode_and_transformers_load(script, train_tiny, t
     assert len(losses(r.stdout)) == 4
     model_dir = tmp_path / "out" / "model"
     cfg = json.loads((model_dir / "config.json").read_text())
-    assert cfg["mtp_mask_id"] == 151669 and cfg["mtp_k_max"] == 6 and cfg["vocab_size"] == 151936
+    assert cfg["mtp_mask_id"] == TINY_MASK and cfg["mtp_k_max"] == 6 and cfg["vocab_size"] == TINY_VOCAB
     assert not list((tmp_path / "out").glob("*.tmp"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ours = load_model(str(model_dir))
-    idx = torch.tensor([[9707, 11, 151669, 151669]])
+    idx = torch.tensor([[1001, 11, TINY_MASK, TINY_MASK]])
     with torch.no_grad():
         assert (hf(idx).logits - ours(idx)).abs().max().item() <= 1e-4
     d = script("decode.py", "--init", model_dir, "--prompt", "What is 3 plus 4?", "--threshold", "0.9",
