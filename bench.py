@@ -36,7 +36,7 @@ from unittest import mock
 import torch
 import torch.nn as nn
 
-from data import gsm8k_prompt, load_gsm8k
+from data import extract_number, gsm8k_prompt, load_gsm8k
 from decode import against_original, default_init, describe_against_original, encode_prompt, generate, load
 from support.cpu_kernels import machine
 from support.step_timing import mtp_step_cost
@@ -133,6 +133,8 @@ def main(argv=None):
     p.add_argument("--draft-threshold", type=float, default=None, help="--verify: feed only drafts this confident")
     p.add_argument("--layouts", nargs="+", default=["quadratic"], choices=["quadratic", "simple"],
                    help="--verify branch layouts to time (each interleaved with the rest)")
+    p.add_argument("--trees", nargs="+", type=int, default=[None], help="--verify: the candidates tried at each "
+                   "draft position, a tree per value (default: decode.py's), each interleaved with the rest")
     p.add_argument("--blocks", nargs="+", default=["sized"], choices=["sized", "full"],
                    help="ConfAdapt and --verify passes: sized by their cost (decode.py's default) or the whole block")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -270,8 +272,22 @@ def against_original_report(init, model, tok, prompts, args, k_max) -> dict:
     reference = default_reference(init, model)
     original = model if getattr(model, "lora", None) or reference == init else load(reference, args.device, args.dtype)[0]
     table, _ = against_original(original, model, tok, prompts, args.max_new_tokens, args.threshold, k_max,
-                                teacher_loss=True)
-    return {"h_against_original": {"original": reference, **table}, "i_pass_profile": pass_profile(model)}
+                                teacher_loss=True, trees=args.trees)
+    report = {"h_against_original": {"original": reference, **table}, "i_pass_profile": pass_profile(model)}
+    if args.dtype != "float32":  # how often rounding alone changes the original's own text and answer
+        in_float32 = load(reference, args.device, "float32")[0]
+        report["h_original_vs_float32"] = k1_agreement(original, in_float32, tok, prompts, args.max_new_tokens)
+    return report
+
+
+def k1_agreement(original, in_float32, tok, prompts, max_new_tokens: int) -> dict:
+    """How often the original's k=1 in this precision gives the text, and the final answer, of its k=1 in float32."""
+    same = same_answer = 0
+    for prompt in prompts:
+        a, b = (generate(m, prompt, max_new_tokens, stop_ids=tok.stop_ids).tokens for m in (original, in_float32))
+        same += a == b
+        same_answer += extract_number(tok.decode(a)) == extract_number(tok.decode(b))
+    return {"same_text": same / len(prompts), "same_answer": same_answer / len(prompts)}
 
 
 def print_against_original(report: dict, args):
@@ -284,6 +300,9 @@ def print_against_original(report: dict, args):
           f"interleaved:")
     for line in describe_against_original(table):
         print("    " + line)
+    if agree := report.get("h_original_vs_float32"):
+        print(f"    the original's k=1 in {args.dtype} against its k=1 in float32: final answer the same "
+              f"{agree['same_answer']:.0%}, text {agree['same_text']:.0%}")
     print("(i) a pass by rows fed: ms as is = the adapter's update + the base's products + the rest (timed without "
           "each); torch.profiler's busiest operators (calls, self ms)")
     for r, i in report["i_pass_profile"].items():

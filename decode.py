@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 import torch
 
 from data import extract_number
-from distill import branch_layout as branch_layout_of_chunk, teacher_nll
+from distill import teacher_nll
 from support.cli import ArgumentParser
 from support.cpu_kernels import fast_dtype, packed_summary, use_few_row_kernels
-from support.sizing import Acceptance, PassCost, best_n
+from support.sizing import Acceptance, PassCost, RankAcceptance, best_n, draft_tree
 from support.weights import load_model, trained_model
 
 DEFAULT_OUT = "out"  # where train.py writes (train.py --out)
+TREE = 1  # --verify: the candidates tried at each draft position (--tree)
 
 
 @dataclass
@@ -58,15 +59,16 @@ class Result:
         return len(self.tokens) / max(self.seconds, 1e-9)
 
 
-def candidates(model, logits, trusted: int):
-    """(top-1 probability, argmax) per slot. <MTP> is an input, never a token of the text. The first
-    `trusted` slots are accepted whatever their confidence, so they must be finite; elsewhere a
-    non-finite confidence just never clears a threshold."""
+def candidates(model, logits, trusted: int, top: int | None = None):
+    """(top-1 probability, argmax) per slot; top c: (probabilities, tokens) of the c likeliest, (slots, c).
+    <MTP> is an input, never a token of the text. The first `trusted` slots are accepted whatever their
+    confidence, so they must be finite; elsewhere a non-finite confidence just never clears a threshold."""
     if not torch.isfinite(logits[:trusted]).all():
         raise ValueError("the model produced non-finite logits (NaN/inf weights?); nothing to decode")
     if model.cfg.mask_id is not None:
         logits[:, model.cfg.mask_id] = -float("inf")
-    return logits.softmax(-1).max(-1)
+    probs = logits.softmax(-1)
+    return probs.max(-1) if top is None else probs.topk(top, -1)
 
 
 def check_fits(model, n_prompt: int, max_new_tokens: int, n_masks: int):
@@ -97,21 +99,22 @@ def commit(tokens: list[int], stop_ids, out: list[int], chunks: list[int], on_to
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, threshold: float | None = None,
              k_max: int = 16, stop_ids=(), on_tokens=None, cache=None, verify: bool = False,
-             draft_threshold: float | None = None, layout: str = "quadratic", pass_cost: PassCost | None = None) -> Result:
+             draft_threshold: float | None = None, layout: str = "quadratic", pass_cost: PassCost | None = None,
+             tree: int = 1) -> Result:
     """Greedy batch-1 decoding. threshold None: static k (k=1 is plain next-token decoding).
     threshold T: ConfAdapt, up to k_max - 1 masks per pass, accept the longest leading run of
     candidates whose top-1 probability is >= T, and always at least one.
     verify: the output of k=1 decoding, with up to k_max - 1 drafts per pass checked by the model
-    itself (generate_verify; draft_threshold and layout are its options).
+    itself (generate_verify; draft_threshold, layout and tree are its options).
     pass_cost None: every pass feeds the whole block (the paper's ConfAdapt); a PassCost: each pass
     feeds the masks (or drafts) that pay off on this machine (support/sizing.py)."""
     if verify:
         if k != 1 or threshold is not None:
             raise ValueError("--verify checks its own drafts; it takes no --k or --threshold")
         return generate_verify(model, prompt, max_new_tokens, k_max, draft_threshold, layout, stop_ids,
-                               on_tokens, cache, pass_cost)
-    if draft_threshold is not None:
-        raise ValueError("a draft threshold is an option of --verify")
+                               on_tokens, cache, pass_cost, tree)
+    if draft_threshold is not None or tree != 1:
+        raise ValueError("a draft threshold and a tree are options of --verify")
     n_masks = (k_max if threshold is not None else k) - 1
     if n_masks and model.cfg.mask_id is None:
         raise ValueError("this model has no <MTP> mask id; use k = 1")
@@ -129,7 +132,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
         t_pass = time.perf_counter()
         m = n_masks  # masks this pass: the whole block, or what pays off (support/sizing.py)
         if threshold is not None and pass_cost is not None:
-            m = best_n(n_masks, acceptance, pass_cost, rows=lambda n: len(pending) + n)
+            m = best_n(n_masks, acceptance.expected, pass_cost, rows=lambda n: len(pending) + n)
         inp = torch.cat([pending, masks[:m]])[None]
         slots = torch.arange(len(pending) - 1, inp.size(1), device=device)[None]  # last real token + masks
         logits = model(inp, cache=cache, slots=slots)[0].float()
@@ -156,96 +159,132 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
 # -----------------------------------------------------------------------------
 # lossless decoding: the model verifies its own drafts (docs/METHOD.md, "Lossless decoding (--verify)")
 
-def branch_layout(n_fed: int, anchors: list[int], n_masks: int, base: int, device):
+def branch_layout(n_fed: int, anchors: list[int], n_masks: int, base: int, device, parents=None):
     """RoPE positions (T,) and attention mask (T, base + T) of a pass over `base` cached tokens that
-    feeds n_fed real tokens, then a branch of n_masks <MTP> slots after each fed token in `anchors`:
-    the training layout (distill.branch_layout), so a branch after fed token i gives the logits of a
-    plain forward over `cache + fed[:i+1] + masks`; every query also sees the whole cache."""
-    pos, mask = branch_layout_of_chunk(n_fed, torch.tensor(anchors, device=device), n_masks)
-    cached = torch.ones(len(pos), base, dtype=torch.bool, device=device)
-    return base + pos, torch.cat([cached, mask], 1)
+    feeds n_fed real tokens, then a branch of n_masks <MTP> slots after each fed token in `anchors`.
+    parents[i]: the fed token that fed token i follows (-1: the cache); default: the one before it.
+    A fed token sees the cache and the fed tokens it follows, back to the cache; so a tree of drafts is
+    fed as its paths. A branch after fed token i takes the positions after it and sees what i sees, i,
+    and its own earlier slots: the training layout (distill.branch_layout), so the branch gives the
+    logits of a plain forward over `cache + i's path + masks`."""
+    if parents is None:
+        pos, sees = torch.arange(n_fed, device=device), torch.ones(n_fed, n_fed, dtype=torch.bool, device=device).tril()
+    else:
+        pos = torch.zeros(n_fed, dtype=torch.long, device=device)
+        sees = torch.eye(n_fed, dtype=torch.bool, device=device)
+        for i, parent in enumerate(parents):
+            if parent >= 0:
+                pos[i], sees[i] = pos[parent] + 1, sees[parent] | sees[i]
+    anchor = torch.tensor(anchors, dtype=torch.long, device=device).repeat_interleave(n_masks)
+    within = torch.arange(n_masks, device=device).repeat(len(anchors))  # 0..n_masks-1 inside a branch
+    own_branch = torch.block_diag(*[torch.ones(n_masks, n_masks, dtype=torch.bool, device=device).tril()] *
+                                  len(anchors)) if anchors else torch.zeros(0, 0, dtype=torch.bool, device=device)
+    T = n_fed + len(anchor)
+    mask = torch.zeros(T, base + T, dtype=torch.bool, device=device)
+    mask[:, :base] = True
+    mask[:n_fed, base:base + n_fed] = sees
+    mask[n_fed:, base:base + n_fed] = sees[anchor]
+    mask[n_fed:, base + n_fed:] = own_branch
+    return base + torch.cat([pos, pos[anchor] + 1 + within]), mask
 
 
-def pick_drafts(cand, conf, mask_id, threshold, limit, stop_ids) -> list[int]:
-    """The leading run of usable drafts of a branch: never the <MTP> id, never a non-finite confidence,
-    each at least `threshold` confident if one is given, at most `limit`, nothing after a stop token."""
-    drafts = []
-    for token, p in zip(cand.tolist(), conf.tolist()):
-        unsure = not math.isfinite(p) or (threshold is not None and p < threshold)
-        if len(drafts) == limit or token == mask_id or unsure:
-            break
-        drafts.append(token)
-        if token in stop_ids:
-            break
-    return drafts
+def draft_rules(branch, mask_id, threshold, stop_ids):
+    """Which candidates of a branch, (probabilities, tokens) per slot, may be fed as drafts: never the
+    <MTP> id, never a non-finite confidence, each at least `threshold` confident if one is given; and
+    nothing is drafted after a stop token. (usable, ends) of sizing.draft_tree."""
+    conf, cand = branch
+
+    def usable(depth, rank):
+        p = conf[depth - 1][rank]
+        return cand[depth - 1][rank] != mask_id and math.isfinite(p) and (threshold is None or p >= threshold)
+    return usable, lambda depth, rank: cand[depth - 1][rank] in stop_ids
 
 
 @torch.no_grad()
 def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, draft_threshold=None,
-                    layout: str = "quadratic", stop_ids=(), on_tokens=None, cache=None, pass_cost=None) -> Result:
+                    layout: str = "quadratic", stop_ids=(), on_tokens=None, cache=None, pass_cost=None,
+                    tree: int = 1) -> Result:
     """Each pass feeds, as real inputs, the pending token (the whole prompt in the first pass) and the
     drafts the previous pass proposed. The logit at each fed token is the model's own next-token
     prediction there; drafts are kept while they equal it, and the first mismatch is replaced by it (if
     all are kept, the prediction after the last draft is a bonus token). Every emitted token is thus
     the model's argmax after the committed tokens: exactly what k=1 decoding emits, in fewer passes.
+    tree 1: the drafts are a chain, the argmax of each mask slot of a branch. tree c > 1: a tree of the
+    c likeliest tokens of each slot, the paths most likely to hold first (sizing.draft_tree); the pass
+    keeps the one path the model agrees with, so a first guess that fails can be saved by a second.
     layout "quadratic" (Samragh et al. 2025): a branch of k_max - 1 masks after every fed token, so
-    that whichever prefix is accepted, the branch after its last token holds drafts conditioned on it.
-    "simple": one branch after the last draft; after a rejection the next pass has no drafts.
-    pass_cost (support/sizing.py): each pass feeds the n drafts, and branches of n masks, that pay off; else
-    n = k_max - 1. Which drafts are fed never changes the output, only the number of passes."""
-    n_masks = k_max - 1
+    that whichever drafts are accepted, the branch after the last of them holds drafts conditioned on
+    them. "simple" (a chain only): one branch after the last draft; after a rejection the next pass has
+    no drafts. pass_cost (support/sizing.py): each pass feeds the drafts, and branches, that pay off;
+    else the whole block. Which drafts are fed never changes the output, only the number of passes."""
+    n_masks, max_nodes = k_max - 1, (k_max - 1) * tree
     if n_masks < 1:
         raise ValueError(f"--verify needs k_max >= 2 (k_max - 1 drafts per pass), not {k_max}")
     if model.cfg.mask_id is None:
         raise ValueError("this model has no <MTP> mask id; it cannot propose drafts")
     if layout not in ("quadratic", "simple"):
         raise ValueError(f"layout must be quadratic or simple, not {layout!r}")
+    if tree < 1 or (tree > 1 and layout == "simple"):
+        raise ValueError(f"--tree must be at least 1 (1 with the simple layout), not {tree}")
     check_fits(model, len(prompt), max_new_tokens, n_masks)
-    need = len(prompt) + max_new_tokens + k_max * k_max  # a pass holds at most k_max fed tokens + branches
+    need = len(prompt) + max_new_tokens + (1 + max_nodes) * (1 + n_masks)  # the most a pass holds
     if cache is None or cache.max_len < need:
         cache = model.new_cache(need)
     cache.truncate(0)
     device = model.embed_tokens.weight.device
     mask_id, stop_ids = model.cfg.mask_id, set(stop_ids)
-    known, drafts = list(prompt), []  # fed tokens already committed to the output / to be checked
+    known, branch = list(prompt), None  # branch: (probabilities, tokens) (slots, tree) of the branch after known
     out, chunks, fed_drafts, accepted_drafts, rows = [], [], 0, 0, 0
-    acceptance, width = Acceptance(n_masks), n_masks  # width: masks per branch, the most drafts of a pass
+    ranks = RankAcceptance(n_masks, tree)
+    rows_of = lambda n, depth: (1 + n) * (1 + depth) if layout == "quadratic" else 1 + n + depth  # noqa: E731
     t0 = time.perf_counter()
     while len(out) < max_new_tokens:
         t_pass = time.perf_counter()
-        if pass_cost is not None:  # n drafts with a branch of n masks: (1 + n)^2 rows, or 1 + 2n (simple)
-            width = best_n(n_masks, acceptance, pass_cost,
-                           rows=lambda n: (1 + n) ** 2 if layout == "quadratic" else 1 + 2 * n)
-            drafts = drafts[:width]
-        fed = known + drafts
-        first = len(known) - 1  # the fed token whose logit checks the first draft
+        n_nodes, width = max_nodes, n_masks  # drafts fed, masks per branch
+        if pass_cost is not None:  # the likeliest tree of n nodes and depth d: (1 + n) (1 + d) rows, or 1 + n + d
+            plan = draft_tree(ranks.rates(), max_nodes, n_masks)
+            depth = lambda n: max((d for _, d, _, _ in plan[:n]), default=0)  # noqa: E731
+            n_nodes = best_n(len(plan), lambda n: sum(p for *_, p in plan[:n]), pass_cost,
+                             rows=lambda n: rows_of(n, depth(n)))
+            width = depth(n_nodes)
+        nodes = []
+        if branch is not None and width:
+            left = max_new_tokens - len(out) - 1  # tokens the output has room for after the pending one
+            nodes = draft_tree(ranks.rates(), n_nodes, min(width, len(branch[1]), left),
+                               *draft_rules(branch, mask_id, draft_threshold, stop_ids))
+        fed = known + [branch[1][d - 1][r] for _, d, r, _ in nodes]
+        first = len(known) - 1  # the fed token whose logit checks the first drafts
+        parents = list(range(-1, first)) + [first if p < 0 else len(known) + p for p, *_ in nodes]
         anchors = (list(range(first, len(fed))) if layout == "quadratic" else [len(fed) - 1]) if width else []
         base = cache.length
-        pos, mask = branch_layout(len(fed), anchors, width, base, device) if anchors else (None, None)
+        pos, mask = branch_layout(len(fed), anchors, width, base, device, parents) if anchors else (None, None)
         idx = torch.tensor(fed + [mask_id] * (len(anchors) * width), dtype=torch.long, device=device)[None]
         slots = torch.arange(first, idx.size(1), device=device)[None]
         logits = model(idx, pos, mask, cache=cache, slots=slots)[0].float()
-        conf, cand = candidates(model, logits, len(drafts) + 1)  # the model's own tokens at the fed inputs
+        conf, cand = candidates(model, logits, len(nodes) + 1, top=tree)
+        conf, cand = conf.tolist(), cand.tolist()
         rows += idx.size(1) if chunks else 0
-        own = cand[:len(drafts) + 1].tolist()  # the model's next token after fed[first], ..., fed[-1]
-        n_ok = 0
-        while n_ok < len(drafts) and drafts[n_ok] == own[n_ok]:
-            n_ok += 1
-        cache.truncate(base + len(known) + n_ok)  # the committed inputs are a prefix of the chunk
-        fed_drafts, accepted_drafts = fed_drafts + len(drafts), accepted_drafts + n_ok
-        acceptance.record(len(drafts), n_ok)
+        # walk down the tree while a draft is the model's own next token after the path before it
+        child = {(first if p < 0 else len(known) + p, fed[len(known) + i]): len(known) + i
+                 for i, (p, *_) in enumerate(nodes)}
+        path, at = [], first
+        while (at, cand[at - first][0]) in child:
+            at = child[at, cand[at - first][0]]
+            path.append(at)
+        new = [fed[i] for i in path] + [cand[at - first][0]]  # accepted drafts + the model's token
+        cache.keep(base + len(known), [base + i for i in path])  # the committed inputs: known + the path
+        if branch is not None:  # where the model's tokens ranked among the branch's candidates
+            ranks.record([row.index(t) if t in row else tree for t, row in zip(new, branch[1])])
+        fed_drafts, accepted_drafts = fed_drafts + len(nodes), accepted_drafts + len(path)
         if pass_cost is not None:
             pass_cost.observe(idx.size(1), time.perf_counter() - t_pass)
-        new = drafts[:n_ok] + [own[n_ok]]  # accepted drafts + the model's token (correction or bonus)
         if commit(new, stop_ids, out, chunks, on_tokens) or len(out) == max_new_tokens:
             break
         # the next drafts come from the branch after the last committed input, if there is one
-        anchor = first + n_ok
-        known, drafts = [own[n_ok]], []
-        if anchor in anchors:
-            row = len(own) + anchors.index(anchor) * width
-            drafts = pick_drafts(cand[row:row + width], conf[row:row + width], mask_id, draft_threshold,
-                                 max_new_tokens - len(out) - 1, stop_ids)
+        known, branch = [new[-1]], None
+        if at in anchors:
+            row = len(fed) - first + anchors.index(at) * width
+            branch = (conf[row:row + width], cand[row:row + width])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return Result(out, len(chunks), time.perf_counter() - t0, chunks, fed_drafts, accepted_drafts, rows)
@@ -281,15 +320,15 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
 
 @torch.no_grad()
 def against_original(original, model, tok, prompts, max_new_tokens: int, threshold: float = 0.9,
-                     k_max: int | None = None, deadline: float = float("inf"), teacher_loss: bool = False
-                     ) -> tuple[dict, int]:
+                     k_max: int | None = None, deadline: float = float("inf"), teacher_loss: bool = False,
+                     trees=(None,)) -> tuple[dict, int]:
     """The tuned model's decoding against the ORIGINAL model's k=1, prompt by prompt, interleaved so
     that load on the machine hits every strategy alike: tokens/s and its ratio to the original's, tokens
     per pass, how often the text and the final number are the original's, and if asked the teacher loss
     (the original's NLL per new token, distill.teacher_nll). Passes are sized by their cost, as
     decode.py sizes them. original may be model itself (gated LoRA: its k=1 is the original).
     No prompt starts after the deadline (time.time()). Returns the table ({} if no prompt was measured)
-    and the number of prompts it measured."""
+    and the number of prompts it measured. trees: the --verify trees to measure (None: decode.py's)."""
     k_max = k_max or model.cfg.k_max or 16
     stop = sorted(tok.stop_ids)
     tuned_k1 = original is not model
@@ -298,10 +337,12 @@ def against_original(original, model, tok, prompts, max_new_tokens: int, thresho
         strategies["k=1"] = lambda p, _, n=max_new_tokens: generate(model, p, n, k=1, stop_ids=stop)
     strategies[f"ConfAdapt({threshold})"] = lambda p, c, n=max_new_tokens: generate(
         model, p, n, threshold=threshold, k_max=k_max, stop_ids=stop, pass_cost=c)
-    strategies["--verify"] = lambda p, c, n=max_new_tokens: generate(model, p, n, verify=True, k_max=k_max,
-                                                                     stop_ids=stop, pass_cost=c)
-    costs = {"original k=1": None, "k=1": None, f"ConfAdapt({threshold})": measure_pass_cost(model, k_max, False),
-             "--verify": measure_pass_cost(model, k_max, True)}
+    costs = {"original k=1": None, "k=1": None, f"ConfAdapt({threshold})": measure_pass_cost(model, k_max, False)}
+    for tree in trees:
+        name = "--verify" if len(trees) == 1 else f"--verify, tree {tree or TREE}"
+        strategies[name] = lambda p, c, n=max_new_tokens, tree=tree or TREE: generate(
+            model, p, n, verify=True, k_max=k_max, stop_ids=stop, pass_cost=c, tree=tree)
+        costs[name] = measure_pass_cost(model, k_max, True, tree or TREE)
     for name, run in strategies.items():  # warm-up: every kernel has chosen for its rows
         run(prompts[0][:16], costs[name], 8)
     totals = {name: dict(tokens=0, seconds=0.0, passes=0, same=0, same_answer=0, nll=0.0) for name in strategies}
@@ -415,12 +456,13 @@ def use_decode_kernels(model):
     use_few_row_kernels(model, max_rows=min(k_max * k_max, 32), pack=True)
 
 
-def measure_pass_cost(model, k_max: int, verify: bool) -> PassCost:
+def measure_pass_cost(model, k_max: int, verify: bool, tree: int = 1) -> PassCost:
     """The cost of a pass by rows, up to the most a ConfAdapt or --verify pass of this block feeds
     (beyond 64 rows: extrapolated), said in one line. One timed round: the decode passes themselves
     then keep it up to date (sizing.PassCost.observe)."""
     t0 = time.perf_counter()
-    cost = PassCost.measure(model, min(k_max * k_max if verify else 2 * k_max - 1, 64), reps=1)
+    most = (1 + (k_max - 1) * tree) * k_max if verify else 2 * k_max - 1
+    cost = PassCost.measure(model, min(most, 64), reps=1)
     print(f"pass cost by rows fed: {', '.join(f'{r}: {1e3 * s:.0f} ms' for r, s in zip(cost.rows, cost.seconds))}"
           f" (measured in {time.perf_counter() - t0:.1f} s, then from the passes; each pass feeds what pays "
           f"off; --full-block: the whole block)", file=sys.stderr)
@@ -487,6 +529,8 @@ def get_args(argv=None):
                    "its own drafts (several tokens per pass where they hold)")
     p.add_argument("--draft-threshold", type=float, default=None, help="--verify: feed only the leading drafts "
                    "whose top-1 prob is >= this (default: as many as pay off)")
+    p.add_argument("--tree", type=int, default=None, help=f"--verify: the candidates tried at each draft position, "
+                   f"a tree of the likeliest paths (default {TREE}; 1: a chain of drafts)")
     p.add_argument("--full-block", action="store_true", help="ConfAdapt and --verify: feed the whole block every "
                    "pass, as the paper does (default: the masks and drafts that pay off on this machine, measured; "
                    "also the case when --k-max or --draft-threshold is given)")
@@ -505,8 +549,11 @@ def get_args(argv=None):
         p.error("give either --k (static) or --threshold (ConfAdapt), not both")
     if a.verify and (a.k is not None or a.threshold is not None):
         p.error("--verify checks its own drafts; it takes no --k or --threshold")
-    if a.draft_threshold is not None and not a.verify:
-        p.error("--draft-threshold is an option of --verify")
+    if (a.draft_threshold is not None or a.tree is not None) and not a.verify:
+        p.error("--draft-threshold and --tree are options of --verify")
+    if a.tree is not None and not 1 <= a.tree <= 8:
+        p.error(f"--tree must be 1..8, not {a.tree}")
+    a.tree = a.tree or TREE
     if a.verify and a.k_max is not None and a.k_max < 2:
         p.error(f"--verify needs --k-max >= 2 (k_max - 1 drafts per pass), not {a.k_max}")
     for t in (a.threshold, a.draft_threshold):
@@ -544,11 +591,11 @@ def main(argv=None):
         print(summary, file=sys.stderr)
     pass_cost = None
     if block and not (args.full_block or k_max_given or args.draft_threshold):
-        pass_cost = measure_pass_cost(model, args.k_max, args.verify)
+        pass_cost = measure_pass_cost(model, args.k_max, args.verify, args.tree)
     stream = None if args.json else TextStream(tok, args.show_chunks)
     r = generate(model, prompt, args.max_new_tokens, k=k, threshold=args.threshold, k_max=args.k_max,
                  stop_ids=tok.stop_ids, on_tokens=stream, verify=args.verify, draft_threshold=args.draft_threshold,
-                 pass_cost=pass_cost)
+                 pass_cost=pass_cost, tree=args.tree if args.verify else 1)
     if stream:
         stream.finish()
     if args.show_chunks:
@@ -557,6 +604,7 @@ def main(argv=None):
     name = strategy_name(k, args.threshold)
     if args.verify:
         name = f"verify(k_max {args.k_max}" + (f", drafts >= {args.draft_threshold}" if args.draft_threshold else "")
+        name += f", tree {args.tree}" if args.tree > 1 else ""
         name += ")"
     if args.json:
         print(json.dumps({"text": text, "tokens": r.tokens, "passes": r.passes, "acceleration": r.acceleration,

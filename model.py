@@ -157,6 +157,14 @@ class KVCache:
         assert 0 <= n <= self.length, f"cannot truncate a cache of {self.length} to {n}"
         self.length = n
 
+    def keep(self, start: int, rows: list[int]):
+        """Keep of the positions from `start` on only `rows` (ascending), moved to start, start + 1, ...:
+        --verify keeps one path of a tree of drafts (decode.generate_verify)."""
+        if rows != list(range(start, start + len(rows))):
+            self.k[:, :, :, start:start + len(rows)] = self.k[:, :, :, rows]
+            self.v[:, :, :, start:start + len(rows)] = self.v[:, :, :, rows]
+        self.truncate(start + len(rows))
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):

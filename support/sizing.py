@@ -15,12 +15,18 @@ second of pass:
   Each a_j starts at a_{j-1} (a_1 at 1) with the weight of two passes: a guess not tried yet is
   assumed as good as the one before it, so it is tried where it would pay off, and dropped once
   the counts say it does not.
+- --verify's drafts may form a tree (decode.py --tree c: the c likeliest tokens of each mask slot):
+  there the rates are per position and rank, r_j(c) = how often the model's token at position j was
+  the branch's c-th candidate when the tokens before it held (RankAcceptance), a node's path holds
+  with the product of its rates, and n nodes keep on average the sum over the n likeliest paths
+  (draft_tree). A chain is the tree of one candidate.
 This is the choice of draft length in speculative decoding (Leviathan et al. 2023, "Fast Inference
 from Transformers via Speculative Decoding", section 3.4: the length that maximizes expected tokens
 over the cost of a pass), with the acceptance measured per position instead of assumed constant,
 and the cost measured instead of modelled. On a GPU, where 16 rows cost about what one costs, it
 comes out at the whole block; on a float32 CPU at fewer rows.
 """
+import heapq
 import time
 
 import torch
@@ -151,10 +157,62 @@ class Acceptance:
         return total
 
 
-def best_n(max_n: int, acceptance: Acceptance, cost: PassCost, rows) -> int:
-    """The n in 0..max_n with the most expected tokens per second; rows(n): the rows fed for n. A row
-    count that has not been fed for a while (cost.stale) goes first, once, to be measured again."""
+def best_n(max_n: int, expected, cost: PassCost, rows) -> int:
+    """The n in 0..max_n with the most expected tokens per second; expected(n): the guesses that hold
+    among n (Acceptance.expected), rows(n): the rows fed for n. A row count that has not been fed for a
+    while (cost.stale) goes first, once, to be measured again."""
     stale = [n for n in range(max_n + 1) if cost.stale(rows(n))]
     if stale:
         return min(stale, key=lambda n: cost.last[cost.bucket(rows(n))])
-    return max(range(max_n + 1), key=lambda n: (1 + acceptance.expected(n)) / cost(rows(n)))
+    return max(range(max_n + 1), key=lambda n: (1 + expected(n)) / cost(rows(n)))
+
+
+class RankAcceptance:
+    """--verify's drafts (decode.generate_verify): for draft position j = 1..n, once the model's tokens
+    before it held, how often its own token there was the branch's 1st, 2nd, ... candidate (its rank)
+    or none of the first `width`. Every pass shows these ranks for the positions up to the first draft
+    that failed, whichever drafts it fed."""
+
+    def __init__(self, n: int, width: int):
+        self.width = width
+        self.hits, self.tries = [[0] * width for _ in range(n)], [0] * n
+
+    def record(self, ranks: list[int]):
+        """ranks[j - 1]: the rank of the model's token at position j (width: not among the candidates)."""
+        for j, r in enumerate(ranks):
+            self.tries[j] += 1
+            if r < self.width:
+                self.hits[j][r] += 1
+
+    def rates(self) -> list[list[float]]:
+        """rates[j - 1][r]: P(rank r at position j), each shrunk toward position j - 1's by two passes
+        (position 0: always rank 0), as Acceptance.rates."""
+        rates, before = [], [1.0] + [0.0] * (self.width - 1)
+        for hits, tries in zip(self.hits, self.tries):
+            before = [(h + 2 * b) / (tries + 2) for h, b in zip(hits, before)]
+            rates.append(before)
+        return rates
+
+
+def draft_tree(rates, max_nodes: int, max_depth: int, usable=lambda depth, rank: True,
+               ends=lambda depth, rank: False) -> list[tuple[int, int, int, float]]:
+    """The draft tree of at most max_nodes nodes that keeps the most drafts on average, for ranks held
+    at the rates of RankAcceptance.rates: a node (parent node or -1, depth, rank, p) proposes the
+    branch's candidate of that rank at that depth after its parent's path, and holds with p, the product
+    of the rates along its path. The drafts kept are on average the sum of the nodes' p, so the tree of
+    the likeliest paths is best; a child is never likelier than its parent, so they do form a tree,
+    taken here likeliest first (the trees of Medusa, Cai et al. 2024, and of EAGLE-2, Li et al. 2024).
+    usable(depth, rank): whether that candidate may be fed; ends(depth, rank): nothing follows it."""
+    width = len(rates[0]) if rates else 0
+    heap = [(-rates[0][r], 1, -1, r) for r in range(width)] if max_depth else []
+    heapq.heapify(heap)
+    nodes = []
+    while heap and len(nodes) < max_nodes:
+        neg_p, depth, parent, rank = heapq.heappop(heap)
+        if not usable(depth, rank):
+            continue
+        nodes.append((parent, depth, rank, -neg_p))
+        if depth < max_depth and not ends(depth, rank):
+            for r in range(width):
+                heapq.heappush(heap, (neg_p * rates[depth][r], depth + 1, len(nodes) - 1, r))
+    return nodes

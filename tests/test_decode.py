@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from data import extract_number, read_jsonl
-from decode import generate, generate_batch, pick_drafts
+from decode import draft_rules, generate, generate_batch
 from model import KVCache, ModelConfig
-from support.sizing import Acceptance, PassCost, best_n
+from support.sizing import Acceptance, PassCost, RankAcceptance, best_n, draft_tree
 
 PROMPTS = ["What is 12 times 7?",
            "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -157,7 +157,7 @@ def test_verify_feeds_the_whole_block_where_rows_are_free_beyond_the_measured():
     held = Acceptance(15)
     for _ in range(50):
         held.record(n_fed=15, n_held=15)
-    assert best_n(15, held, flat, rows=lambda n: (1 + n) ** 2) == 15
+    assert best_n(15, held.expected, flat, rows=lambda n: (1 + n) ** 2) == 15
     flat.observe(256, 0.05)  # and once fed, the pass's own time is what counts
     assert flat(256) == 0.05 and flat(129) == 0.05 and flat.rows[-1] == 256
 
@@ -319,16 +319,39 @@ def test_verify_feeds_only_leading_usable_drafts(conf, threshold):
     assert cache_len == [0, 4, 6, 8, 9]
 
 
-def test_pick_drafts_rules():
-    cand = torch.tensor([5, 6, 7, 8])
-    conf = torch.tensor([0.9, 0.8, 0.7, 0.6])
-    assert pick_drafts(cand, conf, MASK, None, 3, set()) == [5, 6, 7]
-    assert pick_drafts(cand, conf, MASK, 0.75, 9, set()) == [5, 6]
-    assert pick_drafts(cand, conf, MASK, None, 9, {6}) == [5, 6]
-    assert pick_drafts(torch.tensor([5, MASK, 7]), conf[:3], MASK, None, 9, set()) == [5]
+def test_draft_rules():
+    """A chain of drafts (one candidate per slot) stops at the first that may not be fed, and after a stop token."""
+    conf, cand = [[0.9], [0.8], [0.7], [0.6]], [[5], [6], [7], [8]]
+    rates = [[0.5]] * 4
+
+    def drafts(conf=conf, cand=cand, threshold=None, limit=9, stops=()):
+        usable, ends = draft_rules((conf, cand), MASK, threshold, set(stops))
+        return [cand[d - 1][r] for _, d, r, _ in draft_tree(rates, 9, min(limit, len(cand)), usable, ends)]
+    assert drafts(limit=3) == [5, 6, 7]
+    assert drafts(threshold=0.75) == [5, 6]
+    assert drafts(stops={6}) == [5, 6]
+    assert drafts(cand=[[5], [MASK], [7]]) == [5]
     for bad in (float("nan"), float("inf")):
-        assert pick_drafts(cand, torch.tensor([0.9, bad, 0.9, 0.9]), MASK, None, 9, set()) == [5]
-    assert pick_drafts(cand, conf, MASK, None, 0, set()) == []
+        assert drafts(conf=[[0.9], [bad], [0.9], [0.9]]) == [5]
+    assert drafts(limit=0) == []
+
+
+def test_draft_tree_takes_the_likeliest_paths():
+    """Each node holds with the product of the rates along its path; the tree of n nodes is the n likeliest."""
+    rates = [[0.6, 0.3], [0.5, 0.2], [0.9, 0.05]]
+    tree = draft_tree(rates, 5, 3)
+    # (parent, depth, rank, p): 0.6; 0.3; 0.6*0.5; 0.6*0.5*0.9; 0.3*0.5
+    assert [(parent, depth, rank) for parent, depth, rank, _ in tree] == [(-1, 1, 0), (-1, 1, 1), (0, 2, 0), (2, 3, 0),
+                                                                         (1, 2, 0)]
+    assert [p for *_, p in tree] == pytest.approx([0.6, 0.3, 0.3, 0.27, 0.15])
+    assert [d for _, d, _, _ in draft_tree(rates, 9, 1)] == [1, 1]  # depth 1 only
+    # the ranks a pass shows are counted per position; an unseen rank starts at the position before's
+    ranks = RankAcceptance(2, 2)
+    for shown in ([0, 1], [1], [2], [0, 0]):
+        ranks.record(shown)
+    assert ranks.tries == [4, 2] and ranks.hits == [[2, 1], [1, 1]]
+    first = [(2 + 2) / 6, (1 + 0) / 6]
+    assert sum(ranks.rates(), []) == pytest.approx(first + [(1 + 2 * first[0]) / 4, (1 + 2 * first[1]) / 4])
 
 
 # -----------------------------------------------------------------------------

@@ -63,11 +63,12 @@ class DraftOracle(torch.nn.Module):
         return logits
 
 
-# (k_max, draft threshold, layout, p_right of the oracle or None for the model's own drafts)
-SETTINGS = [(2, None, "quadratic", None), (4, None, "quadratic", None), (8, None, "simple", None),
-            (3, None, "quadratic", 0.7), (4, 0.5, "quadratic", 0.8), (5, None, "simple", 0.8),
-            (6, None, "quadratic", 1.0), (7, 0.9, "quadratic", 0.6), (8, 0.3, "quadratic", 0.9),
-            (8, None, "simple", 1.0)]
+# (k_max, draft threshold, layout, p_right of the oracle or None for the model's own drafts, tree)
+SETTINGS = [(2, None, "quadratic", None, 1), (4, None, "quadratic", None, 1), (8, None, "simple", None, 1),
+            (3, None, "quadratic", 0.7, 1), (4, 0.5, "quadratic", 0.8, 1), (5, None, "simple", 0.8, 1),
+            (6, None, "quadratic", 1.0, 1), (7, 0.9, "quadratic", 0.6, 1), (8, 0.3, "quadratic", 0.9, 1),
+            (8, None, "simple", 1.0, 1), (4, None, "quadratic", None, 3), (3, None, "quadratic", 0.5, 2),
+            (5, 0.2, "quadratic", 0.7, 4), (4, None, "quadratic", 1.0, 2)]
 
 
 # pass costs by rows (support/sizing.py): None feeds the whole block; the others make each pass feed fewer
@@ -78,18 +79,18 @@ PASS_COSTS = {"full block": None,
 
 
 def check_verify(model, prompt, max_new, want, stop_ids, settings, seed=0, pass_costs=("full block",)):
-    for (k_max, threshold, layout, p_right), cost in ((s, c) for s in settings for c in pass_costs):
+    for (k_max, threshold, layout, p_right, tree), cost in ((s, c) for s in settings for c in pass_costs):
         m = model if p_right is None else DraftOracle(model, prompt + want, p_right, seed)
         r = generate(m, prompt, max_new, verify=True, k_max=k_max, draft_threshold=threshold, layout=layout,
-                     stop_ids=stop_ids, pass_cost=PASS_COSTS[cost])
-        setting = (k_max, threshold, layout, p_right, cost)
+                     stop_ids=stop_ids, pass_cost=PASS_COSTS[cost], tree=tree)
+        setting = (k_max, threshold, layout, p_right, tree, cost)
         assert r.tokens == want, setting
         assert sum(r.chunks) == len(want) and r.passes == len(r.chunks), setting
         assert 0 <= r.drafts_accepted <= r.drafts_fed, setting
         assert max(r.chunks) <= k_max, setting
         if p_right == 1.0 and threshold is None and cost == "full block":  # right drafts are always kept
-            assert r.drafts_accepted == r.drafts_fed > 0, setting
-            assert r.passes < len(want), setting
+            assert r.drafts_accepted > 0 and (tree > 1 or r.drafts_accepted == r.drafts_fed), setting
+            assert r.passes <= 1 + -(-(len(want) - 1) // k_max), setting  # k_max tokens a pass
 
 
 @pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("qwen3", False)])
@@ -116,8 +117,9 @@ def test_verify_equals_transformers_on_smollm2(smollm2, smollm2_hf):
     tok = smollm2.tokenizer
     stop = sorted(tok.stop_ids)
     texts = ["What is 12 times 7?", "Say hello."]  # the second stops early
-    settings = [(4, None, "quadratic", None), (3, 0.2, "quadratic", 0.8), (5, 0.5, "simple", 0.9)]
-    sized = [(8, None, "quadratic", 0.9)]
+    settings = [(4, None, "quadratic", None, 1), (3, 0.2, "quadratic", 0.8, 1), (5, 0.5, "simple", 0.9, 1),
+                (4, None, "quadratic", None, 3)]
+    sized = [(8, None, "quadratic", 0.9, 1), (4, None, "quadratic", 0.6, 2)]
     stopped_early = 0
     for text in texts:
         prompt = tok.encode_chat([{"role": "user", "content": text}])
