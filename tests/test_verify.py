@@ -173,6 +173,36 @@ def test_cache_pass_with_mask_equals_plain_forward(tiny, family, tied, n_masks):
         assert (tail - plain[2:]).abs().max().item() <= TOL
 
 
+def test_tree_pass_equals_plain_forwards_over_each_path(tiny):
+    """A tree of fed tokens (parents) with a branch after each: every fed token and every branch gives the
+    logits of a plain forward over the prefix and its own path; the cache then keeps one path (KVCache.keep)
+    and goes on as if only it had been fed."""
+    _, model = tiny("qwen3", False)
+    g = torch.Generator().manual_seed(3)
+    prefix, fed = torch.randint(0, MASK, (1, 11), generator=g), torch.randint(0, MASK, (6,), generator=g)
+    parents, n_masks = [-1, 0, 0, 1, 2, 4], 2
+
+    def path(i):
+        return path(parents[i]) + [i] if i >= 0 else []
+    cache = model.new_cache(64)
+    with torch.no_grad():
+        model(prefix, cache=cache)
+        pos, mask = branch_layout(6, list(range(6)), n_masks, cache.length, "cpu", parents)
+        got = model(torch.cat([fed, torch.full((6 * n_masks,), MASK)])[None], pos, mask, cache=cache)[0]
+        for i in range(6):
+            tokens = torch.cat([prefix[0], fed[path(i)]])
+            assert (got[i] - model(tokens[None])[0, -1]).abs().max().item() <= TOL
+            ref = model(torch.cat([tokens, torch.full((n_masks,), MASK)])[None])[0, -n_masks:]
+            assert (got[6 + i * n_masks:6 + (i + 1) * n_masks] - ref).abs().max().item() <= TOL
+        kept = path(5)  # fed 0, 2, 4, 5
+        cache.keep(11, [11 + i for i in kept])
+        assert cache.length == 11 + len(kept)
+        nxt = torch.randint(0, MASK, (1, 2), generator=g)
+        tail = model(nxt, cache=cache)[0]
+        plain = model(torch.cat([prefix, fed[kept][None], nxt], 1))[0, -2:]
+    assert (tail - plain).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("layout", ["quadratic", "simple"])
 def test_fed_drafts_are_plain_forward_predictions(tiny, layout):
     """Every draft fed in a pass is the argmax, at its mask slot, of a plain forward over the committed
