@@ -549,8 +549,9 @@ def get_args(argv=None):
         p.error("give either --k (static) or --threshold (ConfAdapt), not both")
     if a.verify and (a.k is not None or a.threshold is not None):
         p.error("--verify checks its own drafts; it takes no --k or --threshold")
-    if (a.draft_threshold is not None or a.tree is not None) and not a.verify:
-        p.error("--draft-threshold and --tree are options of --verify")
+    for option, value in (("--draft-threshold", a.draft_threshold), ("--tree", a.tree)):
+        if value is not None and not a.verify:
+            p.error(f"{option} is an option of --verify")
     if a.tree is not None and not 1 <= a.tree <= 8:
         p.error(f"--tree must be 1..8, not {a.tree}")
     a.tree = a.tree or TREE

@@ -419,6 +419,8 @@ def test_cli_verify_json_is_k1_output(script, smollm2_gguf):
     (["--prompt", "hi", "--verify", "--draft-threshold", "1.5"], "outside (0, 1]"),
     (["--prompt", "hi", "--verify", "--draft-threshold", "nan"], "outside (0, 1]"),
     (["--prompt", "hi", "--draft-threshold", "0.5"], "an option of --verify"),
+    (["--prompt", "hi", "--tree", "2"], "--tree is an option of --verify"),
+    (["--prompt", "hi", "--verify", "--tree", "0"], "--tree must be 1..8"),
     (["--prompt", "hi", "--verify", "--k-max", "1"], "needs --k-max >= 2"),
     (["--prompt", "hi", "--eval", "gsm8k"], "unrecognized arguments: --eval"),  # evaluate.py evaluates
 ])
