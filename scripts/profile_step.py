@@ -4,7 +4,7 @@ frozen rows of their texts are kept (their first pass builds them, as the first 
     python -m scripts.profile_step                   # the cpu-hour recipe, reusing out/'s own answers
     python -m scripts.profile_step --steps 6 -- --recipe cpu-hour --amp none
 
-Everything after `--` is train.py's command line; nothing is trained or written.
+Everything after `--` is train.py's command line; nothing is written.
 """
 import argparse
 import time
@@ -35,7 +35,11 @@ def main(argv=None):
     t0 = time.perf_counter()
     for s in steps:
         step(s)
-    print(f"a step alone: {(time.perf_counter() - t0) / len(steps):.3f} s")
+    t1 = time.perf_counter()
+    for s in steps:
+        train.train_step(run, s)  # the same, with clipping and AdamW: the loop's step
+    print(f"a step alone: {(t1 - t0) / len(steps):.3f} s; with clipping and AdamW (train_step) "
+          f"{(time.perf_counter() - t1) / len(steps):.3f} s")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for s in steps:
             step(s)
