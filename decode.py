@@ -167,14 +167,12 @@ def branch_layout(n_fed: int, anchors: list[int], n_masks: int, base: int, devic
     fed as its paths. A branch after fed token i takes the positions after it and sees what i sees, i,
     and its own earlier slots: the training layout (distill.branch_layout), so the branch gives the
     logits of a plain forward over `cache + i's path + masks`."""
-    if parents is None:
-        pos, sees = torch.arange(n_fed, device=device), torch.ones(n_fed, n_fed, dtype=torch.bool, device=device).tril()
-    else:
-        pos = torch.zeros(n_fed, dtype=torch.long, device=device)
-        sees = torch.eye(n_fed, dtype=torch.bool, device=device)
-        for i, parent in enumerate(parents):
-            if parent >= 0:
-                pos[i], sees[i] = pos[parent] + 1, sees[parent] | sees[i]
+    pos, sees = torch.arange(n_fed, device=device), torch.ones(n_fed, n_fed, dtype=torch.bool, device=device).tril()
+    parents = parents or []
+    off_chain = next((i for i, parent in enumerate(parents) if parent != i - 1), len(parents))
+    for i in range(off_chain, len(parents)):  # from the first token that does not follow the one before it
+        pos[i], sees[i] = pos[parents[i]] + 1, sees[parents[i]]
+        sees[i, i] = True
     anchor = torch.tensor(anchors, dtype=torch.long, device=device).repeat_interleave(n_masks)
     within = torch.arange(n_masks, device=device).repeat(len(anchors))  # 0..n_masks-1 inside a branch
     own_branch = torch.block_diag(*[torch.ones(n_masks, n_masks, dtype=torch.bool, device=device).tril()] *
@@ -241,8 +239,9 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
     while len(out) < max_new_tokens:
         t_pass = time.perf_counter()
         n_nodes, width = max_nodes, n_masks  # drafts fed, masks per branch
+        rates = ranks.rates()
         if pass_cost is not None:  # the likeliest tree of n nodes and depth d: (1 + n) (1 + d) rows, or 1 + n + d
-            plan = draft_tree(ranks.rates(), max_nodes, n_masks)
+            plan = draft_tree(rates, max_nodes, n_masks)
             depth = lambda n: max((d for _, d, _, _ in plan[:n]), default=0)  # noqa: E731
             n_nodes = best_n(len(plan), lambda n: sum(p for *_, p in plan[:n]), pass_cost,
                              rows=lambda n: rows_of(n, depth(n)))
@@ -250,7 +249,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
         nodes = []
         if branch is not None and width:
             left = max_new_tokens - len(out) - 1  # tokens the output has room for after the pending one
-            nodes = draft_tree(ranks.rates(), n_nodes, min(width, len(branch[1]), left),
+            nodes = draft_tree(rates, n_nodes, min(width, len(branch[1]), left),
                                *draft_rules(branch, mask_id, draft_threshold, stop_ids))
         fed = known + [branch[1][d - 1][r] for _, d, r, _ in nodes]
         first = len(known) - 1  # the fed token whose logit checks the first drafts
@@ -265,8 +264,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
         conf, cand = conf.tolist(), cand.tolist()
         rows += idx.size(1) if chunks else 0
         # walk down the tree while a draft is the model's own next token after the path before it
-        child = {(first if p < 0 else len(known) + p, fed[len(known) + i]): len(known) + i
-                 for i, (p, *_) in enumerate(nodes)}
+        child = {(parents[i], fed[i]): i for i in range(len(known), len(fed))}
         path, at = [], first
         while (at, cand[at - first][0]) in child:
             at = child[at, cand[at - first][0]]
