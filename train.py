@@ -190,7 +190,7 @@ def setup(args) -> Run:
     if args.amp == "auto":  # time a real micro-batch of this job in float32 and in bfloat16; keep the faster
         batch = micro_batches(run, 0)[0]
         faster_precision(lambda: batch_loss(run, batch)[0].backward(), args, run.budget.amp_timing_seconds, log,
-                         run.ddp)
+                         run.ddp, run.student)
         run.optimizer.zero_grad(set_to_none=True)
     run.probe = probe_batch(run)
     run.good_probe = probe(run)  # the model as it starts: the original, or the checkpoint resumed
@@ -258,7 +258,7 @@ def probe(run) -> dict:
     """The model on run.probe in eval mode: the training loss, and the teacher loss at the cut (offset 1)."""
     training = run.student.training
     run.student.eval()
-    with autocast(run.args):  # every process calls it: an FSDP-sharded student needs them all
+    with autocast(run.args, run.student):  # every process calls it: an FSDP-sharded student needs them all
         loss, metrics = distill_loss(run.student, run.teacher, run.probe, bool(run.args.lora), frozen=run.frozen)
     run.student.train(training)
     n = metrics["agree_n"][0].clamp(min=1)
@@ -285,7 +285,7 @@ def train_step(run, step):
         sync = m == len(batches) - 1 or not run.ddp or args.fsdp
         with run.model.no_sync() if not sync else contextlib.nullcontext():
             # DDP averages gradients over processes; the loss is a sum over the global batch
-            with autocast(args):
+            with autocast(args, run.student):
                 loss, metrics = batch_loss(run, batch, denom=denom.clamp(min=1) / run.world)
             loss.backward()
         loss_sum += loss.item() / run.world

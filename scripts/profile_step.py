@@ -25,7 +25,7 @@ def main(argv=None):
     steps = range(a.first, a.first + a.steps)
 
     def step(s):  # a step's loss and backward, as train_step computes them; no update
-        with train.autocast(args):
+        with train.autocast(args, run.student):
             for batch in train.micro_batches(run, s):
                 train.batch_loss(run, batch)[0].backward()
         run.optimizer.zero_grad(set_to_none=True)

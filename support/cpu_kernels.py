@@ -104,8 +104,8 @@ class FewRowLinear(nn.Linear):
     kernel is faster. Kernels: F.linear; W @ x^T (a matrix-vector product for one row; bfloat16 with
     AMX is faster this way); oneDNN's GEMM, with the weight reordered once for every row count
     (dnnl: 2-3x F.linear in float32 on an AMD EPYC); MKL's packed GEMM, float32, with the weight
-    packed once for one row count (packed[rows]). Gradients, GPUs, larger passes and a weight
-    changed since it was packed use nn.Linear."""
+    packed once for one row count (packed[rows]). Gradients, GPUs, autocast, larger passes and a
+    weight changed since it was packed use nn.Linear."""
     plan: dict = {}
     packed: dict = {}
     dnnl = None
@@ -121,7 +121,7 @@ class FewRowLinear(nn.Linear):
     def forward(self, x):
         rows = x.numel() // x.size(-1)
         run = self.plan.get(rows)
-        if run is None or torch.is_grad_enabled() or not x.is_cpu or \
+        if run is None or torch.is_grad_enabled() or not x.is_cpu or torch.is_autocast_enabled("cpu") or \
                 (self.packed_version is not None and self.weight._version != self.packed_version):
             return super().forward(x)
         kernel, run_rows = run

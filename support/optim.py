@@ -9,6 +9,7 @@ import math
 import os
 
 import torch
+import torch.nn as nn
 
 from support.cpu_kernels import cpu_bf16_is_fast, cpu_flags
 
@@ -111,10 +112,41 @@ def plan_memory(student, args, world, log):
         + f"; total {sum(gib.values()):.1f} of {available:.0f}" + (" (activation checkpointing on)" if on else ""))
 
 
-def autocast(args):
+@contextlib.contextmanager
+def autocast(args, model=None):
+    """torch.autocast to --amp (nothing for none); given the model, its frozen projections and output
+    layer are read from low-precision copies made once (cast_frozen_weights)."""
     if args.amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.amp))
+        yield
+        return
+    dtype = getattr(torch, args.amp)
+    with torch.autocast(args.device.split(":")[0], dtype=dtype), \
+            cast_frozen_weights(None if getattr(args, "fsdp", False) else model, dtype):  # FSDP owns its weights
+        yield
+
+
+@contextlib.contextmanager
+def cast_frozen_weights(model, dtype):
+    """Inside, each frozen float32 nn.Linear of model holds a `dtype` copy of its weight (and bias),
+    made the first time and kept while the weight is unchanged. torch's autocast keeps its casts of
+    trained weights only: a frozen one is cast anew at every call, 16% of a gated-LoRA step on a CPU
+    (scripts/profile_step.py). A copy is the rounding autocast makes, so every product is the same."""
+    swapped = []
+    for layer in () if model is None else model.modules():
+        w = getattr(layer, "weight", None)
+        if not isinstance(layer, nn.Linear) or w.requires_grad or w.dtype != torch.float32:
+            continue
+        version = (dtype, w._version)
+        if getattr(layer, "cast_copy", (None,))[0] != version:
+            cast = lambda t: None if t is None else nn.Parameter(t.detach().to(dtype), requires_grad=False)  # noqa: E731
+            layer.cast_copy = (version, cast(w), cast(layer.bias))
+        swapped.append((layer, w, layer.bias))
+        layer.weight, layer.bias = layer.cast_copy[1:]
+    try:
+        yield
+    finally:
+        for layer, w, bias in swapped:
+            layer.weight, layer.bias = w, bias
 
 
 def describe_setup(student, args, world: int) -> str:

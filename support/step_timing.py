@@ -7,7 +7,7 @@ from support.processes import rank0_values
 from support.timing import interleaved_seconds
 
 
-def faster_precision(micro_batch, args, allowed_s: float, log, ddp: bool = False):
+def faster_precision(micro_batch, args, allowed_s: float, log, ddp: bool = False, model=None):
     """--amp auto on a CPU with fast bfloat16: time micro_batch() (a real one of the job: student,
     teacher, backward) in float32 and under bfloat16 autocast, after an untimed round of each, and set
     args.amp to the faster. A fast small product is not enough: autocast casts the frozen base again on
@@ -16,7 +16,7 @@ def faster_precision(micro_batch, args, allowed_s: float, log, ddp: bool = False
     def under(amp):
         def call(_round):
             args.amp = amp
-            with autocast(args):
+            with autocast(args, model):
                 micro_batch()
         return call
     seconds, cut = interleaved_seconds({"none": under("none"), "bfloat16": under("bfloat16")}, allowed_s=allowed_s)
@@ -53,14 +53,14 @@ def mtp_step_cost(run, n_steps: int, micro_batches, batch_loss) -> float:
         for p in frozen:
             p.requires_grad_(False), setattr(p, "grad", None)
 
-    def one_step(backward):
+    def one_step(backward, model=None):  # plain trains every weight: no frozen copies there
         def call(step):
-            with autocast(run.args):
+            with autocast(run.args, model):
                 for b in micro_batches(run, step):
                     backward(b)
             run.optimizer.zero_grad(set_to_none=True)
         return call
-    seconds, _ = interleaved_seconds({"mtp": one_step(lambda b: batch_loss(run, b)[0].backward()),
+    seconds, _ = interleaved_seconds({"mtp": one_step(lambda b: batch_loss(run, b)[0].backward(), run.student),
                                       "plain": one_step(plain)}, n_steps, device=run.args.device)
     ratio = seconds["mtp"] / seconds["plain"]
     run.log(f"bench: {n_steps} steps | mtp {seconds['mtp']:.3f} s/step | plain {seconds['plain']:.3f} s/step | "

@@ -102,3 +102,56 @@ def test_the_teacher_on_the_text_and_off_it(tiny):
     known = torch.stack([f.argmax[rows.clamp(max=len(f.argmax) - 1)] for f in frozen])
     got = torch.where(on_text, known, got)
     assert torch.equal(got[valid], want[valid])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_frozen_weight_copies_give_autocasts_loss_and_gradients(make_tiny, tmp_path, tied):
+    """support.optim.autocast(args, model) reads the frozen float32 projections and output layer from
+    bfloat16 copies made once: the loss and every gradient equal plain torch.autocast's, bit for bit,
+    on the frozen-rows path the hour trains with; the float32 weights are back afterwards, and a copy
+    is made again when its weight changes."""
+    from types import SimpleNamespace
+
+    from distill import FrozenStore, distill_loss
+    from support.cpu_kernels import use_few_row_kernels
+    from support.optim import autocast
+    _, path = make_tiny(tmp_path / "tiny", "llama", num_hidden_layers=3, tie_word_embeddings=tied)
+    model = load_model(str(path), add_mask=False)
+    model.cfg.mask_id = MASK
+    add_lora(model, 4, alpha=8.0, layers=2)
+    use_few_row_kernels(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapter_state(model).items():
+            if "lora" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    texts = [torch.randint(0, MASK, (n,), generator=g).tolist() for n in (26, 20)]
+    starts = [5, 3]
+    args = SimpleNamespace(amp="bfloat16", device="cpu")
+    weights = {n: p for n, p in model.named_parameters()}
+
+    def run(context):
+        store = FrozenStore([(t, s + 1) for t, s in zip(texts, starts)], starts, 5, first_block=1)
+        model.zero_grad()
+        with context():
+            b = batch_of(texts, starts, 4)
+            b.texts = [0, 1]
+            loss, _ = distill_loss(model, None, b, gated=True, frozen=store)
+            inside = model.lm_head.weight.dtype, model.layers[0].mlp.up_proj.weight.dtype
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in adapter_state(model).items() if p.requires_grad}, inside
+
+    plain = run(lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    copies = run(lambda: autocast(args, model))
+    again = run(lambda: autocast(args, model))  # the copies made by the call before
+    assert plain[2] == (torch.float32, torch.float32) and copies[2] == (torch.bfloat16, torch.bfloat16)
+    for got in (copies, again):
+        assert got[0] == plain[0]
+        assert got[1].keys() == plain[1].keys() and plain[1]
+        assert all(torch.equal(got[1][n], plain[1][n]) for n in plain[1])
+    assert all(p is weights[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
+    head = model.lm_head.weight
+    with torch.no_grad():
+        head.mul_(2.0)
+    with autocast(args, model):
+        assert torch.equal(model.lm_head.weight, head.bfloat16())
