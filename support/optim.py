@@ -149,6 +149,12 @@ def cast_frozen_weights(model, dtype):
             layer.weight, layer.bias = w, bias
 
 
+def drop_frozen_copies(model):
+    """Let go of cast_frozen_weights' copies (a run that chose float32 has no use for them)."""
+    for layer in model.modules():
+        layer.__dict__.pop("cast_copy", None)
+
+
 def describe_setup(student, args, world: int) -> str:
     """The log lines of a run's model and precision: its weights and its matrix products."""
     where = f"{args.device} ({cpu_flags() or 'no avx2/avx512 flags'})" if args.device == "cpu" else args.device

@@ -2,7 +2,7 @@
 auto), and what an MTP step costs against a plain fine-tuning step (bench.py --train-step)."""
 import torch.nn.functional as F
 
-from support.optim import autocast
+from support.optim import autocast, drop_frozen_copies
 from support.processes import rank0_values
 from support.timing import interleaved_seconds
 
@@ -24,6 +24,8 @@ def faster_precision(micro_batch, args, allowed_s: float, log, ddp: bool = False
     if ddp:
         faster = "bfloat16" if rank0_values(args.device, faster == "bfloat16")[0] else "none"
     args.amp = faster
+    if faster == "none" and model is not None:
+        drop_frozen_copies(model)
     log(describe_amp_choice(seconds, cut))
 
 

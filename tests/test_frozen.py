@@ -11,19 +11,26 @@ from support.weights import load_model
 MASK = 299
 
 
-@pytest.fixture
-def tiny(make_tiny, tmp_path):
-    """A random 3-block Llama in float64 with gated LoRA in its top block, and a batch of its own
-    greedy answers (so that a rollout can follow the text) of two lengths, with prompts."""
-    _, path = make_tiny(tmp_path / "tiny", "llama", num_hidden_layers=3, tie_word_embeddings=False)
-    model = load_model(str(path), add_mask=False, dtype=torch.float64)
+def gated_tiny(make_tiny, tmp_path, dtype, tied: bool, layers: int):
+    """A random 3-block Llama with gated LoRA in its top `layers` blocks, its adapters random (B away
+    from zero), and the generator that drew them, to draw more from."""
+    _, path = make_tiny(tmp_path / "tiny", "llama", num_hidden_layers=3, tie_word_embeddings=tied)
+    model = load_model(str(path), add_mask=False, dtype=dtype)
     model.cfg.mask_id = MASK
-    add_lora(model, 4, alpha=8.0, layers=1)
+    add_lora(model, 4, alpha=8.0, layers=layers)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in adapter_state(model).items():
             if "lora" in name:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    return model, g
+
+
+@pytest.fixture
+def tiny(make_tiny, tmp_path):
+    """A random 3-block Llama in float64 with gated LoRA in its top block, and a batch of its own
+    greedy answers (so that a rollout can follow the text) of two lengths, with prompts."""
+    model, g = gated_tiny(make_tiny, tmp_path, torch.float64, tied=False, layers=1)
     prompts = [torch.randint(0, MASK, (n,), generator=g).tolist() for n in (7, 4)]
     texts = []
     with torch.no_grad():
@@ -108,23 +115,15 @@ def test_the_teacher_on_the_text_and_off_it(tiny):
 def test_frozen_weight_copies_give_autocasts_loss_and_gradients(make_tiny, tmp_path, tied):
     """support.optim.autocast(args, model) reads the frozen float32 projections and output layer from
     bfloat16 copies made once: the loss and every gradient equal plain torch.autocast's, bit for bit,
-    on the frozen-rows path the hour trains with; the float32 weights are back afterwards, and a copy
-    is made again when its weight changes."""
+    on the frozen-rows path the hour trains with; the float32 weights are back afterwards, a copy is
+    made again when its weight changes, and the copies can be let go."""
     from types import SimpleNamespace
 
     from distill import FrozenStore, distill_loss
     from support.cpu_kernels import use_few_row_kernels
-    from support.optim import autocast
-    _, path = make_tiny(tmp_path / "tiny", "llama", num_hidden_layers=3, tie_word_embeddings=tied)
-    model = load_model(str(path), add_mask=False)
-    model.cfg.mask_id = MASK
-    add_lora(model, 4, alpha=8.0, layers=2)
+    from support.optim import autocast, drop_frozen_copies
+    model, g = gated_tiny(make_tiny, tmp_path, torch.float32, tied, layers=2)
     use_few_row_kernels(model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in adapter_state(model).items():
-            if "lora" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     texts = [torch.randint(0, MASK, (n,), generator=g).tolist() for n in (26, 20)]
     starts = [5, 3]
     args = SimpleNamespace(amp="bfloat16", device="cpu")
@@ -155,3 +154,5 @@ def test_frozen_weight_copies_give_autocasts_loss_and_gradients(make_tiny, tmp_p
         head.mul_(2.0)
     with autocast(args, model):
         assert torch.equal(model.lm_head.weight, head.bfloat16())
+    drop_frozen_copies(model)  # what a run that chose float32 does
+    assert not any(hasattr(layer, "cast_copy") for layer in model.modules())
