@@ -157,24 +157,25 @@ def reduce(per, agree, batch: MTPBatch, denom):
 @dataclass
 class FrozenRows:
     k: torch.Tensor         # (n_layers, n_kv_heads, L, head_dim) keys of the real rows, in every block
-    v: torch.Tensor         # (n_layers, n_kv_heads, L, head_dim) their values
+    v: torch.Tensor         # (n_layers, n_kv_heads, L, head_dim) their values (both in the dtype attention reads)
     argmax: torch.Tensor    # (L,) the original's next-token argmax at each real row from first_cut on
     cut_loss: torch.Tensor  # (L,) the cross-entropy of its logits there to that argmax (offset 1's loss)
     masks: torch.Tensor     # (L - 1 - first_cut, k_max - 1, dim) the mask slots of the branch after each
     first_cut: int          # real row from first_cut on, entering the lowest adapted block
 
 
-def frozen_bytes(cfg, n_tokens: int, n_cuts: int, k_max: int, first_block: int, itemsize: int) -> int:
+def frozen_bytes(cfg, n_tokens: int, n_cuts: int, k_max: int, first_block: int, itemsize: int, kv_itemsize: int) -> int:
     """The size of FrozenRows for a text of n_tokens with n_cuts cuts."""
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_tokens * itemsize
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_tokens * kv_itemsize
     return kv + 12 * n_tokens + (n_cuts * (k_max - 1) * cfg.dim * itemsize if first_block else 0)
 
 
 @torch.no_grad()
-def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: int) -> FrozenRows:
+def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: int, kv_dtype=None) -> FrozenRows:
     """What the frozen original computes for one training text: its real rows in every block, in one
     forward pass that also gives the argmax at every row, and a branch of k_max - 1 <MTP> slots after
-    each row from first_cut on, up to the lowest adapted block (first_block; none if it is 0)."""
+    each row from first_cut on, up to the lowest adapted block (first_block; none if it is 0).
+    kv_dtype: what the keys and values are kept in (default: the model's dtype)."""
     L, device = len(ids), model.embed_tokens.weight.device
     cache = model.new_cache(L)
     cuts = torch.arange(first_cut, L - 1, device=device)
@@ -189,7 +190,9 @@ def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: 
         idx = torch.full((1, len(cuts) * n_masks), model.cfg.mask_id, device=device)
         masks = model(idx, pos[L:], mask[L:], cache=cache, keep=False, blocks=range(first_block))
         masks = masks[0].view(len(cuts), n_masks, -1)
-    return FrozenRows(cache.k[:, 0].clone(), cache.v[:, 0].clone(), argmax, cut_loss, masks, first_cut)
+    kv_dtype = kv_dtype or cache.k.dtype
+    return FrozenRows(cache.k[:, 0].to(kv_dtype, copy=True), cache.v[:, 0].to(kv_dtype, copy=True), argmax,
+                      cut_loss, masks, first_cut)
 
 
 def mtp_loss_frozen(model, batch: MTPBatch, frozen: list[FrozenRows], first_block: int, soft: bool = False,
@@ -274,16 +277,18 @@ def model_of(model):
 
 class FrozenStore:
     """FrozenRows of every training text, each made alone the first time its text is met, so that a
-    resumed run makes the same ones, and made again if the precision of the step changes."""
+    resumed run makes the same ones, and made again if the precision of the step changes. Under
+    autocast attention reads keys and values in the autocast dtype (scaled_dot_product_attention is
+    one of autocast's operators), so they are kept in it: the same products, half the memory."""
 
     def __init__(self, examples, starts: list[int], k_max: int, first_block: int):
         self.examples, self.starts, self.k_max, self.first_block = examples, starts, k_max, first_block
         self.rows, self.precision = {}, None
 
-    def nbytes(self, cfg, itemsize: int) -> int:
-        """What keeping every text's FrozenRows takes."""
-        return sum(frozen_bytes(cfg, len(ids), max(len(ids) - 1 - s, 0), self.k_max, self.first_block, itemsize)
-                   for (ids, _), s in zip(self.examples, self.starts))
+    def nbytes(self, cfg, dtype: torch.dtype, precision: torch.dtype | None) -> int:
+        """What keeping every text's FrozenRows takes, for a model in dtype and steps under autocast to precision."""
+        return sum(frozen_bytes(cfg, len(ids), max(len(ids) - 1 - s, 0), self.k_max, self.first_block, dtype.itemsize,
+                                (precision or dtype).itemsize) for (ids, _), s in zip(self.examples, self.starts))
 
     def get(self, model, texts: list[int]) -> list[FrozenRows]:
         model = model_of(model)
@@ -293,7 +298,8 @@ class FrozenStore:
             self.rows, self.precision = {}, precision
         for i in texts:
             if i not in self.rows:
-                self.rows[i] = frozen_rows(model, self.examples[i][0], self.starts[i], self.k_max, self.first_block)
+                self.rows[i] = frozen_rows(model, self.examples[i][0], self.starts[i], self.k_max, self.first_block,
+                                           kv_dtype=precision)
         return [self.rows[i] for i in texts]
 
 

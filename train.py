@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data import check_branches, get_rows, gsm8k_prompt, load_rows, tokenize
+from data import check_branches, first_cuts, get_rows, gsm8k_prompt, load_rows, tokenize
 from data.own_answers import own_answer_examples
 from decode import closing_table, encode_prompt, quick_eval
 from distill import FrozenStore, build_batch, distill_loss
@@ -55,7 +55,7 @@ RECIPES = {
                      eval_prompts=8, save_every=100),
 }
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
-FROZEN_GIB = 8  # at most this much memory for what is kept between passes over the data (frozen_store)
+FROZEN_GIB = 8  # at most this much memory for what is kept between passes over the data (frozen_if_it_fits)
 
 
 def get_args(argv=None, fresh_out: bool = True):
@@ -84,7 +84,7 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--branch-every", type=int, help="tokens between branch cuts")
     p.add_argument("--branch-from", choices=["all", "response"], help="cut anywhere (the paper) or in answers only")
     p.add_argument("--self-answers", type=int, help="train on the model's own answers to N questions (0: the data's)")
-    p.add_argument("--cache-frozen", default="on", choices=["on", "off"], help="keep the frozen rows (frozen_store)")
+    p.add_argument("--cache-frozen", default="on", choices=["on", "off"], help="keep the frozen rows (frozen_if_it_fits)")
     p.add_argument("--loss", default="hard", choices=["hard", "soft"], help="teacher argmax, or KL (docs/METHOD.md)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps")
     p.add_argument("--decay", choices=["none", "linear", "cosine"], help="to zero at the budget's end (none: the paper)")
@@ -137,7 +137,7 @@ class Run:
     probe: object = None              # a fixed batch (probe_batch) that every checkpoint is checked on
     good_probe: dict = None           # probe() of the last good checkpoint (at the start: of the model)
     progress: float = 0.0             # the fraction of the budget spent, which --decay follows (Budget.spent)
-    frozen: FrozenStore = None        # gated LoRA: what the frozen original computes per text, kept (frozen_store)
+    frozen: FrozenStore = None        # gated LoRA: what the frozen original computes per text, kept (frozen_if_it_fits)
     k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
     counts: torch.Tensor = field(default=None)
@@ -186,12 +186,14 @@ def setup(args) -> Run:
         run.step = run.last_good_step = load_checkpoint(run)  # also the precision the run started in
         log(f"resumed from {run.ckpt_path} at step {run.step}")
     if args.lora and args.cache_frozen == "on":
-        run.frozen = frozen_store(run)
+        first_block = student.cfg.n_layers - student.lora["layers"]
+        run.frozen = FrozenStore(examples, first_cuts(examples, args.branch_from), args.k_max, first_block)
     if args.amp == "auto":  # time a real micro-batch of this job in float32 and in bfloat16; keep the faster
         batch = micro_batches(run, 0)[0]
         faster_precision(lambda: batch_loss(run, batch)[0].backward(), args, run.budget.amp_timing_seconds, log,
                          run.ddp, run.student)
         run.optimizer.zero_grad(set_to_none=True)
+    run.frozen = run.frozen and frozen_if_it_fits(run)  # its size depends on the precision
     run.probe = probe_batch(run)
     run.good_probe = probe(run)  # the model as it starts: the original, or the checkpoint resumed
     return run
@@ -214,15 +216,14 @@ def load_student_and_teacher(args, world, log):
     return student, teacher
 
 
-def frozen_store(run) -> FrozenStore | None:
+def frozen_if_it_fits(run) -> FrozenStore | None:
     """Under gated LoRA the real rows, the mask slots below the lowest adapter and the original's argmax are
     the same in every pass over the data: kept if they fit in FROZEN_GIB (distill.py, mtp_loss_frozen)."""
-    student, starts = run.student, [max(p - 1, 0) if run.args.branch_from == "response" else 0 for _, p in run.examples]
-    store = FrozenStore(run.examples, starts, run.args.k_max, student.cfg.n_layers - student.lora["layers"])
-    gib = store.nbytes(student.cfg, student.embed_tokens.weight.element_size()) / 2**30
+    precision = getattr(torch, run.args.amp) if run.args.amp != "none" else None
+    gib = run.frozen.nbytes(run.student.cfg, run.student.embed_tokens.weight.dtype, precision) / 2**30
     run.log(f"frozen rows: {gib:.2f} GiB for {len(run.examples)} texts, " + ("kept between passes over the data"
             if gib <= FROZEN_GIB else f"more than {FROZEN_GIB} GiB: computed every step"))
-    return store if gib <= FROZEN_GIB else None
+    return run.frozen if gib <= FROZEN_GIB else None
 
 
 def micro_batches(run, step):
@@ -346,8 +347,7 @@ def train_loop(run):
             log(f"time budget: training stops at step {run.step}, {budget.minutes_in():.1f} min into the run")
             break
     if learned == 0 and run.step > first_step:
-        raise ValueError("no prediction was trained on (every branch ran past the end of its text); "
-                         "nothing was saved")
+        raise ValueError("no prediction was trained on (every branch ran past the end of its text); nothing was saved")
     return run.step
 
 

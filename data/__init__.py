@@ -161,10 +161,15 @@ def get_rows(examples, first: int, count: int, seed: int, pad_id: int):
     return tokens, lengths, starts, texts
 
 
+def first_cuts(examples, branch_from: str) -> list[int]:
+    """Where each text's first branch may be cut: its last prompt token (--branch-from response) or its start."""
+    return [max(p - 1, 0) if branch_from == "response" else 0 for _, p in examples]
+
+
 def check_branches(examples, args):
     """Fail now, not after an hour, if no training text is long enough to hold one branch."""
     need = 2  # a branch at cut i needs k >= 2 targets x_{i+1}..x_{i+k} before the last token
-    starts = [max(p - 1, 0) if args.branch_from == "response" else 0 for _, p in examples]
+    starts = first_cuts(examples, args.branch_from)
     if not any(len(ids) - 1 - s >= need for (ids, _), s in zip(examples, starts)):
         raise ValueError(f"no training text leaves room for a branch: with --branch-from {args.branch_from} and "
                          f"--seq-len {args.seq_len}, every answer is shorter than 2 tokens (longer --seq-len, "

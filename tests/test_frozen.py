@@ -156,3 +156,33 @@ def test_frozen_weight_copies_give_autocasts_loss_and_gradients(make_tiny, tmp_p
         assert torch.equal(model.lm_head.weight, head.bfloat16())
     drop_frozen_copies(model)  # what a run that chose float32 does
     assert not any(hasattr(layer, "cast_copy") for layer in model.modules())
+
+
+def test_keys_and_values_kept_in_the_autocast_dtype_change_nothing(make_tiny, tmp_path):
+    """Under bfloat16 autocast, attention reads keys and values in bfloat16, so FrozenStore keeps them so:
+    the loss and every gradient equal those from float32 keys and values bit for bit, and the store's size
+    estimate (what train.py checks against its memory cap) is what the kept rows take."""
+    from distill import FrozenStore
+    model, g = gated_tiny(make_tiny, tmp_path, torch.float32, tied=False, layers=2)
+    texts = [torch.randint(0, MASK, (n,), generator=g).tolist() for n in (26, 20)]
+    starts = [5, 3]
+    b = batch_of(texts, starts, 4)
+
+    def run(kv_dtype):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            frozen = [frozen_rows(model, ids, s, 5, first_block=1, kv_dtype=kv_dtype) for ids, s in zip(texts, starts)]
+            loss, _ = mtp_loss_frozen(model, b, frozen, first_block=1)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in adapter_state(model).items() if p.requires_grad}
+    full, half = run(torch.float32), run(torch.bfloat16)
+    assert half[0] == full[0] and full[1]
+    assert all(torch.equal(half[1][n], full[1][n]) for n in full[1])
+
+    store = FrozenStore([(t, s + 1) for t, s in zip(texts, starts)], starts, 5, first_block=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = store.get(model, [0, 1])
+    assert all(f.k.dtype == f.v.dtype == torch.bfloat16 and f.masks.dtype == torch.float32 for f in rows)
+    kept = sum(t.nbytes for f in rows for t in (f.k, f.v, f.argmax, f.cut_loss, f.masks))
+    assert store.nbytes(model.cfg, torch.float32, torch.bfloat16) == kept
+    assert store.nbytes(model.cfg, torch.float32, None) > kept
