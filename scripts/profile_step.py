@@ -12,6 +12,7 @@ import time
 from torch.profiler import ProfilerActivity, profile
 
 import train
+from support.step_timing import step_without_update
 
 
 def main(argv=None):
@@ -25,10 +26,7 @@ def main(argv=None):
     steps = range(a.first, a.first + a.steps)
 
     def step(s):  # a step's loss and backward, as train_step computes them; no update
-        with train.autocast(args, run.student):
-            for batch in train.micro_batches(run, s):
-                train.batch_loss(run, batch)[0].backward()
-        run.optimizer.zero_grad(set_to_none=True)
+        step_without_update(run, s, train.micro_batches, lambda b: train.batch_loss(run, b)[0].backward(), run.student)
 
     for s in steps:
         step(s)  # builds the frozen rows of these texts

@@ -55,16 +55,22 @@ def mtp_step_cost(run, n_steps: int, micro_batches, batch_loss) -> float:
         for p in frozen:
             p.requires_grad_(False), setattr(p, "grad", None)
 
-    def one_step(backward, model=None):  # plain trains every weight: no frozen copies there
-        def call(step):
-            with autocast(run.args, model):
-                for b in micro_batches(run, step):
-                    backward(b)
-            run.optimizer.zero_grad(set_to_none=True)
-        return call
-    seconds, _ = interleaved_seconds({"mtp": one_step(lambda b: batch_loss(run, b)[0].backward(), run.student),
-                                      "plain": one_step(plain)}, n_steps, device=run.args.device)
+    def mtp(b):
+        batch_loss(run, b)[0].backward()
+
+    steps = {"mtp": lambda step: step_without_update(run, step, micro_batches, mtp, run.student),
+             "plain": lambda step: step_without_update(run, step, micro_batches, plain)}  # no frozen weights to cast
+    seconds, _ = interleaved_seconds(steps, n_steps, device=run.args.device)
     ratio = seconds["mtp"] / seconds["plain"]
     run.log(f"bench: {n_steps} steps | mtp {seconds['mtp']:.3f} s/step | plain {seconds['plain']:.3f} s/step | "
             f"ratio {ratio:.2f} (the paper: about 1.33)")
     return ratio
+
+
+def step_without_update(run, step, micro_batches, backward, model=None):
+    """A training step's work without its update: backward(b) on each micro-batch of the step under the
+    run's autocast (given the model, with its frozen weights cast once), then the gradients dropped."""
+    with autocast(run.args, model):
+        for b in micro_batches(run, step):
+            backward(b)
+    run.optimizer.zero_grad(set_to_none=True)
