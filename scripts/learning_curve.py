@@ -4,11 +4,16 @@
     python -m scripts.learning_curve watch out curve/          # beside it: a copy of each checkpoint it writes
     python -m scripts.learning_curve measure curve/            # afterwards: every copy on held-out problems
 
+    python train.py --out out --resume --max-minutes 90 &      # a run continued, minutes counted on from 57.5
+    python -m scripts.learning_curve watch out curve2/ --start-minute 57.5
+    python -m scripts.learning_curve measure curve/ curve2/    # one curve from both folders
+
 `watch` keeps a copy of OUT/ckpt.pt each time the run writes one (every --save-every steps), named by
-its step and the minutes since the run began, and stops when the run has ended. `measure` rebuilds
-the model of each copy and decodes GSM8K test problems the run never saw (from --offset 200 on) with
-the whole block of k_max masks in every pass: tokens per pass then depend on the weights alone, not on
-the machine's pass costs. It prints a table and writes CURVE/curve.json (and curve.png with matplotlib).
+its step and the minutes since the run began (plus --start-minute, for a resumed run), and stops when
+the run has ended. `measure` rebuilds the model of each copy in its folders and decodes GSM8K test
+problems the run never saw (from --offset 200 on) with the whole block of k_max masks in every pass:
+tokens per pass then depend on the weights alone, not on the machine's pass costs. It prints a table
+and writes curve.json (and curve.png with matplotlib) in the first folder.
 """
 import argparse
 import fcntl
@@ -30,7 +35,7 @@ from support.weights import load_model
 SNAPSHOT = re.compile(r"ckpt_step(\d+)_min([\d.]+)\.pt")
 
 
-def watch(out: Path, curve: Path, poll_s: float = 10.0):
+def watch(out: Path, curve: Path, poll_s: float = 10.0, start_minute: float = 0.0):
     curve.mkdir(parents=True, exist_ok=True)
     waited = time.time()
     while not run_going(out):  # the run may still be starting
@@ -43,7 +48,7 @@ def watch(out: Path, curve: Path, poll_s: float = 10.0):
         if ckpt.exists() and ckpt.stat().st_mtime != seen:
             seen = ckpt.stat().st_mtime  # the run replaces ckpt.pt whole (a rename): a copy is never torn
             step = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
-            name = f"ckpt_step{step}_min{(seen - t0) / 60:.1f}.pt"
+            name = f"ckpt_step{step}_min{start_minute + (seen - t0) / 60:.1f}.pt"
             shutil.copy(ckpt, curve / name)
             print(f"kept {curve / name}", flush=True)
         if not run_going(out):
@@ -90,11 +95,12 @@ def tokens_per_pass(model, prompts, max_new_tokens: int) -> dict:
     return {name: tokens / passes for name, (tokens, passes) in totals.items()}
 
 
-def measure(curve: Path, n_prompts: int, offset: int, max_new_tokens: int):
-    snapshots = sorted((float(m.group(2)), int(m.group(1)), p) for p in curve.iterdir()
+def measure(curves: list[Path], n_prompts: int, offset: int, max_new_tokens: int):
+    snapshots = sorted((float(m.group(2)), int(m.group(1)), p) for curve in curves for p in curve.iterdir()
                        if (m := SNAPSHOT.fullmatch(p.name)))
     if not snapshots:
-        raise ValueError(f"{curve} holds no ckpt_step*_min*.pt (made by: python -m scripts.learning_curve watch)")
+        raise ValueError(f"{', '.join(map(str, curves))} hold no ckpt_step*_min*.pt (made by: learning_curve watch)")
+    curve = curves[0]
     rows = load_gsm8k("test")[offset:offset + n_prompts]
     points = []
     print(f"tokens per pass, whole block, on GSM8K test {offset}..{offset + len(rows) - 1}:")
@@ -134,17 +140,18 @@ def main(argv=None):
     w = sub.add_parser("watch", help="keep a copy of each checkpoint a running train.py writes")
     w.add_argument("out", type=Path)
     w.add_argument("curve", type=Path)
+    w.add_argument("--start-minute", type=float, default=0.0, help="a resumed run: the minutes of the run it continues")
     m = sub.add_parser("measure", help="tokens per pass of every copy")
-    m.add_argument("curve", type=Path)
+    m.add_argument("curves", type=Path, nargs="+", help="folders of kept checkpoints (of one run)")
     m.add_argument("--prompts", type=int, default=10)
     m.add_argument("--offset", type=int, default=200, help="the first GSM8K test problem (the run never sees 200..)")
     m.add_argument("--max-new-tokens", type=int, default=128)
     args = p.parse_args(argv)
     try:
         if args.command == "watch":
-            watch(args.out, args.curve)
+            watch(args.out, args.curve, start_minute=args.start_minute)
         else:
-            measure(args.curve, args.prompts, args.offset, args.max_new_tokens)
+            measure(args.curves, args.prompts, args.offset, args.max_new_tokens)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

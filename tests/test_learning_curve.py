@@ -18,7 +18,12 @@ def test_a_kept_checkpoint_is_the_saved_model_and_is_measured(train_tiny, tmp_pa
     idx = torch.tensor([[1001, 11, 2001] + [saved.cfg.mask_id] * 3])
     with torch.no_grad():
         assert step == 4 and rebuilt.cfg.k_max == saved.cfg.k_max == 4 and torch.equal(rebuilt(idx), saved(idx))
-    learning_curve(["measure", str(curve), "--prompts", "1", "--max-new-tokens", "8"])
-    assert "minute   0.1  step     4  ConfAdapt(0.9) " in capsys.readouterr().out
-    point = json.loads((curve / "curve.json").read_text())["points"][0]
-    assert point["step"] == 4 and point["--verify"] >= 1.0 and point["ConfAdapt(0.9)"] >= 1.0
+    resumed = tmp_path / "resumed"  # a second folder, as a resumed run's watch keeps: one curve from both
+    resumed.mkdir()
+    shutil.copy(out / "ckpt.pt", resumed / "ckpt_step4_min60.5.pt")
+    learning_curve(["measure", str(resumed), str(curve), "--prompts", "1", "--max-new-tokens", "8"])
+    printed = capsys.readouterr().out
+    assert "minute   0.1  step     4  ConfAdapt(0.9) " in printed and "minute  60.5  step     4" in printed
+    first, second = json.loads((resumed / "curve.json").read_text())["points"]
+    assert (first["minute"], second["minute"]) == (0.1, 60.5) and first["step"] == 4
+    assert first["--verify"] == second["--verify"] >= 1.0 and first["ConfAdapt(0.9)"] >= 1.0
