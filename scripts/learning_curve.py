@@ -13,7 +13,8 @@ its step and the minutes since the run began (plus --start-minute, for a resumed
 the run has ended. `measure` rebuilds the model of each copy in its folders and decodes GSM8K test
 problems the run never saw (from --offset 200 on) with the whole block of k_max masks in every pass:
 tokens per pass then depend on the weights alone, not on the machine's pass costs. It prints a table
-and writes curve.json (and curve.png with matplotlib) in the first folder.
+and writes curve.json (and curve.png with matplotlib) in the first folder; --own-answers OUT/self_answers.jsonl
+measures on the run's own training questions instead (curve_own_answers.json).
 """
 import argparse
 import fcntl
@@ -95,28 +96,34 @@ def tokens_per_pass(model, prompts, max_new_tokens: int) -> dict:
     return {name: tokens / passes for name, (tokens, passes) in totals.items()}
 
 
-def measure(curves: list[Path], n_prompts: int, offset: int, max_new_tokens: int):
+def measure(curves: list[Path], n_prompts: int, offset: int, max_new_tokens: int, own_answers: Path | None = None):
+    """own_answers: decode the first questions of this self_answers.jsonl (the run's own training texts)
+    instead of held-out problems: how much of what it learned holds on text it has not read."""
     snapshots = sorted((float(m.group(2)), int(m.group(1)), p) for curve in curves for p in curve.iterdir()
                        if (m := SNAPSHOT.fullmatch(p.name)))
     if not snapshots:
         raise ValueError(f"{', '.join(map(str, curves))} hold no ckpt_step*_min*.pt (made by: learning_curve watch)")
     curve = curves[0]
     rows = load_gsm8k("test")[offset:offset + n_prompts]
+    what, name = f"GSM8K test {offset}..{offset + len(rows) - 1}", "curve"
+    if own_answers:
+        answers = [a for a in map(json.loads, own_answers.read_text().splitlines()[1:]) if "ids" in a][:n_prompts]
+        what, name = f"the first {len(answers)} training questions of {own_answers}", "curve_own_answers"
     points = []
-    print(f"tokens per pass, whole block, on GSM8K test {offset}..{offset + len(rows) - 1}:")
+    print(f"tokens per pass, whole block, on {what}:")
     for minute, step, path in snapshots:
         model, step = model_at(path)
-        prompts = [encode_prompt(model.tokenizer, gsm8k_prompt(r["question"]), True) for r in rows]
+        prompts = ([a["ids"][:a["prompt_len"]] for a in answers] if own_answers else
+                   [encode_prompt(model.tokenizer, gsm8k_prompt(r["question"]), True) for r in rows])
         with torch.no_grad():
             point = {"minute": minute, "step": step, **tokens_per_pass(model, prompts, max_new_tokens)}
         points.append(point)
         print(f"  minute {minute:5.1f}  step {step:5d}  ConfAdapt(0.9) {point['ConfAdapt(0.9)']:.2f}  "
               f"--verify {point['--verify']:.2f}", flush=True)
-    report = {"prompts": f"GSM8K test {offset}..{offset + len(rows) - 1}", "max_new_tokens": max_new_tokens,
-              "points": points}
-    (curve / "curve.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = {"prompts": what, "max_new_tokens": max_new_tokens, "points": points}
+    (curve / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     if importlib.util.find_spec("matplotlib"):
-        plot(points, curve / "curve.png")
+        plot(points, curve / f"{name}.png")
 
 
 def plot(points, path: Path):
@@ -146,12 +153,13 @@ def main(argv=None):
     m.add_argument("--prompts", type=int, default=10)
     m.add_argument("--offset", type=int, default=200, help="the first GSM8K test problem (the run never sees 200..)")
     m.add_argument("--max-new-tokens", type=int, default=128)
+    m.add_argument("--own-answers", type=Path, help="a run's self_answers.jsonl: decode its training questions instead")
     args = p.parse_args(argv)
     try:
         if args.command == "watch":
             watch(args.out, args.curve, start_minute=args.start_minute)
         else:
-            measure(args.curves, args.prompts, args.offset, args.max_new_tokens)
+            measure(args.curves, args.prompts, args.offset, args.max_new_tokens, args.own_answers)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

@@ -10,7 +10,7 @@ from support.weights import load_model
 
 def test_a_kept_checkpoint_is_the_saved_model_and_is_measured(train_tiny, tmp_path, capsys):
     out, curve = tmp_path / "out", tmp_path / "curve"
-    assert train_tiny(out, steps=4, save_every=4, lora=4, lora_layers=1, k_max=4).returncode == 0
+    assert train_tiny(out, steps=4, save_every=4, lora=4, lora_layers=1, k_max=4, self_answers=2).returncode == 0
     curve.mkdir()
     shutil.copy(out / "ckpt.pt", curve / "ckpt_step4_min0.1.pt")
     rebuilt, step = model_at(curve / "ckpt_step4_min0.1.pt")
@@ -27,3 +27,7 @@ def test_a_kept_checkpoint_is_the_saved_model_and_is_measured(train_tiny, tmp_pa
     first, second = json.loads((resumed / "curve.json").read_text())["points"]
     assert (first["minute"], second["minute"]) == (0.1, 60.5) and first["step"] == 4
     assert first["--verify"] == second["--verify"] >= 1.0 and first["ConfAdapt(0.9)"] >= 1.0
+    learning_curve(["measure", str(curve), "--own-answers", str(out / "self_answers.jsonl"), "--prompts", "5",
+                    "--max-new-tokens", "8"])  # the run's own training questions: both of them
+    assert "on the first 2 training questions of" in capsys.readouterr().out
+    assert json.loads((curve / "curve_own_answers.json").read_text())["points"][0]["--verify"] >= 1.0
