@@ -146,6 +146,11 @@ def epoch_order(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def first_cuts(examples, branch_from: str) -> list[int]:
+    """Where each text's first branch may be cut: its last prompt token (--branch-from response) or its start."""
+    return [max(p - 1, 0) if branch_from == "response" else 0 for _, p in examples]
+
+
 def get_rows(examples, first: int, count: int, seed: int, pad_id: int):
     """Rows first .. first+count-1 of the endless stream: epoch e is a permutation seeded by seed+e.
     Returns their tokens (padded), lengths, first cuts (the last prompt token) and example indices."""
@@ -157,13 +162,8 @@ def get_rows(examples, first: int, count: int, seed: int, pad_id: int):
     for r, (ids, _) in enumerate(picked):
         tokens[r, :len(ids)] = torch.tensor(ids)
     lengths = torch.tensor([len(ids) for ids, _ in picked])
-    starts = torch.tensor([max(p - 1, 0) for _, p in picked])
+    starts = torch.tensor(first_cuts(picked, "response"))
     return tokens, lengths, starts, texts
-
-
-def first_cuts(examples, branch_from: str) -> list[int]:
-    """Where each text's first branch may be cut: its last prompt token (--branch-from response) or its start."""
-    return [max(p - 1, 0) if branch_from == "response" else 0 for _, p in examples]
 
 
 def check_branches(examples, args):
