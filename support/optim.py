@@ -5,6 +5,9 @@ every update; memory_estimate says what a run needs before it starts, and plan_m
 activation checkpointing on when the device would not hold it otherwise.
 """
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import math
 import os
 
@@ -111,6 +114,22 @@ def plan_memory(student, args, world, log):
     log("memory per device (GiB, estimate): " + ", ".join(f"{k} {v:.2f}" for k, v in gib.items() if v)
         + f"; total {sum(gib.values()):.1f} of {available:.0f}" + (" (activation checkpointing on)" if on else ""))
 
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # no glibc (macOS, musl): nothing to call
+        return None
+
+
+def return_freed_memory():
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim). A CPU step frees tensors of
+    many sizes and glibc keeps their pages for later use: without this, the CPU hour's process held about
+    twice the memory it used by its second pass over the data (docs/RESULTS.md)."""
+    if trim := _malloc_trim():
+        trim(0)
 
 @contextlib.contextmanager
 def autocast(args, model=None):

@@ -13,7 +13,7 @@ from conftest import ROOT
 from model import ModelConfig, Transformer
 from support.cpu_kernels import (KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, dnnl_packed_works, few_row_layers,
                                  mkl_packed_works, packed_summary, use_few_row_kernels)
-from support.optim import AdamW
+from support.optim import AdamW, return_freed_memory
 
 # the same CPU, restricted to its AVX2 kernels (torch, oneDNN and MKL): what a laptop without
 # AVX512-BF16/AMX computes with; bfloat16 matmuls are then ~50-200x slower than float32
@@ -210,3 +210,17 @@ def test_a_model_off_the_cpu_keeps_its_layers():
                                         hidden_dim=48))
     use_few_row_kernels(model, pack=True)
     assert not few_row_layers(model) and type(model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only")
+def test_freed_memory_goes_back_to_the_system():
+    def resident_mib():  # what the kernel counts for this process (/proc/self/statm: pages)
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    tensors = [torch.ones(16_000) for _ in range(8_000)]  # 64 KB each: glibc's heap, not mmap
+    keep = tensors[-1]  # the last one keeps the heap's top in use, so free() alone gives nothing back
+    del tensors
+    held = resident_mib()
+    return_freed_memory()
+    assert held - resident_mib() > 300, (held, resident_mib())  # of the ~500 MiB freed
+    assert keep.sum() == 16_000
