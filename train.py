@@ -32,7 +32,7 @@ from support.checkpoint import Diverged, load_checkpoint, prepare_out, restore_l
 from support.cli import ArgumentParser, check_model_settings, check_train_args, fill_from_recipe, recipe_table
 from support.cpu_kernels import use_few_row_kernels
 from support.files import release_folders
-from support.optim import autocast, describe_setup, make_optimizer, plan_memory, return_freed_memory
+from support.optim import autocast, describe_setup, make_optimizer, plan_memory
 from support.processes import make_logger, rank0_values, shard_or_replicate, start_processes, summed_over_processes
 from support.step_timing import faster_precision
 from support.weights import load_model
@@ -196,7 +196,6 @@ def setup(args) -> Run:
     run.frozen = run.frozen and frozen_if_it_fits(run)  # its size depends on the precision
     run.probe = probe_batch(run)
     run.good_probe = probe(run)  # the model as it starts: the original, or the checkpoint resumed
-    return_freed_memory()  # the own answers' and the timing's buffers
     return run
 
 
@@ -341,7 +340,6 @@ def train_loop(run):
             log(f"eval step {run.step} | minute {budget.minutes_in():.1f} | {quick}")
         if run.step % args.save_every == 0:
             save_checkpoint(run, run.step, probe(run))
-            return_freed_memory()
         out_of_time = budget.out_of_time()
         if run.ddp:  # every process stops after the same step: rank 0's clock and signals decide
             out_of_time, budget.signalled = map(bool, rank0_values(args.device, out_of_time, budget.signalled))

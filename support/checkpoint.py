@@ -13,6 +13,7 @@ import torch
 
 from model import Transformer, rope_frequencies
 from support.files import hold_folder, recover_dir, tensors_sha256, write_file_atomically
+from support.optim import return_freed_memory
 from support.weights import save_model
 
 # settings that shape a run: --resume refuses a checkpoint written with other values
@@ -103,6 +104,7 @@ def save_checkpoint(run, step, now: dict):
     run.log(f"checkpoint step {step} | probe loss {now['loss']:.3f}, teacher loss {now['teacher']:.3f} "
             f"(last good, step {run.last_good_step or 0}: {run.good_probe['loss']:.3f}, {run.good_probe['teacher']:.3f})")
     run.last_good_step, run.good_probe = step, now
+    return_freed_memory()  # a step's freed buffers, kept by the C heap otherwise
     return model_state
 
 
