@@ -115,7 +115,6 @@ def plan_memory(student, args, world, log):
         + f"; total {sum(gib.values()):.1f} of {available:.0f}" + (" (activation checkpointing on)" if on else ""))
 
 
-
 @functools.cache
 def _malloc_trim():
     try:
@@ -130,6 +129,7 @@ def return_freed_memory():
     twice the memory it used by its second pass over the data (docs/RESULTS.md)."""
     if trim := _malloc_trim():
         trim(0)
+
 
 @contextlib.contextmanager
 def autocast(args, model=None):
