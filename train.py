@@ -48,10 +48,10 @@ RECIPES = {
     "one-gpu": dict(PAPER, max_minutes=480),
     # what decoded fastest against the original model after the same CPU time (docs/RESULTS.md, "Choosing
     # the CPU hour's recipe"): gated LoRA in the top 4 blocks, the model's own answers to 512 GSM8K
-    # questions, k up to 4, a branch after every answer token
+    # questions, k up to 4, a branch after every answer token, no quick eval (one costs ~20 steps' time)
     "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=128, lora_layers=4, lr=1e-4, lora_lr=1e-3,
                      k_max=4, batch_size=4, grad_accum=1, seq_len=320, branch_every=1, branch_from="response",
-                     self_answers=512, warmup=20, decay="none", steps=100_000, max_minutes=60, eval_every=120,
+                     self_answers=512, warmup=20, decay="none", steps=100_000, max_minutes=60, eval_every=0,
                      eval_prompts=8, save_every=100),
 }
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
