@@ -97,7 +97,7 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, help="quick decode eval every N steps, 0 = never")
     p.add_argument("--eval-prompts", type=int, help="held-out prompts of the quick eval and the closing table")
-    p.add_argument("--eval-tokens", type=int, default=128, help="new tokens per prompt in the quick eval")
+    p.add_argument("--eval-tokens", type=int, default=128, help="new tokens per prompt in the quick eval and the closing table")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--fsdp", action="store_true", help="shard student, grads and optimizer across GPUs (FSDP2)")
