@@ -169,11 +169,9 @@ def setup(args) -> Run:
     tok = student.tokenizer
     if plan := budget.plan(args.self_answers):
         log(plan)
-    if args.self_answers:
-        examples = own_answer_examples(args, teacher, tok, rows, out / "self_answers.jsonl", log, rank == 0,
-                                       budget.own_answers_deadline)
-    else:
-        examples = tokenize(rows, tok, args.format, args.seq_len)
+    examples = (own_answer_examples(args, teacher, tok, rows, out / "self_answers.jsonl", log, rank == 0,
+                                    budget.own_answers_deadline)
+                if args.self_answers else tokenize(rows, tok, args.format, args.seq_len))
     check_branches(examples, args)
     eval_prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), args.format == "chat") for r in held_out if "question" in r]
     log(f"data {args.data}: {len(examples)} examples, {sum(len(e[0]) for e in examples) / len(examples):.0f} "
@@ -380,7 +378,9 @@ def main(args, argv=()):
         save_final_model(run, step, model_state)
     if run.budget.signalled:  # a scheduler's grace period is short: no evaluation, only the way back
         run.log(f"stopped by a signal after step {step}; to continue: {resume_command(argv)}")
-    elif run.master or args.fsdp:  # a sharded student needs every process for a forward pass
+    elif args.fsdp:  # sharded: each process would size decode passes by its own clock, and their collectives part ways
+        run.log(f"to measure it: python bench.py --init {run.out / 'model'} --against-original")
+    elif run.master:
         summary(run)
     if run.ddp:
         dist.destroy_process_group()
