@@ -33,7 +33,7 @@ from support.cli import ArgumentParser, check_model_settings, check_train_args, 
 from support.cpu_kernels import use_few_row_kernels
 from support.files import release_folders
 from support.optim import autocast, describe_setup, make_optimizer, plan_memory
-from support.processes import make_logger, rank0_values, shard_or_replicate, start_processes, summed_over_processes
+from support.processes import end_processes, make_logger, rank0_values, shard_or_replicate, start_processes, summed_over_processes
 from support.step_timing import faster_precision
 from support.weights import load_model
 
@@ -382,18 +382,17 @@ def main(args, argv=()):
         run.log(f"to measure it: python bench.py --init {run.out / 'model'} --against-original")
     elif run.master:
         summary(run)
-    if run.ddp:
-        dist.destroy_process_group()
 
 
 def cli(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv, error = sys.argv[1:] if argv is None else argv, None
     try:
         main(get_args(argv), argv)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        error = f"error: {e}"
     finally:  # the run lets go of its --out (support/files.py); an in-process caller may start another
         release_folders()
+    end_processes(error)
 
 
 if __name__ == "__main__":
