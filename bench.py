@@ -37,12 +37,14 @@ import torch
 import torch.nn as nn
 
 from data import extract_number, gsm8k_prompt, load_gsm8k
-from decode import against_original, default_init, describe_against_original, encode_prompt, generate, load
+from data.held_out import against_original, describe_against_original
+from decode import generate
 from support.cpu_kernels import machine
+from support.sizing import PassCost, mask_pass
 from support.step_timing import mtp_step_cost
 from support.timing import bandwidth_gbs, matmul_gflops
-from support.sizing import PassCost, mask_pass
-from support.weights import default_reference, save_model
+from support.tokenizer import encode_prompt
+from support.weights import default_init, default_reference, load, save_model
 
 
 def zeros_linear(self, x):

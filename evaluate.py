@@ -25,7 +25,11 @@ from pathlib import Path
 import torch
 
 from data.evalsets import humaneval_program, is_correct, load_eval_tasks, read_answer
-from decode import check_decoding_args, default_init, encode_prompt, generate, load, strategy_name
+from decode import generate
+from support.cli import check_decoding_args
+from support.stream import strategy_name
+from support.tokenizer import encode_prompt
+from support.weights import default_init, load
 from distill import teacher_nll
 from support.cli import ArgumentParser
 from support.weights import default_reference, load_model

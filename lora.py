@@ -22,8 +22,10 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 class Gate:
     """Which rows of the current forward pass are <MTP> rows: None (none), True (all) or a
     (..., 1) factor, 1.0 on those rows and 0.0 elsewhere, in the activations' dtype. Written by
-    MaskEmbedding, read by every GatedLoRALinear."""
+    MaskEmbedding, read by every GatedLoRALinear. static: always the factor, decided on no value
+    (a decode pass of fixed shapes, decode.StaticPasses; with no <MTP> row it adds a zero update)."""
     rows = None
+    static = False
 
 
 class MaskEmbedding(nn.Embedding):
@@ -36,8 +38,10 @@ class MaskEmbedding(nn.Embedding):
     def forward(self, idx):
         is_mask = (idx == self.mask_id)[..., None]
         x = super().forward(idx)
-        # all: training's branch passes; none: the ground truth and the teacher; else a decode pass
-        self.gate.rows = True if is_mask.all() else is_mask.to(x.dtype) if is_mask.any() else None
+        if self.gate.static:
+            self.gate.rows = is_mask.to(x.dtype)
+        else:  # all: training's branch passes; none: the ground truth and the teacher; else a decode pass
+            self.gate.rows = True if is_mask.all() else is_mask.to(x.dtype) if is_mask.any() else None
         return x if self.gate.rows is None else torch.where(is_mask, self.mask_embedding.to(x.dtype), x)
 
 

@@ -94,6 +94,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
+        if kv is not None and len(kv) == 3:  # a pass of fixed shapes (Transformer.decode_pass)
+            cache_k, cache_v, at = kv
+            cache_k.index_copy_(2, at, k.to(cache_k.dtype))
+            cache_v.index_copy_(2, at, v.to(cache_v.dtype))
+            y = folded_attention(q, cache_k.to(q.dtype), cache_v.to(q.dtype), mask)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if kv is not None:  # static cache: attend to [0, start) and this chunk
             cache_k, cache_v, start, keep = kv
             if keep:  # write this chunk at [start, start + T)
@@ -116,6 +122,16 @@ def attention(q, k, v, mask, is_causal: bool):
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+
+
+def folded_attention(q, k, v, mask):
+    """Attention of q (B, H, T, D) over the grouped keys and values (B, H_kv, S, D) under a boolean mask
+    (T, S), without repeating them for every head: the G = H / H_kv query heads that share a key head
+    are folded into the query axis, (B, H_kv, G * T, D), which any kernel takes together with a mask."""
+    B, H, T, D = q.shape
+    G = H // k.size(1)
+    y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), G * T, D), k, v, attn_mask=mask.repeat(G, 1))
+    return y.view(B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -146,12 +162,15 @@ class KVCache:
     """Preallocated keys/values for every layer. `length` is how many positions are committed;
     truncate(n) forgets everything after n for free (the next write overwrites it)."""
 
-    def __init__(self, cfg: ModelConfig, max_len: int, batch: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, max_len: int, batch: int, device, dtype, inv_freq: torch.Tensor):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        angles = torch.arange(max_len, device=device).float()[:, None] * inv_freq.to(device)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.rope = angles.cos(), angles.sin()  # RoPE at every position, read by Transformer.decode_pass
 
     def truncate(self, n: int):
         assert 0 <= n <= self.length, f"cannot truncate a cache of {self.length} to {n}"
@@ -182,7 +201,8 @@ class Transformer(nn.Module):
         self.recompute_context = torch.utils.checkpoint.noop_context_fn  # what a swapped-in module restores then
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
-        return KVCache(self.cfg, max_len, batch, self.embed_tokens.weight.device, self.embed_tokens.weight.dtype)
+        weight = self.embed_tokens.weight
+        return KVCache(self.cfg, max_len, batch, weight.device, weight.dtype, self.inv_freq)
 
     def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None, slots=None, keep=True, hidden=None,
                 blocks: range | None = None):
@@ -235,6 +255,18 @@ class Transformer(nn.Module):
             return x
         if slots is not None:
             x = x[slots] if slots.dtype == torch.bool else x.gather(1, slots[..., None].expand(-1, -1, x.size(-1)))
+        return self.lm_head(self.norm(x))
+
+    def decode_pass(self, idx, pos, at, mask, cache: KVCache):
+        """A decode pass whose tensors keep their shapes from pass to pass, so that one captured graph
+        serves every pass of T rows (decode.StaticPasses). idx (1, T) tokens, pos (T,) their RoPE
+        positions, at (T,) the cache slots their keys and values are written to, mask (T, L) the cache
+        slots each may see (True), over the whole cache of L slots: what is not committed is hidden by the
+        mask, not cut off. RoPE is read from a table of every position. Returns logits (1, T, vocab)."""
+        x = self.embed_tokens(idx)
+        cos, sin = (table[pos].to(x.dtype)[None, None] for table in cache.rope)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, (cache.k[i], cache.v[i], at))
         return self.lm_head(self.norm(x))
 
     def add_mask_token(self, n_named: int) -> int:

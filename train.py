@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from data import check_branches, first_cuts, get_rows, gsm8k_prompt, load_rows, tokenize
 from data.own_answers import own_answer_examples
-from decode import closing_table, encode_prompt, quick_eval
+from data.held_out import closing_table, quick_eval
 from distill import FrozenStore, build_batch, distill_loss
 from lora import add_lora
 from support.budget import Budget, resume_command
@@ -35,6 +35,7 @@ from support.files import release_folders
 from support.optim import autocast, describe_setup, make_optimizer, plan_memory
 from support.processes import end_processes, make_logger, rank0_values, shard_or_replicate, start_processes, summed_over_processes
 from support.step_timing import faster_precision
+from support.tokenizer import encode_prompt
 from support.weights import load_model
 
 # the paper's recipe (docs/METHOD.md, "Training"): its data, k up to 16, a branch every 32 tokens
@@ -356,7 +357,7 @@ NEXT_PROMPT = ("Marin and his neighbor Nancy each eat 4 apples a day. How many a
 
 def summary(run):
     """What the run bought: the tuned model against the original's k=1 on held-out prompts, as far as
-    the budget allows (decode.closing_table); then the command that decodes with it."""
+    the budget allows (data.held_out.closing_table); then the command that decodes with it."""
     run.student.eval()
     for line in closing_table(run.teacher, run.student, run.tok, run.eval_prompts, run.args.eval_tokens,
                               run.args.k_max, run.budget):

@@ -12,11 +12,37 @@ import os
 import shutil
 import time
 
+import torch
 import torch.distributed as dist
 
 from data import gsm8k_prompt
-from decode import encode_prompt, generate_batch
 from support.files import write_file_atomically
+from support.tokenizer import encode_prompt
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids=()) -> list[list[int]]:
+    """Plain greedy decoding of several prompts of the same length at once, each output cut after
+    its first stop token. On a CPU a batch costs about what one prompt costs (the weights are read
+    once per step), which makes it cheap to collect a model's own answers as training text."""
+    device = model.embed_tokens.weight.device
+    idx = torch.tensor(prompts, dtype=torch.long, device=device)
+    B, T = idx.shape
+    cache = model.new_cache(T + max_new_tokens, batch=B)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    last = torch.full((B, 1), T - 1, device=device)
+    logits = model(idx, cache=cache, slots=last)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)
+        out.append(nxt)
+        done |= torch.isin(nxt, stop)
+        if done.all():
+            break
+        logits = model(nxt[:, None], cache=cache)
+    rows = torch.stack(out, 1).tolist()
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
 
 
 def write_own_answers(model, tok, rows, n, max_new, prompt_of, path, log, header, batch=32, deadline=math.inf):

@@ -29,7 +29,9 @@ import torch
 
 import train
 from data import gsm8k_prompt, load_gsm8k
-from decode import against_original, describe_against_original, encode_prompt, generate
+from data.held_out import against_original, describe_against_original
+from decode import generate
+from support.tokenizer import encode_prompt
 from distill import build_batch
 from model import ModelConfig, Transformer, rope_frequencies
 from support.optim import make_optimizer, memory_estimate, plan_memory

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from data import gsm8k_prompt, load_gsm8k
-from decode import encode_prompt, generate
+from decode import generate
+from support.tokenizer import encode_prompt
 from lora import add_lora
 from support.weights import load_model
 

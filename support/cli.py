@@ -1,5 +1,5 @@
-"""The command lines' shared plumbing: a parser whose errors are one line, and train.py's checks of
-its settings and its table of recipes."""
+"""The command lines' shared plumbing: a parser whose errors are one line, train.py's checks of its
+settings and its table of recipes, and decode.py's options."""
 import argparse
 import math
 import os
@@ -100,3 +100,72 @@ def check_model_settings(cfg, args):
     if args.lora > min(cfg.dim, cfg.n_heads * cfg.head_dim):
         raise ValueError(f"--lora {args.lora} is more than the model's width ({cfg.dim}); gated LoRA needs a "
                          f"rank below it")
+
+
+# -----------------------------------------------------------------------------
+# decode.py (evaluate.py shares check_decoding_args)
+
+TREE = 1  # --verify: the candidates tried at each draft position (--tree)
+
+
+def decode_args(argv, description: str):
+    """decode.py's command line, checked: (args, parser)."""
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default=None, help="preset, hub repo id, HF directory, .gguf or adapter folder "
+                   "(default: out/model if train.py wrote one, else smollm2-135m)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--k", type=int, default=None, help="static k: accept k tokens per pass (1 = plain decoding)")
+    p.add_argument("--threshold", type=float, default=None, help="ConfAdapt: accept while top-1 prob >= this")
+    p.add_argument("--k-max", type=int, default=None, help="ConfAdapt block size, --verify: up to k_max - 1 "
+                   "drafts per pass (default: the model's, else 16)")
+    p.add_argument("--verify", action="store_true", help="lossless: the output of k = 1, with the model checking "
+                   "its own drafts (several tokens per pass where they hold)")
+    p.add_argument("--draft-threshold", type=float, default=None, help="--verify: feed only the leading drafts "
+                   "whose top-1 prob is >= this (default: as many as pay off)")
+    p.add_argument("--tree", type=int, default=None, help=f"--verify: the candidates tried at each draft position, "
+                   f"a tree of the likeliest paths (default {TREE}; 1: a chain of drafts)")
+    p.add_argument("--full-block", action="store_true", help="ConfAdapt and --verify: feed the whole block every "
+                   "pass, as the paper does (default: the masks and drafts that pay off on this machine, measured; "
+                   "also the case when --k-max or --draft-threshold is given)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--no-chat", dest="chat", action="store_false", help="raw text, no chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--show-chunks", action="store_true", help="colour the tokens of each pass by how many it accepted")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
+    p.add_argument("--eager", action="store_true", help="on a GPU, run the passes as on a CPU: one kernel at a "
+                   "time, of the shapes they have (default: fixed shapes, captured; support/static_passes.py)")
+    a = p.parse_args(argv)
+    if a.show_chunks and a.json:
+        p.error("--show-chunks colours the streamed text: not with --json")
+    if not a.prompt.strip():
+        p.error("--prompt is empty")
+    if a.threshold is not None and a.k is not None:
+        p.error("give either --k (static) or --threshold (ConfAdapt), not both")
+    if a.verify and (a.k is not None or a.threshold is not None):
+        p.error("--verify checks its own drafts; it takes no --k or --threshold")
+    for option, value in (("--draft-threshold", a.draft_threshold), ("--tree", a.tree)):
+        if value is not None and not a.verify:
+            p.error(f"{option} is an option of --verify")
+    if a.tree is not None and not 1 <= a.tree <= 8:
+        p.error(f"--tree must be 1..8, not {a.tree}")
+    a.tree = a.tree or TREE
+    if a.verify and a.k_max is not None and a.k_max < 2:
+        p.error(f"--verify needs --k-max >= 2 (k_max - 1 drafts per pass), not {a.k_max}")
+    for t in (a.threshold, a.draft_threshold):
+        if t is not None and not 0 < t <= 1:
+            p.error(f"threshold {t} is outside (0, 1]")
+    check_decoding_args(a, p)
+    return a, p
+
+
+def check_decoding_args(a, p):
+    """The settings decode.py and evaluate.py share."""
+    if a.k_max is not None and a.k_max < 1:
+        p.error(f"--k-max must be at least 1, not {a.k_max}")
+    if a.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
+    if a.dtype not in (None, "float32", "bfloat16", "float16"):
+        p.error(f"--dtype must be float32, bfloat16 or float16, not {a.dtype}")

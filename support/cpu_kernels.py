@@ -306,3 +306,9 @@ def free_memory_bytes() -> int:
 if __name__ == "__main__":  # what the kernels see on this CPU
     print(f"cpu flags: {cpu_flags() or 'none'}; bfloat16 is fast: {cpu_bf16_is_fast()}")
     print(f"machine: {machine()}")
+
+
+def use_decode_kernels(model):
+    """Time and choose the few-row kernels for the passes the model's block can feed."""
+    k_max = model.cfg.k_max or 16
+    use_few_row_kernels(model, max_rows=min(k_max * k_max, 32), pack=True)

@@ -27,6 +27,7 @@ and the cost measured instead of modelled. On a GPU, where 16 rows cost about wh
 comes out at the whole block; on a float32 CPU at fewer rows.
 """
 import heapq
+import sys
 import time
 
 import torch
@@ -216,3 +217,16 @@ def draft_tree(rates, max_nodes: int, max_depth: int, usable=lambda depth, rank:
             for r in range(width):
                 heapq.heappush(heap, (neg_p * rates[depth][r], depth + 1, len(nodes) - 1, r))
     return nodes
+
+
+def measure_pass_cost(model, k_max: int, verify: bool, tree: int = 1) -> PassCost:
+    """The cost of a pass by rows, up to the most a ConfAdapt or --verify pass of this block feeds
+    (beyond 64 rows: extrapolated), said in one line. One timed round: the decode passes themselves
+    then keep it up to date (sizing.PassCost.observe)."""
+    t0 = time.perf_counter()
+    most = (1 + (k_max - 1) * tree) * k_max if verify else 2 * k_max - 1
+    cost = PassCost.measure(model, min(most, 64), reps=1)
+    print(f"pass cost by rows fed: {', '.join(f'{r}: {1e3 * s:.0f} ms' for r, s in zip(cost.rows, cost.seconds))}"
+          f" (measured in {time.perf_counter() - t0:.1f} s, then from the passes; each pass feeds what pays "
+          f"off; --full-block: the whole block)", file=sys.stderr)
+    return cost

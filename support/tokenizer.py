@@ -370,3 +370,10 @@ class Tokenizer:
         return cls._from_bpe({t: i for i, t in enumerate(tokens)}, merges, added, special=special, pre=GGUF_PRE[pre],
                              bos=bos, eos=tokens[get("tokenizer.ggml.eos_token_id")],
                              chat_template=get("tokenizer.chat_template"))
+
+
+def encode_prompt(tok, text: str, chat: bool) -> list[int]:
+    """A prompt's ids: in the model's chat template (chat), else as plain text."""
+    if chat and tok.chat_format:
+        return tok.encode_chat([{"role": "user", "content": text}])
+    return tok.encode(text, bos=tok.bos_id is not None)

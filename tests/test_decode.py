@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from data import extract_number, read_jsonl
-from decode import draft_rules, generate, generate_batch
+from data.own_answers import generate_batch
+from decode import draft_rules, generate
 from model import KVCache, ModelConfig
 from support.sizing import Acceptance, PassCost, RankAcceptance, best_n, draft_tree
 
@@ -58,7 +59,7 @@ class Scripted(torch.nn.Module):
         self.truth, self.conf, self.wrong, self.calls = truth, conf, set(wrong), []
 
     def new_cache(self, max_len, batch=1):
-        return KVCache(self.cfg, max_len, batch, "cpu", torch.float32)
+        return KVCache(self.cfg, max_len, batch, "cpu", torch.float32, torch.ones(4))
 
     def forward(self, idx, pos=None, mask=None, cache=None, slots=None):
         start, T = cache.length, idx.size(1)

@@ -14,7 +14,8 @@ import torch
 
 from data.evalsets import (humaneval_program, load_eval_tasks, load_prompts_jsonl, read_answer,
                            read_bbh_file, read_humaneval_file)
-from decode import TextStream, generate
+from decode import generate
+from support.stream import TextStream
 from distill import teacher_nll
 from evaluate import load_reference, merge_reports, run_program
 from support.tokenizer import Tokenizer

@@ -8,7 +8,8 @@ import shlex
 
 import pytest
 
-from decode import encode_prompt, generate
+from decode import generate
+from support.tokenizer import encode_prompt
 from support.weights import load_model
 
 SIZE = ["--self-answers", "4", "--steps", "3", "--eval-prompts", "2", "--max-minutes", "5",  # + --init: the tiny model

@@ -1,0 +1,57 @@
+"""Decode passes of fixed shapes (Transformer.decode_pass), padded to a few row counts and captured on
+CUDA: on a GPU every pass of decode.generate after the prompt's runs this way. The eager passes of
+decode.py are the reference; these give the same tokens (tests/test_static.py)."""
+import torch
+
+
+def uses_static_passes(model, static: bool | None) -> bool:
+    return model.embed_tokens.weight.is_cuda if static is None else static
+
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # a pass runs padded to the next of these row counts
+
+
+class StaticPasses:
+    """Decode passes of fixed shapes (Transformer.decode_pass), captured on CUDA. A pass of T rows runs
+    padded to the next bucket of rows; its keys and values go to the cache slots after the committed
+    ones, and each row sees the committed slots and what the pass's layout lets it see (a chain: the
+    rows up to itself). The pad rows write to the cache's last slot, which no real row sees, so they
+    change no real row's logits. On CUDA each bucket's pass is compiled with CUDA graphs
+    (torch.compile, mode reduce-overhead) on first use and then replayed: a pass is one launch,
+    not the hundreds of kernels Python would launch one by one."""
+
+    def __init__(self, model, cache, compile_options: dict | None = None):
+        """compile_options: torch.compile's (default: on CUDA, mode reduce-overhead; on a CPU, none)."""
+        self.model, self.cache = model, cache
+        self.slots = torch.arange(cache.max_len, device=cache.k.device)
+        self.scratch = cache.max_len - 1
+        self.run = model.decode_pass
+        if compile_options is None and cache.k.is_cuda:
+            compile_options = {"mode": "reduce-overhead"}
+        if compile_options is not None:  # one graph per bucket: as many compilations as buckets
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(ROW_BUCKETS))
+            self.run = torch.compile(model.decode_pass, fullgraph=True, dynamic=False, **compile_options)
+
+    def __call__(self, idx, base: int, pos=None, mask=None):
+        """Logits (T, vocab) of idx (1, T) fed after `base` committed slots; pos (T,) and mask (T, base + T)
+        as Transformer.forward takes them (None: a causal chain)."""
+        T = idx.size(1)
+        R = next((b for b in ROW_BUCKETS if b >= T), T)
+        at = torch.full((R,), self.scratch, device=idx.device)
+        at[:T] = torch.arange(base, base + T, device=idx.device)
+        if mask is None:  # a chain: each row sees the slots up to its own
+            pos, sees = at, self.slots[None] <= at[:, None]
+        else:
+            pos = torch.cat([pos, at[T:]])
+            sees = (self.slots < base).repeat(R, 1)
+            sees[:T, base:base + T] = mask[:, base:]
+            sees[T:, self.scratch] = True
+        padded = torch.cat([idx, idx[:, :1].expand(1, R - T)], 1)
+        gate = getattr(self.model.embed_tokens, "gate", None)  # gated LoRA decides nothing on values here
+        if gate is not None:
+            gate.static = True
+        try:
+            return self.run(padded, pos, at, sees, self.cache)[0, :T]
+        finally:
+            if gate is not None:
+                gate.static = False
