@@ -22,7 +22,7 @@ import torch
 from support.cli import decode_args
 from support.cpu_kernels import packed_summary, use_decode_kernels
 from support.sizing import Acceptance, PassCost, RankAcceptance, best_n, draft_tree, measure_pass_cost
-from support.static_passes import StaticPasses, uses_static_passes
+from support.static_passes import static_passes, uses_static_passes
 from support.stream import TextStream, chunk_legend, print_result, strategy_name
 from support.tokenizer import encode_prompt
 from support.weights import load
@@ -115,7 +115,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     itself (generate_verify; draft_threshold, layout and tree are its options).
     pass_cost None: every pass feeds the whole block (the paper's ConfAdapt); a PassCost: each pass
     feeds the masks (or drafts) that pay off on this machine (support/sizing.py).
-    static: the passes after the prompt's run at fixed shapes (StaticPasses), captured on CUDA; None: on
+    static: the passes after the prompt's run at fixed shapes (support/static_passes.py), captured on CUDA; None: on
     CUDA only. The tokens are the same either way."""
     if verify:
         if k != 1 or threshold is not None:
@@ -128,8 +128,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     if n_masks and model.cfg.mask_id is None:
         raise ValueError("this model has no <MTP> mask id; use k = 1")
     check_fits(model, len(prompt), max_new_tokens, n_masks)
-    cache = cache_for(model, cache, len(prompt) + max_new_tokens + n_masks)
-    passes = StaticPasses(model, cache) if uses_static_passes(model, static) else None
+    passes, cache = decode_cache(model, cache, len(prompt) + max_new_tokens + n_masks, static)
     device = model.embed_tokens.weight.device
     masks = torch.full((n_masks,), model.cfg.mask_id or 0, dtype=torch.long, device=device)
     pending = torch.tensor(prompt, dtype=torch.long, device=device)
@@ -176,6 +175,14 @@ def cache_for(model, cache, need: int):
         cache = model.new_cache(need + 1)
     cache.truncate(0)
     return cache
+
+
+def decode_cache(model, cache, need: int, static: bool | None):
+    """(the model's StaticPasses and their cache, on a GPU; None and a cache of its own, on a CPU)."""
+    if uses_static_passes(model, static):
+        passes = static_passes(model, need)
+        return passes, passes.cache
+    return None, cache_for(model, cache, need)
 
 
 # -----------------------------------------------------------------------------
@@ -247,8 +254,8 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
     if tree < 1 or (tree > 1 and layout == "simple"):
         raise ValueError(f"--tree must be at least 1 (1 with the simple layout), not {tree}")
     check_fits(model, len(prompt), max_new_tokens, n_masks)
-    cache = cache_for(model, cache, len(prompt) + max_new_tokens + (1 + max_nodes) * (1 + n_masks))  # the most a pass holds
-    passes = StaticPasses(model, cache) if uses_static_passes(model, static) else None
+    need = len(prompt) + max_new_tokens + (1 + max_nodes) * (1 + n_masks)  # the most a pass holds
+    passes, cache = decode_cache(model, cache, need, static)
     device = model.embed_tokens.weight.device
     mask_id, stop_ids = model.cfg.mask_id, set(stop_ids)
     known, branch = list(prompt), None  # branch: (probabilities, tokens) (slots, tree) of the branch after known

@@ -23,7 +23,7 @@ class Gate:
     """Which rows of the current forward pass are <MTP> rows: None (none), True (all) or a
     (..., 1) factor, 1.0 on those rows and 0.0 elsewhere, in the activations' dtype. Written by
     MaskEmbedding, read by every GatedLoRALinear. static: always the factor, decided on no value
-    (a decode pass of fixed shapes, decode.StaticPasses; with no <MTP> row it adds a zero update)."""
+    (a decode pass of fixed shapes, support/static_passes.py; with no <MTP> row it adds a zero update)."""
     rows = None
     static = False
 

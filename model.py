@@ -259,7 +259,7 @@ class Transformer(nn.Module):
 
     def decode_pass(self, idx, pos, at, mask, cache: KVCache):
         """A decode pass whose tensors keep their shapes from pass to pass, so that one captured graph
-        serves every pass of T rows (decode.StaticPasses). idx (1, T) tokens, pos (T,) their RoPE
+        serves every pass of T rows (support/static_passes.py). idx (1, T) tokens, pos (T,) their RoPE
         positions, at (T,) the cache slots their keys and values are written to, mask (T, L) the cache
         slots each may see (True), over the whole cache of L slots: what is not committed is hidden by the
         mask, not cut off. RoPE is read from a table of every position. Returns logits (1, T, vocab)."""

@@ -10,8 +10,9 @@ correctness: tiny random models, CPU float32 logits against the device's (plain,
 rest: SmolLM2-135M tuned by train.py on its own GSM8K answers, then measured against the original's
   k=1 on held-out GSM8K test problems; Qwen3-4B's shape with random bfloat16 weights under the
   paper-gpu recipe (step time, peak memory against optim.memory_estimate, the MTP step against a plain
-  step, what one step at lr 1e-5 moves); the cost of a decode pass by rows and context, and k=1
-  against the bandwidth bound.
+  step, what one step at lr 1e-5 moves); the cost of a decode pass by rows and context, k=1 against
+  the bandwidth bound, the captured fixed-shape passes (time to first token, capture, cost by rows);
+  SmolLM2 in bfloat16 against transformers' own generate on the same device.
 Every figure is appended to OUT/results.jsonl the moment it is measured, so a run cut short keeps
 what it measured. --tiny runs the same code on tiny shapes on the CPU, so that a test keeps it alive.
 """
@@ -369,11 +370,98 @@ def decode_cost(record, model, device, tiny):
     weight_bytes = sum(t.numel() * t.element_size() for t in weights)
     bandwidth = bandwidth_gbs(device, n_bytes=(1 << 24) if tiny else (1 << 30))
     prompt = torch.randint(0, model.cfg.mask_id, (64 if tiny else 512,), generator=torch.Generator().manual_seed(0)).tolist()
-    generate(model, prompt, 8, k=1)
-    r = generate(model, prompt, 16 if tiny else 256, k=1)
+    static = device.startswith("cuda")  # the passes a GPU decodes with (support/static_passes.py), warmed up
+    generate(model, prompt, 8, k=1, static=static)
+    r = generate(model, prompt, 16 if tiny else 256, k=1, static=static)
+    eager = generate(model, prompt, 16 if tiny else 64, k=1, static=False)
     bound = bandwidth * 1e9 / weight_bytes
     record("k1_vs_bandwidth", tokens_per_s=r.tokens_per_s, bound_tokens_per_s=bound, share_of_bound=r.tokens_per_s / bound,
-           weight_gb=weight_bytes / 1e9, copy_bandwidth_gbs=bandwidth)
+           weight_gb=weight_bytes / 1e9, copy_bandwidth_gbs=bandwidth, captured=static,
+           eager_tokens_per_s=eager.tokens_per_s)
+    for context in ((32, 64) if tiny else (512, 4096)):
+        captured_passes(record, model, device, tiny, prompt[:context] * (context // len(prompt[:context])))
+
+
+@torch.no_grad()
+def captured_passes(record, model, device, tiny, prompt):
+    """The fixed-shape passes (support/static_passes.py) after a prompt: the time to the first token (the
+    prompt's pass), each row bucket's first call (its capture, kept out of the costs) and then its cost."""
+    from support.static_passes import ROW_BUCKETS, StaticPasses
+    wait_for(device)
+    t0 = time.perf_counter()
+    passes = StaticPasses(model, model.new_cache(len(prompt) + 64), {"mode": "reduce-overhead"} if not tiny else None)
+    model(torch.tensor([prompt], device=device), cache=passes.cache)
+    wait_for(device)
+    first_token_s, capture_s, ms = time.perf_counter() - t0, {}, {}
+    for rows in ROW_BUCKETS[:6]:
+        block = torch.full((1, rows), model.cfg.mask_id, dtype=torch.long, device=device)
+        t0 = time.perf_counter()
+        passes(block, len(prompt))
+        wait_for(device)
+        capture_s[rows] = time.perf_counter() - t0
+        ms[rows] = timed_ms(lambda: passes(block, len(prompt)), device, reps=2 if tiny else 20)
+    record("captured_pass_ms", context=len(prompt), ms=ms, vs_one_row={r: ms[r] / ms[1] for r in ms},
+           first_call_s=capture_s, time_to_first_token_s=first_token_s, compiled=not tiny)
+
+
+@torch.no_grad()
+def against_transformers(record, init, model_dir, device, tiny):
+    """SmolLM2 in bfloat16 on both sides, on held-out GSM8K test problems 200..219, exactly N new tokens each
+    (no stop token): transformers' greedy generate of the original (default, and with its static cache
+    compiled, where that runs), our k=1 of the original, and the tuned model's ConfAdapt(0.9) and --verify
+    (passes sized by their cost), interleaved; --verify's text against our k=1's."""
+    import transformers
+    from support.sizing import measure_pass_cost
+    dtype, n_new, n_prompts = torch.bfloat16, 16 if tiny else 128, 2 if tiny else 20
+    ours = load_model(str(model_dir or init), device=device, dtype=dtype)
+    original = ours if getattr(ours, "lora", None) else load_model(init, device=device, dtype=dtype)
+    tok = ours.tokenizer
+    path = Path(init)
+
+    def hf_model():
+        kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+        return transformers.AutoModelForCausalLM.from_pretrained(path.parent if kw else path, dtype=dtype, **kw).to(device).eval()
+    hf, hf_compiled = hf_model(), hf_model()  # the second: a static cache and a compiled forward (transformers' recipe)
+    hf_compiled.forward = torch.compile(hf_compiled.forward, mode="reduce-overhead", fullgraph=True,
+                                        **({"backend": "eager"} if tiny else {}))
+    prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), True) for r in load_gsm8k("test")[200:200 + n_prompts]]
+    costs = {name: measure_pass_cost(ours, ours.cfg.k_max or 4, name == "verify") for name in ("confadapt", "verify")}
+
+    def hf_generate(p, model=hf, **kw):
+        idx = torch.tensor([p], device=device)
+        out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n_new, min_new_tokens=n_new,
+                             do_sample=False, pad_token_id=0, **kw)
+        return out[0, len(p):].tolist()
+    runs = {"transformers": hf_generate,
+            "transformers static cache, compiled": lambda p: hf_generate(p, hf_compiled, cache_implementation="static"),
+            "k1": lambda p: generate(original, p, n_new, k=1).tokens,
+            "confadapt": lambda p: generate(ours, p, n_new, threshold=0.9, k_max=ours.cfg.k_max or 4,
+                                            pass_cost=costs["confadapt"]).tokens,
+            "verify": lambda p: generate(ours, p, n_new, verify=True, k_max=ours.cfg.k_max or 4,
+                                         pass_cost=costs["verify"]).tokens}
+    seconds, texts, failed = {name: 0.0 for name in runs}, {name: [] for name in runs}, {}
+    for i, p in enumerate([prompts[0][:16]] + prompts):  # the first: a warm-up (captures, compiles)
+        for name, run in runs.items():
+            if name in failed:
+                continue
+            wait_for(device)
+            t0 = time.perf_counter()
+            try:
+                tokens = run(p)
+            except Exception as e:  # transformers' compiled static cache may not run on this stack
+                failed[name] = f"{type(e).__name__}: {e}"[:300]
+                continue
+            wait_for(device)
+            if i:
+                seconds[name] += time.perf_counter() - t0
+                texts[name].append(tokens)
+    speed = {name: n_new * n_prompts / s for name, s in seconds.items() if name not in failed and s}
+    best = max(v for name, v in speed.items() if name.startswith("transformers"))
+    record("smollm2_vs_transformers", device=device, dtype="bfloat16", prompts=n_prompts, first_problem=200,
+           new_tokens=n_new, tokens_per_s=speed, transformers_best=best, k1_tokens_per_s=speed["k1"],
+           confadapt_tokens_per_s=speed["confadapt"], verify_tokens_per_s=speed["verify"],
+           verify_text_mismatch=sum(a != b for a, b in zip(texts["verify"], texts["k1"])) / n_prompts,
+           tuned=model_dir is not None, failed=failed)
 
 
 def rest(record, out, device, tiny, gguf, minutes, tokenizer=None):
@@ -387,6 +475,11 @@ def rest(record, out, device, tiny, gguf, minutes, tokenizer=None):
             tuned_against_original(record, model_dir, device, tiny, seconds=2 if tiny else 45)
     except Exception as e:
         record("error", check="training", error=f"{type(e).__name__}: {e}"[:500])
+        model_dir = None
+    try:
+        against_transformers(record, init, model_dir, device, tiny)
+    except Exception as e:
+        record("error", check="against transformers", error=f"{type(e).__name__}: {e}"[:500])
     try:
         model = qwen3_4b_shape(record, device, tiny, Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_check_4b")
         decode_cost(record, model, device, tiny)

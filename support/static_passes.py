@@ -5,7 +5,21 @@ import torch
 
 
 def uses_static_passes(model, static: bool | None) -> bool:
-    return model.embed_tokens.weight.is_cuda if static is None else static
+    """static None: on a GPU, unless the model is sharded (FSDP: its weights are gathered pass by pass)."""
+    weight = model.embed_tokens.weight
+    return weight.is_cuda and type(weight).__name__ != "DTensor" if static is None else static
+
+
+def static_passes(model, need: int) -> "StaticPasses":
+    """The model's StaticPasses, over a cache of at least `need` positions and the scratch slot, emptied.
+    One per model, kept on it between decodes, as gpt-fast sets its caches up once: a captured graph reads
+    and writes the cache at fixed addresses, so a new cache would mean new graphs. A decode that needs
+    more room gets a cache of the next power of two positions (and its graphs are captured anew)."""
+    passes = getattr(model, "static_passes", None)
+    if passes is None or passes.cache.max_len < need + 1:
+        passes = model.static_passes = StaticPasses(model, model.new_cache(max(256, 1 << need.bit_length())))
+    passes.cache.truncate(0)
+    return passes
 
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # a pass runs padded to the next of these row counts
@@ -30,6 +44,8 @@ class StaticPasses:
             compile_options = {"mode": "reduce-overhead"}
         if compile_options is not None:  # one graph per bucket: as many compilations as buckets
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(ROW_BUCKETS))
+            for t in (cache.k, cache.v, *cache.rope):  # written and read in place: no copies into the graph
+                torch._dynamo.mark_static_address(t)
             self.run = torch.compile(model.decode_pass, fullgraph=True, dynamic=False, **compile_options)
 
     def __call__(self, idx, base: int, pos=None, mask=None):

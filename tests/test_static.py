@@ -1,4 +1,4 @@
-"""Decode passes of fixed shapes (Transformer.decode_pass, decode.StaticPasses): the same logits as
+"""Decode passes of fixed shapes (Transformer.decode_pass, support/static_passes.py): the same logits as
 today's eager pass, pad rows that change nothing real, token for token the same decoding in every mode
 (k=1, static k, ConfAdapt, --verify chain and tree, gated LoRA) on tiny models and the real SmolLM2,
 and a pass that compiles whole and does not compile again."""
@@ -159,13 +159,16 @@ class CompiledOnce(StaticPasses):
 @pytest.mark.slow
 def test_one_bucket_compiled_with_inductor_does_not_compile_again(tiny, monkeypatch):
     """Static k=4: every pass after the prompt's feeds 4 tokens and 3 masks, the bucket of 8 rows,
-    compiled by inductor on the CPU. The tokens are the eager ones, and no pass compiles again."""
+    compiled by inductor on the CPU. The tokens are the eager ones, no pass compiles again, and a second
+    decode of the same model reuses the graph and its cache (support.static_passes.static_passes)."""
     torch._dynamo.reset()
     eager = generate(tiny, PROMPT, 24, k=4, k_max=4, static=False)
-    monkeypatch.setattr("decode.StaticPasses", CompiledOnce)
+    monkeypatch.setattr("support.static_passes.StaticPasses", CompiledOnce)
     monkeypatch.setattr(CompiledOnce, "calls", 0)
     static = generate(tiny, PROMPT, 24, k=4, k_max=4, static=True)
     assert CompiledOnce.calls == static.passes - 1 >= 5
     if static.tokens != eager.tokens:
         d, margin = first_difference(tiny, PROMPT, eager.tokens, static.tokens)
         assert margin < TIE, f"compiled and eager part at token {d} (top-2 margin {margin:.2e})"
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert generate(tiny, PROMPT[:5], 16, k=4, k_max=4, static=True).tokens
