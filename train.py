@@ -4,6 +4,7 @@
     python train.py --init qwen3-4b                        # one GPU: the paper's recipe
     torchrun --nproc_per_node 8 train.py --init llama-3.1-8b --fsdp
     python train.py --resume                               # continue exactly where it stopped
+    python train.py --init qwen3-4b --plan --gpu-memory 24  # what a 24 GiB card would run, before any download
 
 The student starts as the model and the teacher is a frozen copy of it (docs/METHOD.md, "Training");
 with --lora R gated adapters act on <MTP> rows only, so the model is its own teacher (lora.py).
@@ -33,10 +34,11 @@ from support.cli import ArgumentParser, check_model_settings, check_train_args, 
 from support.cpu_kernels import use_few_row_kernels
 from support.files import release_folders
 from support.optim import autocast, describe_setup, make_optimizer, plan_memory
+from support.plan import frozen_if_it_fits, plan_before_download
 from support.processes import end_processes, make_logger, rank0_values, shard_or_replicate, start_processes, summed_over_processes
 from support.step_timing import faster_precision
 from support.tokenizer import encode_prompt
-from support.weights import load_model
+from support.weights import load_model, model_config
 
 # the paper's recipe (docs/METHOD.md, "Training"): its data, k up to 16, a branch every 32 tokens
 PAPER = dict(data="metamathqa", dtype="bfloat16", amp="none", lora=0, lora_layers=0, lr=1e-5, lora_lr=1e-5, k_max=16,
@@ -56,7 +58,6 @@ RECIPES = {
                      eval_prompts=8, save_every=100),
 }
 MAX_BAD_STEPS = 3  # non-finite steps in a row before training stops
-FROZEN_GIB = 8  # at most this much memory for what is kept between passes over the data (frozen_if_it_fits)
 
 
 def get_args(argv=None, fresh_out: bool = True):
@@ -85,7 +86,7 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--branch-every", type=int, help="tokens between branch cuts")
     p.add_argument("--branch-from", choices=["all", "response"], help="cut anywhere (the paper) or in answers only")
     p.add_argument("--self-answers", type=int, help="train on the model's own answers to N questions (0: the data's)")
-    p.add_argument("--cache-frozen", default="on", choices=["on", "off"], help="keep the frozen rows (frozen_if_it_fits)")
+    p.add_argument("--cache-frozen", default="on", choices=["on", "off"], help="keep the frozen rows (support.plan.frozen_if_it_fits)")
     p.add_argument("--loss", default="hard", choices=["hard", "soft"], help="teacher argmax, or KL (docs/METHOD.md)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps")
     p.add_argument("--decay", choices=["none", "linear", "cosine"], help="to zero at the budget's end (none: the paper)")
@@ -102,6 +103,8 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--save-every", type=int, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--fsdp", action="store_true", help="shard student, grads and optimizer across GPUs (FSDP2)")
+    p.add_argument("--plan", action="store_true", help="print the plan of what fits the device's free memory, and exit")
+    p.add_argument("--gpu-memory", type=float, help="plan for a GPU of this many GiB, present or not (implies --plan)")
     a = p.parse_args(argv)
     fill_from_recipe(a, RECIPES, p)  # and --amp auto is none unless this CPU computes bfloat16 fast
     check_train_args(a, p, fresh_out)
@@ -138,7 +141,7 @@ class Run:
     probe: object = None              # a fixed batch (probe_batch) that every checkpoint is checked on
     good_probe: dict = None           # probe() of the last good checkpoint (at the start: of the model)
     progress: float = 0.0             # the fraction of the budget spent, which --decay follows (Budget.spent)
-    frozen: FrozenStore = None        # gated LoRA: what the frozen original computes per text, kept (frozen_if_it_fits)
+    frozen: FrozenStore = None        # gated LoRA: what the frozen original computes per text, kept (support.plan.frozen_if_it_fits)
     k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
     counts: torch.Tensor = field(default=None)
@@ -192,7 +195,7 @@ def setup(args) -> Run:
         faster_precision(lambda: batch_loss(run, batch)[0].backward(), args, run.budget.amp_timing_seconds, log,
                          run.ddp, run.student)
         run.optimizer.zero_grad(set_to_none=True)
-    run.frozen = run.frozen and frozen_if_it_fits(run)  # its size depends on the precision
+    run.frozen = run.frozen and frozen_if_it_fits(run.frozen, run.student, args, len(run.examples), run.log)
     run.probe = probe_batch(run)
     run.good_probe = probe(run)  # the model as it starts: the original, or the checkpoint resumed
     return run
@@ -213,16 +216,6 @@ def load_student_and_teacher(args, world, log):
     log(describe_setup(student, args, world))
     plan_memory(student, args, world, log)
     return student, teacher
-
-
-def frozen_if_it_fits(run) -> FrozenStore | None:
-    """Under gated LoRA the real rows, the mask slots below the lowest adapter and the original's argmax are
-    the same in every pass over the data: kept if they fit in FROZEN_GIB (distill.py, mtp_loss_frozen)."""
-    precision = getattr(torch, run.args.amp) if run.args.amp != "none" else None
-    gib = run.frozen.nbytes(run.student.cfg, run.student.embed_tokens.weight.dtype, precision) / 2**30
-    run.log(f"frozen rows: {gib:.2f} GiB for {len(run.examples)} texts, " + ("kept between passes over the data"
-            if gib <= FROZEN_GIB else f"more than {FROZEN_GIB} GiB: computed every step"))
-    return run.frozen if gib <= FROZEN_GIB else None
 
 
 def micro_batches(run, step):
@@ -367,6 +360,8 @@ def summary(run):
 
 
 def main(args, argv=()):
+    if plan_before_download(args, model_config(args.init)):  # what fits the device, from the model's config alone
+        return
     run = setup(args)
     run.log(f"if this run stops, this continues it: {resume_command(argv)}")
     try:

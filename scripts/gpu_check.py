@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,19 +33,18 @@ import train
 from data import gsm8k_prompt, load_gsm8k
 from data.held_out import against_original, describe_against_original
 from decode import generate
-from support.tokenizer import encode_prompt
 from distill import build_batch
 from model import ModelConfig, Transformer, rope_frequencies
 from support.optim import make_optimizer, memory_estimate, plan_memory
 from support.sizing import mask_pass
 from support.step_timing import mtp_step_cost
 from support.timing import bandwidth_gbs, wait_for
-from support.weights import load_model
+from support.tokenizer import encode_prompt
+from support.weights import load_model, model_config
 
-# Qwen3-4B's published config.json (Qwen/Qwen3-4B): the shape the design card's first command trains
-QWEN3_4B = dict(model_type="qwen3", vocab_size=151936, dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
-                hidden_dim=9728, norm_eps=1e-6, rope_theta=1_000_000.0, tie_embeddings=True, qk_norm=True,
-                max_seq_len=40960, mask_id=151669)
+# Qwen3-4B's shape (the qwen3-4b preset, support/weights.py), which the design card's first command trains
+QWEN3_4B = {f.name: getattr(model_config("qwen3-4b"), f.name) for f in fields(ModelConfig) if f.name != "hf"}
+QWEN3_4B["mask_id"] = 151669
 # what --tiny puts in its place: the same kinds of layer, small enough for a CPU
 TINY_4B = dict(QWEN3_4B, vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
                mask_id=500)

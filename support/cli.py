@@ -30,7 +30,12 @@ def fill_from_recipe(a, recipes: dict, p):
     CPU, one-gpu on one GPU, paper-gpu on several). --lr takes lora_lr under --lora. --amp auto stays
     auto (timed on the job: support.step_timing.faster_precision) only on a CPU with fast bfloat16."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
+    a.given = sorted(k for k, v in vars(a).items() if v is not None)  # what the command line set (support/plan.py)
+    if a.gpu_memory is not None:  # a plan for a card that is not there: the one-GPU recipe, nothing run
+        if not a.gpu_memory > 0:
+            p.error(f"--gpu-memory must be a positive number of GiB, not {a.gpu_memory}")
+        a.plan, a.device, a.recipe = True, "cuda", a.recipe or "one-gpu"
+    elif a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
     a.recipe = a.recipe or ("cpu-hour" if not a.device.startswith("cuda") else "paper-gpu" if several else "one-gpu")
     recipe = recipes[a.recipe]

