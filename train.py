@@ -28,7 +28,7 @@ from data.own_answers import own_answer_examples
 from data.held_out import closing_table, quick_eval
 from distill import FrozenStore, build_batch, distill_loss
 from lora import add_lora
-from support.budget import Budget, resume_command
+from support.budget import Budget, resume_command, stop_line
 from support.checkpoint import Diverged, load_checkpoint, prepare_out, restore_last_good, save_checkpoint, save_final_model
 from support.cli import ArgumentParser, check_model_settings, check_train_args, fill_from_recipe, recipe_table
 from support.cpu_kernels import use_few_row_kernels
@@ -370,6 +370,10 @@ def main(args, argv=()):
         model_state = save_checkpoint(run, step, probe(run))  # a signal's save comes first, before anything else
     except Diverged as diverged:  # nothing from what diverged is kept: OUT/model is the last good checkpoint
         raise ValueError(restore_last_good(run, diverged)) from None
+    except RuntimeError as e:  # out of memory, or another process of the run died: one line, and what to do
+        if (line := stop_line(run, e, argv)) is None:
+            raise
+        raise ValueError(line) from None
     if run.master:
         save_final_model(run, step, model_state)
     if run.budget.signalled:  # a scheduler's grace period is short: no evaluation, only the way back

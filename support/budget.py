@@ -9,9 +9,12 @@
 """
 import contextlib
 import math
+import os
 import shlex
 import signal
 import time
+
+import torch
 
 FINISH_RESERVE_S = 150  # kept for the save and the closing measurement (at most a quarter of a short budget)
 AMP_TIMING_SHARE = 0.05  # of the training time left at most for --amp auto's timing
@@ -93,7 +96,43 @@ class Budget:
                 signal.signal(sig, handler)
 
 
-def resume_command(argv) -> str:
-    """The command that continues a run of train.py: its own flags, with --resume."""
+def resume_command(argv, **changes) -> str:
+    """The command that continues a run of train.py: its own flags, with --resume; changes: flags whose
+    value is replaced (batch_size=4: --batch-size 4)."""
     flags = [a for a in argv if a != "--overwrite"]
-    return shlex.join(["python", "train.py", *flags, *([] if "--resume" in flags else ["--resume"])])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))] if world > 1 else ["python"]
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in flags:
+            i = flags.index(flag)
+            del flags[i:i + 2]
+        flags += [flag, str(value)]
+    return shlex.join([*launcher, "train.py", *flags, *([] if "--resume" in flags else ["--resume"])])
+
+
+def stop_line(run, e: RuntimeError, argv) -> str | None:
+    """The one line of a run stopped by out of memory, or by the loss of another process of the run
+    (its collectives fail); None for another error."""
+    from support.processes import is_peer_loss, lost_peer
+    if isinstance(e, torch.OutOfMemoryError):  # the estimate was wrong, or another program took memory
+        return out_of_memory(run, argv)
+    return lost_peer(run, e, resume_command(argv)) if run.ddp and is_peer_loss(e) else None
+
+
+def out_of_memory(run, argv) -> str:
+    """The one line of a run that ran out of memory: where, how much was allocated, and what to do: after a
+    checkpoint, the command that continues it at half the micro-batch and twice the micro-batches a step
+    (the same rows a step; the k draws then no longer continue exactly as they would have)."""
+    args = run.args
+    held = (f", {torch.cuda.memory_allocated(args.device) / 2**30:.1f} GiB allocated of "
+            f"{torch.cuda.get_device_properties(args.device).total_memory / 2**30:.1f}") if args.device.startswith("cuda") else ""
+    what = f"out of memory at step {run.step + 1}{held}"
+    if args.batch_size == 1:
+        return f"{what}; the micro-batch is 1 already: use --checkpoint-activations on, or a device with more memory"
+    smaller = dict(batch_size=args.batch_size // 2, grad_accum=args.grad_accum * args.batch_size // (args.batch_size // 2))
+    if run.last_good_step is None:
+        return (f"{what}; nothing was saved; try --batch-size {smaller['batch_size']} --grad-accum "
+                f"{smaller['grad_accum']} (the same rows a step), or --checkpoint-activations on")
+    return (f"{what}; {run.ckpt_path} holds step {run.last_good_step}; to continue at a smaller micro-batch (the same "
+            f"rows a step): {resume_command(argv, **smaller)}")

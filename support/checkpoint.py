@@ -135,8 +135,15 @@ def load_checkpoint(run):
     if digest is not None and digest != tensors_sha256(state):
         raise ValueError(f"{path} does not match its sha256: it changed after it was written; remove it or "
                          f"use --overwrite to start afresh")
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(run.args, k)}" for k in SHAPING
-               if saved.get(k) != getattr(run.args, k)]
+    a = run.args
+    same_rows = saved.get("batch_size", 0) * saved.get("grad_accum", 0) == a.batch_size * a.grad_accum
+    regrouped = same_rows and (saved.get("batch_size"), saved.get("grad_accum")) != (a.batch_size, a.grad_accum)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(a, k)}" for k in SHAPING
+               if saved.get(k) != getattr(a, k) and not (regrouped and k in ("batch_size", "grad_accum"))]
+    if regrouped:  # the same rows a step, in other micro-batches: the data order holds, the k draws do not
+        run.log(f"--resume at micro-batch {a.batch_size} x {a.grad_accum} (was {saved['batch_size']} x "
+                f"{saved['grad_accum']}): the same rows a step; the k drawn per micro-batch no longer continue "
+                f"as they would have")
     if changed:
         raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
                          f"use the same ones, or --overwrite to start afresh")

@@ -45,6 +45,19 @@ def end_processes(error: str | None = None):
     os._exit(1 if error else 0)
 
 
+def is_peer_loss(e: RuntimeError) -> bool:
+    """A collective failed because another process of the run went away (killed, crashed)."""
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("by peer", "Connection closed", "NCCL error"))
+
+
+def lost_peer(run, e: RuntimeError, resume: str) -> str:
+    """The one line of a process whose peer died: what failed, and how the run continues."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". This is")[0]
+    kept = f"{run.ckpt_path} holds step {run.last_good_step}" if run.last_good_step else "no checkpoint was written yet"
+    return (f"process {run.rank} of {run.world}: another process of the run stopped ({first[:160]}); {kept}; "
+            f"to continue: {resume}")
+
+
 def rank0_values(device, *values) -> list[float]:
     """Rank 0's values of these numbers, on every process (so all of them take the same decision)."""
     t = torch.tensor([float(v) for v in values], device=device)

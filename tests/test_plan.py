@@ -1,6 +1,6 @@
 """train.py's plan, made from the model's config before any download: Qwen3-4B on the cards people own
-or rent (--gpu-memory, on a CPU), the CPU hour by the memory still available, and one line when
-nothing fits."""
+or rent (--gpu-memory, on a CPU), the CPU hour by the memory still available, one line when nothing
+fits, and one line when memory runs out anyway."""
 import pytest
 
 import support.plan as plan_py
@@ -75,3 +75,35 @@ def test_the_plan_equals_the_trained_parameters(tiny_qwen):
     from support.weights import load_model
     model = load_model(str(tiny_qwen))
     assert n_params(model_config(str(tiny_qwen))) == sum(p.numel() for p in model.parameters())
+
+
+def test_out_of_memory_says_what_to_do_in_one_line(script, train_tiny, tmp_path, monkeypatch):
+    """Out of memory anyway (simulated): before any checkpoint, one line that says what to change; after
+    one, the line names the step it holds and the command that continues at half the micro-batch, the
+    checkpoint stays readable, and that command runs (the same rows a step, other micro-batches)."""
+    import shlex
+    import torch
+    import train
+    real_step = train.train_step
+
+    def step_until(n):
+        def step(run, i):
+            if i + 1 == n:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real_step(run, i)
+        return step
+    monkeypatch.setattr(train, "train_step", step_until(1))
+    r = train_tiny(tmp_path / "a", steps=4, save_every=2)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "out of memory at step 1; nothing was saved; try --batch-size 1 --grad-accum 2" in r.stderr, r.stderr
+    monkeypatch.setattr(train, "train_step", step_until(3))
+    r = train_tiny(tmp_path / "b", steps=4, save_every=2)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "out of memory at step 3; " in r.stderr and "ckpt.pt holds step 2" in r.stderr, r.stderr
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
+    command = shlex.split(r.stderr.split("rows a step): ")[1])
+    assert command[-5:] == ["--batch-size", "1", "--grad-accum", "2", "--resume"], command
+    monkeypatch.setattr(train, "train_step", real_step)
+    resumed = script("train.py", *command[2:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "the same rows a step" in resumed.stdout

@@ -205,3 +205,40 @@ def test_a_process_without_its_gpu_says_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="process 1 of this machine needs GPU 1, and it has 1"):
         start_processes("cuda")
+
+
+def test_a_killed_process_stops_the_others_in_one_line_and_resume_is_exact(train_tiny, tmp_path):
+    """kill -9 of rank 1 mid-run (2 processes, gloo): rank 0 stops within the grace period with one line
+    that says which checkpoint holds what and how to continue, and --resume at the same world size gives
+    the weights of a run that was never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    settings = dict(steps=12, save_every=4, seq_len=32)
+    straight = train_tiny(tmp_path / "straight", nproc=2, **settings)
+    assert straight.returncode == 0, straight.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train.py"),
+               *train_tiny.args(tmp_path / "cut", **settings)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    for line in run.stdout:
+        if line.startswith("step 6 "):
+            break
+    workers = subprocess.run(["pgrep", "-f", str(tmp_path / "cut")], capture_output=True, text=True).stdout.split()
+    rank1 = [p for p in workers if b"LOCAL_RANK=1\0" in open(f"/proc/{p}/environ", "rb").read()]
+    assert len(rank1) == 1, workers
+    t0 = time.time()
+    os.kill(int(rank1[0]), signal.SIGKILL)
+    _, stderr = run.communicate(timeout=120)
+    assert time.time() - t0 < 60 and run.returncode != 0
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error: process 0 of 2")]
+    assert len(lines) == 1 and "another process of the run stopped" in lines[0], stderr[-3000:]
+    assert re.search(r"ckpt.pt holds step (4|8); to continue: torchrun --nproc_per_node 2 train.py", lines[0]), lines[0]
+    resumed = train_tiny(tmp_path / "cut", "--resume", nproc=2, **settings)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
