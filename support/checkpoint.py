@@ -97,7 +97,7 @@ def save_checkpoint(run, step, now: dict):
         if not all_finite(model_state.values()):
             raise Diverged(step, "the weights are not finite")
         state = {"model": model_state, "optimizer": optim_state, "step": step, "progress": run.progress,
-                 "args": vars(run.args)}
+                 "args": vars(run.args), "world": run.world}
         state["sha256"] = tensors_sha256(state)  # a byte that changes on disk later is caught by --resume
         nbytes = tensor_bytes(state)  # and 1% and 64 KiB for the archive's own records
         write_file_atomically(run.ckpt_path, lambda tmp: torch.save(state, tmp), nbytes + nbytes // 100 + (64 << 10))
@@ -135,24 +135,33 @@ def load_checkpoint(run):
     if digest is not None and digest != tensors_sha256(state):
         raise ValueError(f"{path} does not match its sha256: it changed after it was written; remove it or "
                          f"use --overwrite to start afresh")
-    a = run.args
-    same_rows = saved.get("batch_size", 0) * saved.get("grad_accum", 0) == a.batch_size * a.grad_accum
-    regrouped = same_rows and (saved.get("batch_size"), saved.get("grad_accum")) != (a.batch_size, a.grad_accum)
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(a, k)}" for k in SHAPING
-               if saved.get(k) != getattr(a, k) and not (regrouped and k in ("batch_size", "grad_accum"))]
-    if regrouped:  # the same rows a step, in other micro-batches: the data order holds, the k draws do not
-        run.log(f"--resume at micro-batch {a.batch_size} x {a.grad_accum} (was {saved['batch_size']} x "
-                f"{saved['grad_accum']}): the same rows a step; the k drawn per micro-batch no longer continue "
-                f"as they would have")
+    moved = regrouped(saved, state.get("world", 1), run)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(run.args, k)}" for k in SHAPING
+               if saved.get(k) != getattr(run.args, k) and not (moved and k in ("batch_size", "grad_accum"))]
     if changed:
         raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
                          f"use the same ones, or --overwrite to start afresh")
+    if moved:
+        run.log(moved)
     if run.args.amp == "auto":  # a resumed run computes in the precision it started in
         run.args.amp = saved.get("amp", "none")
     set_state_dict(run.student, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     run.progress = state.get("progress", 0.0)  # where the learning-rate decay continues from
     return state["step"]
+
+
+def regrouped(saved: dict, world: int, run) -> str | None:
+    """A resume whose steps take the same rows as the checkpoint's (written with `saved` args on `world`
+    processes), in other micro-batches or on another number of processes: the line that says so."""
+    a = run.args
+    before, now = (world, saved.get("batch_size"), saved.get("grad_accum")), (run.world, a.batch_size, a.grad_accum)
+    if before == now or before[0] * before[1] * before[2] != now[0] * now[1] * now[2]:
+        return None
+    # the k of a micro-batch is drawn by its index in the whole step: the same micro-batches draw the same k
+    draws = "the k draws continue exactly" if before[1] == now[1] else "the k drawn per micro-batch no longer continue"
+    return (f"--resume on {now[0]} process(es) x micro-batch {now[1]} x {now[2]} a step (was {before[0]} x {before[1]} "
+            f"x {before[2]}): the same rows a step; {draws}")
 
 
 def save_final_model(run, step, model_state):

@@ -242,3 +242,23 @@ def test_a_killed_process_stops_the_others_in_one_line_and_resume_is_exact(train
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_on_another_number_of_processes(train_tiny, tmp_path):
+    """A sharded run (--fsdp) of 2 processes x 1 micro-batch resumes on 1 process x 2, and a run of 1 x 2
+    resumes on 2 x 1: the same rows a step, the same k draws, so the weights are those of the run never
+    stopped (to the rounding by which 2 processes' gradients differ from 1's, as above)."""
+    two, one = dict(nproc=2, grad_accum=1), dict(nproc=1, grad_accum=2)
+    straight = train_tiny(tmp_path / "straight", "--fsdp", steps=6, **two)
+    assert straight.returncode == 0, straight.stderr
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    for first, then, name in ((two, one, "2-to-1"), (one, two, "1-to-2")):
+        out = tmp_path / name
+        r = train_tiny(out, "--fsdp", steps=3, **first)
+        assert r.returncode == 0, r.stderr
+        r = train_tiny(out, "--fsdp", "--resume", steps=6, **then)
+        assert r.returncode == 0, r.stderr
+        assert "resumed from" in r.stdout and "the same rows a step; the k draws continue exactly" in r.stdout, r.stdout
+        assert losses(straight.stdout)[3:] == pytest.approx(losses(r.stdout), rel=1e-4)
+        b = load_file(out / "model" / "model.safetensors")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4, name
