@@ -181,7 +181,7 @@ def setup(args) -> Run:
     log(f"data {args.data}: {len(examples)} examples, {sum(len(e[0]) for e in examples) / len(examples):.0f} "
         f"tokens on average (format {args.format}, at most {args.seq_len})")
 
-    model = shard_or_replicate(student, args.fsdp, world)  # what the step calls: the student, or its wrapper
+    model = shard_or_replicate(student, args.fsdp, world, teacher, log)  # what the step calls: the student, or its wrapper
     run = Run(args, student, model, teacher, make_optimizer(student, args), tok, examples, eval_prompts, out, rank, world, log,
               budget=budget, hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
     if args.resume:

@@ -93,7 +93,7 @@ def memory_estimate(cfg, n_params, args, world=1, checkpointing=False, n_trained
     logits = 3 * 4 * args.batch_size * branches * args.k_max * cfg.vocab_size
     parts = {"weights": n * w / shard, "grads": t * w / shard, "adamw": 8 * t / shard,
              "master": (4 * t if w < 4 else 0) / shard, "autocast copies": (2 * n if c < w else 0) / shard,
-             "teacher": 0 if args.lora else n * w, "activations": layers + logits + cache}
+             "teacher": 0 if args.lora else n * w / shard, "activations": layers + logits + cache}
     return {k: v / 2**30 for k, v in parts.items()}
 
 

@@ -83,13 +83,19 @@ def make_logger(master: bool):
     return log
 
 
-def shard_or_replicate(student, fsdp: bool, world: int):
-    """What a training step calls: with --fsdp the student sharded in place across processes (FSDP2),
-    with several processes its DDP wrapper, else the student itself."""
+def shard_or_replicate(student, fsdp: bool, world: int, teacher=None, log=print):
+    """What a training step calls: with --fsdp the student sharded in place across processes (FSDP2), and
+    the frozen teacher (a copy under full fine-tuning) sharded alike, each process holding its share of
+    it; with several processes the student's DDP wrapper; else the student itself."""
     if fsdp:
         from torch.distributed.fsdp import fully_shard
-        for block in student.layers:
-            fully_shard(block)
-        fully_shard(student)
+        for model in (student, teacher) if teacher is not None and teacher is not student else (student,):
+            whole = sum(p.numel() * p.element_size() for p in model.parameters())
+            for block in model.layers:
+                fully_shard(block)
+            fully_shard(model)
+            held = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+            log(f"{'teacher' if model is teacher else 'student'} weights sharded: {held / 2**20:.2f} MiB on this "
+                f"process of {whole / 2**20:.2f} MiB")
         return student
     return torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student

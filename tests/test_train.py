@@ -122,6 +122,9 @@ def test_two_processes_equal_one(train_tiny, tmp_path, sharding):
     assert two.returncode == 0, two.stderr
     if sharding == "fsdp":  # no closing table: each process would size its decode passes by its own clock
         assert "python bench.py --init" in two.stdout and "pass cost" not in two.stderr, two.stdout
+        held, whole = map(float, re.search(r"teacher weights sharded: ([\d.]+) MiB on this process of ([\d.]+) MiB",
+                                           two.stdout).groups())  # a frozen copy, sharded like the student
+        assert held == pytest.approx(whole / 2, abs=0.02), two.stdout
     assert "2 process(es)" in two.stdout
     assert losses(one.stdout) == pytest.approx(losses(two.stdout), rel=1e-4)
     a = load_file(tmp_path / "one" / "model" / "model.safetensors")
