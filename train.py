@@ -353,7 +353,7 @@ def summary(run):
     the budget allows (data.held_out.closing_table); then the command that decodes with it."""
     run.student.eval()
     for line in closing_table(run.teacher, run.student, run.tok, run.eval_prompts, run.args.eval_tokens,
-                              run.args.k_max, run.budget):
+                              run.args.k_max, run.budget, run.args.device if run.args.fsdp else None):
         run.log(line)
     init = "" if run.out.resolve() == Path("out").resolve() else f" --init {run.out / 'model'}"
     run.log(f'next: python decode.py{init} --prompt "{NEXT_PROMPT}" --threshold 0.9')
@@ -378,9 +378,7 @@ def main(args, argv=()):
         save_final_model(run, step, model_state)
     if run.budget.signalled:  # a scheduler's grace period is short: no evaluation, only the way back
         run.log(f"stopped by a signal after step {step}; to continue: {resume_command(argv)}")
-    elif args.fsdp:  # sharded: each process would size decode passes by its own clock, and their collectives part ways
-        run.log(f"to measure it: python bench.py --init {run.out / 'model'} --against-original")
-    elif run.master:
+    elif run.master or args.fsdp:  # sharded: every process decodes, with rank 0's decisions
         summary(run)
 
 

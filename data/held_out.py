@@ -8,19 +8,22 @@ from data import extract_number
 from decode import generate
 from distill import teacher_nll
 from support.cli import TREE
+from support.processes import rank0_values
 from support.sizing import measure_pass_cost
 
 
 @torch.no_grad()
 def against_original(original, model, tok, prompts, max_new_tokens: int, threshold: float = 0.9,
                      k_max: int | None = None, deadline: float = float("inf"), teacher_loss: bool = False,
-                     trees=(None,)) -> tuple[dict, int]:
+                     trees=(None,), rank0_on: str | None = None) -> tuple[dict, int]:
     """The tuned model's decoding against the ORIGINAL model's k=1, prompt by prompt, interleaved so
     that load on the machine hits every strategy alike: tokens/s and its ratio to the original's, tokens
     per pass, how often the text and the final number are the original's, and if asked the teacher loss
     (the original's NLL per new token, distill.teacher_nll). Passes are sized by their cost, as
     decode.py sizes them. original may be model itself (gated LoRA: its k=1 is the original).
-    No prompt starts after the deadline (time.time()). Returns the table ({} if no prompt was measured)
+    No prompt starts after the deadline (time.time()). rank0_on: a device, in a sharded run, whose every process
+    measures alike and takes rank 0's decisions (the deadline, the passes' sizes: sizing.PassCost.agreed).
+    Returns the table ({} if no prompt was measured)
     and the number of prompts it measured. trees: the --verify trees to measure (None: decode.py's)."""
     k_max = k_max or model.cfg.k_max or 16
     stop = sorted(tok.stop_ids)
@@ -36,12 +39,18 @@ def against_original(original, model, tok, prompts, max_new_tokens: int, thresho
         strategies[name] = lambda p, c, n=max_new_tokens, tree=tree or TREE: generate(
             model, p, n, verify=True, k_max=k_max, stop_ids=stop, pass_cost=c, tree=tree)
         costs[name] = measure_pass_cost(model, k_max, True, tree or TREE)
+    for cost in costs.values():
+        if cost is not None:
+            cost.rank0_on = rank0_on
     for name, run in strategies.items():  # warm-up: every kernel has chosen for its rows
         run(prompts[0][:16], costs[name], 8)
     totals = {name: dict(tokens=0, seconds=0.0, passes=0, same=0, same_answer=0, nll=0.0) for name in strategies}
     measured = 0
     for prompt in prompts:
-        if time.time() > deadline:
+        late = time.time() > deadline
+        if rank0_on is not None:  # every process stops at rank 0's clock
+            late = bool(rank0_values(rank0_on, late)[0])
+        if late:
             break
         measured += 1
         ref = None
@@ -73,14 +82,17 @@ def describe_against_original(table: dict) -> list[str]:
             for name, t in table.items()]
 
 
-def closing_table(original, model, tok, prompts, max_new_tokens: int, k_max: int, budget) -> list[str]:
+def closing_table(original, model, tok, prompts, max_new_tokens: int, k_max: int, budget,
+                  rank0_on: str | None = None) -> list[str]:
     """train.py's closing lines: ConfAdapt(0.9) and --verify against the original model's k=1 on the
-    held-out prompts (against_original), with as many prompts as the run's budget (support/budget.py) leaves."""
+    held-out prompts (against_original), with as many prompts as the run's budget (support/budget.py) leaves;
+    rank0_on: a sharded run's device, whose processes all decode, taking rank 0's decisions."""
     if not prompts:
         return []
     measured = 0
     if time.time() < budget.end:
-        table, measured = against_original(original, model, tok, prompts, max_new_tokens, 0.9, k_max, deadline=budget.end)
+        table, measured = against_original(original, model, tok, prompts, max_new_tokens, 0.9, k_max,
+                                           deadline=budget.end, rank0_on=rank0_on)
     if not measured:
         return [f"done in {budget.minutes_in():.1f} min | no time left in the budget to measure decoding"]
     cut = f" of {len(prompts)} (the time budget ended)" if measured < len(prompts) else ""

@@ -56,6 +56,15 @@ class PassCost:
         self.seen = [1] * len(self.rows)  # passes behind each estimate (the start-up one counts once)
         self.last = [0] * len(self.rows)  # the pass at which each row count was last fed
         self.history = []  # (rows, seconds) of every pass observed: its length counts the passes
+        self.rank0_on = None  # a device: in a sharded run every process takes rank 0's decisions (agreed)
+
+    def agreed(self, n: int) -> int:
+        """n, or in a sharded run rank 0's n: each process times its own passes, and all of them must feed
+        the same rows, since every forward pass of a sharded model is a collective."""
+        if self.rank0_on is None:
+            return n
+        from support.processes import rank0_values
+        return int(rank0_values(self.rank0_on, n)[0])
 
     def bucket(self, rows: int) -> int | None:
         """Index of the measured row count that a pass of `rows` rows runs at (None: beyond them)."""
@@ -164,8 +173,8 @@ def best_n(max_n: int, expected, cost: PassCost, rows) -> int:
     while (cost.stale) goes first, once, to be measured again."""
     stale = [n for n in range(max_n + 1) if cost.stale(rows(n))]
     if stale:
-        return min(stale, key=lambda n: cost.last[cost.bucket(rows(n))])
-    return max(range(max_n + 1), key=lambda n: (1 + expected(n)) / cost(rows(n)))
+        return cost.agreed(min(stale, key=lambda n: cost.last[cost.bucket(rows(n))]))
+    return cost.agreed(max(range(max_n + 1), key=lambda n: (1 + expected(n)) / cost(rows(n))))
 
 
 class RankAcceptance:
