@@ -155,9 +155,10 @@ def plan_before_download(args, cfg) -> bool:
 
 
 def apply_plan(plan: Plan, args, out: Path):
-    """The settings of the plan, into the run's arguments; on a GPU, a run whose checkpoints would not fit
-    the disk of its --out is refused before it starts (on a CPU they are small, and a save that meets a
-    full disk says so in one line, support/files.py)."""
+    """The settings of the plan, into the run's arguments. On a GPU a run is refused before it starts if a
+    checkpoint, gathered whole in host memory to be written, would not fit the memory available, or two
+    of them the disk of its --out (on a CPU they are small, and a save that meets a full disk says so in
+    one line, support/files.py)."""
     if plan.switched and "lr" not in args.given:
         args.lr = LORA_LR
     args.lora, args.lora_layers = plan.lora, plan.lora_layers
@@ -165,6 +166,9 @@ def apply_plan(plan: Plan, args, out: Path):
     args.batch_size, args.grad_accum = plan.batch_size, plan.grad_accum
     if not args.device.startswith("cuda"):
         return
+    if plan.checkpoint_gib > (host := available_host_gib()):
+        raise ValueError(f"a checkpoint of this run is gathered in host memory to be written: {plan.checkpoint_gib:.1f} "
+                         f"GiB, and {host:.1f} GiB is available; free memory, or train with --lora")
     existing = out if out.exists() else out.resolve().parent
     free = shutil.disk_usage(existing).free / 2**30
     if 2 * plan.checkpoint_gib > free:

@@ -107,3 +107,22 @@ def test_out_of_memory_says_what_to_do_in_one_line(script, train_tiny, tmp_path,
     resumed = script("train.py", *command[2:])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "the same rows a step" in resumed.stdout
+
+
+def test_a_gpu_run_checks_host_memory_and_disk_before_it_starts(tmp_path, monkeypatch):
+    """A full fine-tune of Qwen3-4B keeps 52 GiB of state: gathered in host memory at each checkpoint, and on
+    disk twice while a new one replaces the old; a machine without either is refused at the start."""
+    import shutil
+    from support.plan import apply_plan, plan_run
+    from train import get_args
+    args = get_args(["--init", "qwen3-4b", "--gpu-memory", "140.4", "--out", str(tmp_path / "out")])
+    args.plan = False  # as a run on such a card would be
+    plan = plan_run(args, model_config("qwen3-4b"))
+    assert plan.checkpoint_gib == pytest.approx(52.4, abs=0.1)
+    monkeypatch.setattr(plan_py, "available_host_gib", lambda: 32.0)
+    with pytest.raises(ValueError, match="gathered in host memory to be written: 52.4 GiB, and 32.0 GiB is available"):
+        apply_plan(plan, args, tmp_path / "out")
+    monkeypatch.setattr(plan_py, "available_host_gib", lambda: 256.0)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(200 << 30, 100 << 30, 100 << 30))
+    with pytest.raises(ValueError, match="has 100.0 GiB free on its disk; the run.s checkpoints need 104.9"):
+        apply_plan(plan, args, tmp_path / "out")
