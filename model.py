@@ -65,6 +65,14 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
+def rope_cos_sin(pos, inv_freq):
+    """cos and sin of RoPE's angles at positions pos, float32, each (..., head_dim): the two halves of
+    head_dim turn at the same frequencies (HF layout)."""
+    angles = pos.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
 def apply_rope(x, cos, sin):
     """x: (B, H, T, D); cos, sin: (B, 1, T, D). HF layout: the two halves of D are rotated together."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -168,9 +176,14 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
-        angles = torch.arange(max_len, device=device).float()[:, None] * inv_freq.to(device)
-        angles = torch.cat((angles, angles), dim=-1)
-        self.rope = angles.cos(), angles.sin()  # RoPE at every position, read by Transformer.decode_pass
+        self.inv_freq, self._rope = inv_freq, None
+
+    @property
+    def rope(self):
+        """cos and sin of RoPE at every position of the cache, made on first use (Transformer.decode_pass)."""
+        if self._rope is None:
+            self._rope = rope_cos_sin(torch.arange(self.max_len, device=self.k.device), self.inv_freq.to(self.k.device))
+        return self._rope
 
     def truncate(self, n: int):
         assert 0 <= n <= self.length, f"cannot truncate a cache of {self.length} to {n}"
@@ -237,10 +250,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)  # also tells gated LoRA which rows are <MTP> rows (lora.py)
         if hidden is not None:
             x = hidden
-        freqs = pos.float()[..., None] * self.inv_freq  # (T, D/2) or (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(x.dtype).expand(B, T, -1)[:, None]
-        sin = emb.sin().to(x.dtype).expand(B, T, -1)[:, None]
+        cos, sin = (t.to(x.dtype).expand(B, T, -1)[:, None] for t in rope_cos_sin(pos, self.inv_freq))  # (B, 1, T, D)
         for i in blocks if blocks is not None else range(len(self.layers)):
             layer = self.layers[i]
             kv = (cache.k[i], cache.v[i], start, keep) if cache is not None else None

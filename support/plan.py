@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from support.cpu_kernels import free_memory_bytes
 from support.optim import memory_estimate
 from support.weights import PRESETS
 
@@ -87,13 +88,7 @@ def free_memory(args) -> tuple[float, str]:
 
 
 def available_host_gib() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return free_memory_bytes() / 2**30
 
 
 def candidates(cfg, args):
