@@ -171,11 +171,13 @@ def frozen_bytes(cfg, n_tokens: int, n_cuts: int, k_max: int, first_block: int, 
 
 
 @torch.no_grad()
-def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: int, kv_dtype=None) -> FrozenRows:
+def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: int, kv_dtype=None,
+                branches: tuple[torch.Tensor, int] | None = None) -> FrozenRows:
     """What the frozen original computes for one training text: its real rows in every block, in one
     forward pass that also gives the argmax at every row, and a branch of k_max - 1 <MTP> slots after
     each row from first_cut on, up to the lowest adapted block (first_block; none if it is 0).
-    kv_dtype: what the keys and values are kept in (default: the model's dtype)."""
+    kv_dtype: what the keys and values are kept in (default: the model's dtype). branches: (cuts, k), the
+    branches of one step only, for rows that are not kept (FrozenStore): the others' slots stay zero."""
     L, device = len(ids), model.embed_tokens.weight.device
     cache = model.new_cache(L)
     cuts = torch.arange(first_cut, L - 1, device=device)
@@ -184,12 +186,15 @@ def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: 
     cut_loss = torch.zeros(L, device=device)
     argmax[cuts] = logits.argmax(-1)
     cut_loss[cuts] = F.cross_entropy(logits, argmax[cuts], reduction="none")
-    n_masks, masks = k_max - 1, torch.zeros(0, device=device)
+    masks = torch.zeros(0, device=device)
     if first_block and len(cuts):
-        pos, mask = branch_layout(L, cuts, n_masks)
-        idx = torch.full((1, len(cuts) * n_masks), model.cfg.mask_id, device=device)
-        masks = model(idx, pos[L:], mask[L:], cache=cache, keep=False, blocks=range(first_block))
-        masks = masks[0].view(len(cuts), n_masks, -1)
+        made, n_masks = (cuts, k_max - 1) if branches is None else branches
+        made = made[(made >= first_cut) & (made < L - 1)]  # a cut past this text's end is not valid in its row
+        pos, mask = branch_layout(L, made, n_masks)
+        idx = torch.full((1, len(made) * n_masks), model.cfg.mask_id, device=device)
+        hidden = model(idx, pos[L:], mask[L:], cache=cache, keep=False, blocks=range(first_block))
+        masks = torch.zeros(len(cuts), k_max - 1, model.cfg.dim, dtype=hidden.dtype, device=device)
+        masks[made - first_cut, :n_masks] = hidden[0].view(len(made), n_masks, -1)
     kv_dtype = kv_dtype or cache.k.dtype
     return FrozenRows(cache.k[:, 0].to(kv_dtype, copy=True), cache.v[:, 0].to(kv_dtype, copy=True), argmax,
                       cut_loss, masks, first_cut)
@@ -276,31 +281,47 @@ def model_of(model):
 
 
 class FrozenStore:
-    """FrozenRows of every training text, each made alone the first time its text is met, so that a
+    """FrozenRows of the training texts, each made alone the first time its text is met, so that a
     resumed run makes the same ones, and made again if the precision of the step changes. Under
     autocast attention reads keys and values in the autocast dtype (scaled_dot_product_attention is
-    one of autocast's operators), so they are kept in it: the same products, half the memory."""
+    one of autocast's operators), so they are kept in it: the same products, half the memory.
+    Texts are kept while their rows fit in limit_bytes; a text met after that has the rows of its
+    step's branches made for that step alone, about what mtp_loss_gated computes."""
 
     def __init__(self, examples, starts: list[int], k_max: int, first_block: int):
         self.examples, self.starts, self.k_max, self.first_block = examples, starts, k_max, first_block
         self.rows, self.precision = {}, None
+        self.limit_bytes, self.kept_bytes = float("inf"), 0
+
+    def text_bytes(self, i: int, cfg, dtype: torch.dtype, precision: torch.dtype | None) -> int:
+        """What keeping text i's FrozenRows takes, for a model in dtype and steps under autocast to precision."""
+        n = len(self.examples[i][0])
+        return frozen_bytes(cfg, n, max(n - 1 - self.starts[i], 0), self.k_max, self.first_block, dtype.itemsize,
+                            (precision or dtype).itemsize)
 
     def nbytes(self, cfg, dtype: torch.dtype, precision: torch.dtype | None) -> int:
-        """What keeping every text's FrozenRows takes, for a model in dtype and steps under autocast to precision."""
-        return sum(frozen_bytes(cfg, len(ids), max(len(ids) - 1 - s, 0), self.k_max, self.first_block, dtype.itemsize,
-                                (precision or dtype).itemsize) for (ids, _), s in zip(self.examples, self.starts))
+        """What keeping every text's FrozenRows takes."""
+        return sum(self.text_bytes(i, cfg, dtype, precision) for i in range(len(self.examples)))
 
-    def get(self, model, texts: list[int]) -> list[FrozenRows]:
+    def get(self, model, texts: list[int], cuts: torch.Tensor, k: int) -> list[FrozenRows]:
         model = model_of(model)
         device = model.embed_tokens.weight.device.type
         precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if precision != self.precision:
-            self.rows, self.precision = {}, precision
+            self.rows, self.precision, self.kept_bytes = {}, precision, 0
+        rows = []
         for i in texts:
             if i not in self.rows:
-                self.rows[i] = frozen_rows(model, self.examples[i][0], self.starts[i], self.k_max, self.first_block,
-                                           kv_dtype=precision)
-        return [self.rows[i] for i in texts]
+                nbytes = self.text_bytes(i, model.cfg, model.embed_tokens.weight.dtype, precision)
+                keep = self.kept_bytes + nbytes <= self.limit_bytes
+                made = frozen_rows(model, self.examples[i][0], self.starts[i], self.k_max, self.first_block,
+                                   kv_dtype=precision, branches=None if keep else (cuts, k - 1))
+                if not keep:
+                    rows.append(made)
+                    continue
+                self.rows[i], self.kept_bytes = made, self.kept_bytes + nbytes
+            rows.append(self.rows[i])
+        return rows
 
 
 def distill_loss(student, teacher, batch: MTPBatch, gated: bool, soft: bool = False, denom=None,
@@ -308,7 +329,8 @@ def distill_loss(student, teacher, batch: MTPBatch, gated: bool, soft: bool = Fa
     """The objective of one batch: mtp_loss against the frozen teacher, or for a gated-LoRA student
     (its own teacher) mtp_loss_gated; given a FrozenStore of the texts, mtp_loss_frozen."""
     if gated and frozen is not None:
-        return mtp_loss_frozen(student, batch, frozen.get(student, batch.texts), frozen.first_block, soft, denom)
+        rows = frozen.get(student, batch.texts, batch.pred[0, ::batch.k], batch.k)
+        return mtp_loss_frozen(student, batch, rows, frozen.first_block, soft, denom)
     if gated:
         return mtp_loss_gated(student, batch, soft=soft, denom=denom)
     return mtp_loss(student, teacher, batch, soft=soft, denom=denom)

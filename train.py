@@ -34,7 +34,7 @@ from support.cli import ArgumentParser, check_model_settings, check_train_args, 
 from support.cpu_kernels import use_few_row_kernels
 from support.files import release_folders
 from support.optim import autocast, describe_setup, make_optimizer, plan_memory
-from support.plan import frozen_if_it_fits, plan_before_download
+from support.plan import keep_frozen_rows, plan_before_download
 from support.processes import end_processes, make_logger, rank0_values, shard_or_replicate, start_processes, summed_over_processes
 from support.step_timing import faster_precision
 from support.tokenizer import encode_prompt
@@ -86,7 +86,7 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--branch-every", type=int, help="tokens between branch cuts")
     p.add_argument("--branch-from", choices=["all", "response"], help="cut anywhere (the paper) or in answers only")
     p.add_argument("--self-answers", type=int, help="train on the model's own answers to N questions (0: the data's)")
-    p.add_argument("--cache-frozen", default="on", choices=["on", "off"], help="keep the frozen rows (support.plan.frozen_if_it_fits)")
+    p.add_argument("--cache-frozen", default="on", choices=["on", "off"], help="keep the frozen rows (support.plan.keep_frozen_rows)")
     p.add_argument("--loss", default="hard", choices=["hard", "soft"], help="teacher argmax, or KL (docs/METHOD.md)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps")
     p.add_argument("--decay", choices=["none", "linear", "cosine"], help="to zero at the budget's end (none: the paper)")
@@ -141,7 +141,7 @@ class Run:
     probe: object = None              # a fixed batch (probe_batch) that every checkpoint is checked on
     good_probe: dict = None           # probe() of the last good checkpoint (at the start: of the model)
     progress: float = 0.0             # the fraction of the budget spent, which --decay follows (Budget.spent)
-    frozen: FrozenStore = None        # gated LoRA: what the frozen original computes per text, kept (support.plan.frozen_if_it_fits)
+    frozen: FrozenStore = None        # gated LoRA: what the frozen original computes per text, kept (support.plan.keep_frozen_rows)
     k1_texts: dict = field(default_factory=dict)  # quick eval: (k=1 text, its teacher NLL) per prompt, if fixed
     hits: torch.Tensor = field(default=None)  # agreement per offset since the last log line
     counts: torch.Tensor = field(default=None)
@@ -195,7 +195,7 @@ def setup(args) -> Run:
         faster_precision(lambda: batch_loss(run, batch)[0].backward(), args, run.budget.amp_timing_seconds, log,
                          run.ddp, run.student)
         run.optimizer.zero_grad(set_to_none=True)
-    run.frozen = run.frozen and frozen_if_it_fits(run.frozen, run.student, args, len(run.examples), run.log)
+    run.frozen = run.frozen and keep_frozen_rows(run.frozen, run.student, args, len(run.examples), run.log)
     run.probe = probe_batch(run)
     run.good_probe = probe(run)  # the model as it starts: the original, or the checkpoint resumed
     return run

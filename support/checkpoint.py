@@ -33,11 +33,13 @@ def prepare_out(out: Path, start_afresh: bool):
         shutil.rmtree(out / "model", ignore_errors=True)
 
 
-def gather_state(student, optimizer):
-    """Model and optimizer state as whole tensors keyed by name (collected from every process when
-    the student is sharded with FSDP, so every process must call this)."""
+def gather_state(student, optimizer, sharded: bool):
+    """Model and optimizer state as whole tensors keyed by name. Unsharded, the tensors themselves, where
+    they live: torch.save copies them to host memory one storage at a time, so writing the state of a
+    full fine-tune on a GPU never holds all of it in host memory. Sharded with FSDP, collected from every
+    process (every process must call this) into host memory on the first."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=sharded))
 
 
 def tensor_bytes(state, seen=None) -> int:
@@ -92,7 +94,7 @@ def save_checkpoint(run, step, now: dict):
     jumped = spike(now, run.good_probe)
     if jumped:
         raise Diverged(step, f"{jumped} since step {run.last_good_step or 0}")
-    model_state, optim_state = gather_state(run.student, run.optimizer)
+    model_state, optim_state = gather_state(run.student, run.optimizer, run.args.fsdp)
     if run.master:
         if not all_finite(model_state.values()):
             raise Diverged(step, "the weights are not finite")
@@ -115,7 +117,7 @@ def restore_last_good(run, diverged: Diverged) -> str:
     if run.last_good_step is None:
         return f"{what}; nothing was saved from this run (try a lower --lr)"
     run.step = load_checkpoint(run)
-    model_state = gather_state(run.student, run.optimizer)[0]
+    model_state = gather_state(run.student, run.optimizer, run.args.fsdp)[0]
     if run.master:
         save_final_model(run, run.step, model_state)
     return f"{what}; {run.out / 'model'} holds step {run.step}, the last good checkpoint (try a lower --lr)"
@@ -127,7 +129,8 @@ def load_checkpoint(run):
     if not path.exists():
         raise ValueError(f"--resume: no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, tensors only
+        # our own file, tensors only; mapped, so that its tensors reach the model without a whole copy in memory
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         saved, digest = state["args"], state.pop("sha256", None)
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); remove it or "

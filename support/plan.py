@@ -25,7 +25,7 @@ from support.weights import PRESETS
 FITS = 0.9  # of the free memory
 # gated LoRA where the full fine-tune does not fit: (rank, top blocks, 0 = all), the most first
 LORA_CHOICES = ((128, 0), (128, 16), (64, 8), (32, 4))
-FROZEN_GIB = 8  # at most this much memory for the frozen rows kept between passes over the data (frozen_if_it_fits)
+FROZEN_GIB = 8  # at most this much memory for the frozen rows kept between passes over the data (keep_frozen_rows)
 # a CPU run's process beyond what memory_estimate counts: torch, the tokenizer, the data, the weights' loading
 # (a process that loads SmolLM2 peaks at 1.3 GiB resident, 0.5 of it the float32 weights)
 PROCESS_GIB = 1.0
@@ -62,20 +62,21 @@ class Plan:
     gib: float                # the estimate
     free_gib: float
     where: str                # "GPU", "a 24 GiB GPU (--gpu-memory)", "CPU"
-    checkpoint_gib: float     # one training checkpoint, in host memory while it is written
+    checkpoint_gib: float     # one training checkpoint (in host memory while it is written, under --fsdp)
     step_seconds: float | None
     steps_in_budget: int | None
     switched: bool = False    # gated LoRA where the recipe is the full fine-tune
+    frozen_gib: float = 0.0   # gated LoRA: memory for the frozen rows kept between passes over the data
 
     def line(self) -> str:
         step = (f"a step about {self.step_seconds:.1f} s (measured on an H200), about {self.steps_in_budget:,} "
                 f"steps in the budget" if self.step_seconds else "the step time is not measured for this plan")
         paper = " (not the paper's full fine-tune; --lr 1e-3, the CPU hour's)" if self.switched else ""
+        frozen = f"; frozen rows kept in up to {self.frozen_gib:.1f} GiB" if self.frozen_gib else ""
         return (f"plan: {self.method}{paper}, activation checkpointing {'on' if self.checkpointing else 'off'}, "
-                f"micro-batch {self.batch_size} x {self.grad_accum}; {self.gib:.1f} GiB estimated of "
-                f"{self.free_gib:.1f} free on {self.where} (fits: at most {FITS:.0%}); checkpoints "
-                f"{self.checkpoint_gib:.1f} GiB in host memory, twice that on disk while one replaces "
-                f"the other; {step}")
+                f"micro-batch {self.batch_size} x {self.grad_accum}{frozen}; {self.gib:.1f} GiB estimated of "
+                f"{self.free_gib:.1f} free on {self.where} (fits: at most {FITS:.0%}); checkpoints of "
+                f"{self.checkpoint_gib:.1f} GiB, twice that on disk while one replaces the other; {step}")
 
 
 def free_memory(args) -> tuple[float, str]:
@@ -135,8 +136,9 @@ def finish_plan(args, cfg, lora, layers, ckpt, batch, accum, gib, free, where) -
     preset = next((name for name, repo in PRESETS.items() if args.init in (name, repo)), args.init)
     step = STEP_SECONDS.get((preset, "lora" if lora else "full", ckpt)) if batch == args.batch_size else None
     steps = int(args.max_minutes * 60 / step) if step and args.max_minutes else None
+    frozen = min(FROZEN_GIB, FITS * free - gib) if lora and args.cache_frozen == "on" else 0.0
     return Plan(method, lora, layers, ckpt, batch, accum, gib, free, where, state_bytes / 2**30, step, steps,
-                switched=bool(lora) and not args.lora)
+                switched=bool(lora) and not args.lora, frozen_gib=frozen)
 
 
 def plan_before_download(args, cfg) -> bool:
@@ -150,18 +152,19 @@ def plan_before_download(args, cfg) -> bool:
 
 
 def apply_plan(plan: Plan, args, out: Path):
-    """The settings of the plan, into the run's arguments. On a GPU a run is refused before it starts if a
-    checkpoint, gathered whole in host memory to be written, would not fit the memory available, or two
-    of them the disk of its --out (on a CPU they are small, and a save that meets a full disk says so in
-    one line, support/files.py)."""
+    """The settings of the plan, into the run's arguments. On a GPU a run is refused before it starts if two
+    checkpoints would not fit the disk of its --out, or, under --fsdp, where one is gathered whole in host
+    memory to be written (support/checkpoint.py), one the memory available. On a CPU they are small, and a
+    save that meets a full disk says so in one line (support/files.py)."""
     if plan.switched and "lr" not in args.given:
         args.lr = LORA_LR
     args.lora, args.lora_layers = plan.lora, plan.lora_layers
     args.checkpoint_activations = "on" if plan.checkpointing else "off"
     args.batch_size, args.grad_accum = plan.batch_size, plan.grad_accum
+    args.frozen_gib = plan.frozen_gib
     if not args.device.startswith("cuda"):
         return
-    if plan.checkpoint_gib > (host := available_host_gib()):
+    if args.fsdp and plan.checkpoint_gib > (host := available_host_gib()):
         raise ValueError(f"a checkpoint of this run is gathered in host memory to be written: {plan.checkpoint_gib:.1f} "
                          f"GiB, and {host:.1f} GiB is available; free memory, or train with --lora")
     existing = out if out.exists() else out.resolve().parent
@@ -171,13 +174,20 @@ def apply_plan(plan: Plan, args, out: Path):
                          f"{2 * plan.checkpoint_gib:.1f} (old and new side by side while one is written)")
 
 
-def frozen_if_it_fits(frozen, model, args, n_texts: int, log):
+def keep_frozen_rows(frozen, model, args, n_texts: int, log):
     """Under gated LoRA the real rows, the mask slots below the lowest adapter and the original's argmax are
-    the same in every pass over the data (distill.py, mtp_loss_frozen): kept if they fit in FROZEN_GIB and,
-    on a CPU, in half the memory still available; else None (computed every step)."""
+    the same in every pass over the data (distill.py, mtp_loss_frozen): the texts whose rows fit in the
+    plan's frozen_gib are kept, and the others' are made for each step alone. None where none fit."""
     precision = getattr(torch, args.amp) if args.amp != "none" else None
-    gib = frozen.nbytes(model.cfg, model.embed_tokens.weight.dtype, precision) / 2**30
-    limit = FROZEN_GIB if args.device != "cpu" else min(FROZEN_GIB, available_host_gib() / 2)
-    log(f"frozen rows: {gib:.2f} GiB for {n_texts} texts, " + ("kept between passes over the data" if gib <= limit
-        else f"more than {limit:.1f} GiB: computed every step"))
-    return frozen if gib <= limit else None
+    dtype = model.embed_tokens.weight.dtype
+    limit = getattr(args, "frozen_gib", FROZEN_GIB) * 2**30
+    sizes = [frozen.text_bytes(i, model.cfg, dtype, precision) for i in range(n_texts)]
+    kept, total = 0, sum(sizes)
+    while kept < n_texts and sum(sizes[:kept + 1]) <= limit:
+        kept += 1
+    say = "all kept between passes over the data" if kept == n_texts else \
+        f"{sum(sizes[:kept]) / 2**30:.2f} GiB of them kept (about {kept} texts), the rest made every step"
+    log(f"frozen rows: {total / 2**30:.2f} GiB for {n_texts} texts, {say}" if kept else
+        f"frozen rows: {total / 2**30:.2f} GiB for {n_texts} texts, none fit in {limit / 2**30:.1f} GiB: computed every step")
+    frozen.limit_bytes = limit
+    return frozen if kept else None

@@ -4,7 +4,7 @@ targets along any rollout, on the text or off it."""
 import pytest
 import torch
 
-from distill import build_batch, frozen_rows, mtp_loss_frozen, mtp_loss_gated, teacher_where_needed
+from distill import build_batch, distill_loss, frozen_rows, mtp_loss_frozen, mtp_loss_gated, teacher_where_needed
 from lora import adapter_state, add_lora
 from support.weights import load_model
 
@@ -181,8 +181,32 @@ def test_keys_and_values_kept_in_the_autocast_dtype_change_nothing(make_tiny, tm
 
     store = FrozenStore([(t, s + 1) for t, s in zip(texts, starts)], starts, 5, first_block=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rows = store.get(model, [0, 1])
+        rows = store.get(model, [0, 1], b.pred[0, ::4], 4)
     assert all(f.k.dtype == f.v.dtype == torch.bfloat16 and f.masks.dtype == torch.float32 for f in rows)
     kept = sum(t.nbytes for f in rows for t in (f.k, f.v, f.argmax, f.cut_loss, f.masks))
     assert store.nbytes(model.cfg, torch.float32, torch.bfloat16) == kept
     assert store.nbytes(model.cfg, torch.float32, None) > kept
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_texts_past_the_store_limit_are_made_for_their_step(tiny, soft):
+    """A store that keeps only the first text (the memory left for it holds one) makes the second's rows for
+    each step alone, for that step's branches: the loss, metrics and gradients are those of keeping both."""
+    from distill import FrozenStore
+    model, texts, starts = tiny
+    b = batch_of(texts, starts, 4, seed=1)
+    b.texts = [0, 1]
+
+    def loss_and_grads(limit):
+        store = FrozenStore([(t, None) for t in texts], starts, 5, first_block=2)
+        store.limit_bytes = limit(store.text_bytes(0, model.cfg, torch.float64, None))
+        model.zero_grad()
+        loss, metrics = distill_loss(model, None, b, gated=True, soft=soft, frozen=store)
+        loss.backward()
+        return store, loss.item(), metrics, {n: p.grad.clone() for n, p in adapter_state(model).items() if p.requires_grad}
+    every = loss_and_grads(lambda first: float("inf"))
+    one = loss_and_grads(lambda first: first)
+    assert sorted(every[0].rows) == [0, 1] and sorted(one[0].rows) == [0] and one[0].kept_bytes < every[0].kept_bytes
+    assert one[1] == pytest.approx(every[1], rel=1e-12) and one[2]["n"] == every[2]["n"]
+    assert torch.equal(one[2]["agree_hit"], every[2]["agree_hit"])
+    assert all(torch.allclose(one[3][n], every[3][n], rtol=1e-10, atol=1e-13) for n in every[3])
