@@ -40,6 +40,7 @@ from data import extract_number, gsm8k_prompt, load_gsm8k
 from data.held_out import against_original, describe_against_original
 from decode import generate
 from support.cpu_kernels import machine
+from support.sampling import add_sampling_args, check_sampling_args, sampler_of
 from support.sizing import PassCost, mask_pass
 from support.step_timing import mtp_step_cost
 from support.timing import bandwidth_gbs, matmul_gflops
@@ -144,7 +145,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both implementations")
     p.add_argument("--compile", action="store_true", help="torch.compile our model's forward (GPU)")
     p.add_argument("--json", action="store_true")
+    add_sampling_args(p)
     args = p.parse_args(argv)
+    check_sampling_args(args, p)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -179,22 +182,25 @@ def main(argv=None):
 
     def run_hf(prompt):
         t0 = time.perf_counter()
-        out = hf.generate(torch.tensor([prompt], device=args.device), max_new_tokens=n_new,
-                          do_sample=False, eos_token_id=stop, pad_token_id=tok.eos_id)
+        drawn = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0) \
+            if args.temperature else dict(do_sample=False)
+        out = hf.generate(torch.tensor([prompt], device=args.device), max_new_tokens=n_new, eos_token_id=stop,
+                          pad_token_id=tok.eos_id, **drawn)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return out.size(1) - len(prompt), time.perf_counter() - t0
 
     cost, floors = pass_cost_table(model, args.device, getattr(torch, args.dtype), max(32, min(k_max ** 2, 64)))
-    strategies = {"k=1": lambda prompt: generate(model, prompt, n_new, k=1, stop_ids=stop)}
+    common = dict(stop_ids=stop, sampler=sampler_of(args, args.device))
+    strategies = {"k=1": lambda prompt: generate(model, prompt, n_new, k=1, **common)}
     for block in args.blocks:
         c = cost if block == "sized" else None
         strategies[f"ConfAdapt({args.threshold}), {block}"] = lambda prompt, c=c: generate(
-            model, prompt, n_new, threshold=args.threshold, k_max=k_max, stop_ids=stop, pass_cost=c)
+            model, prompt, n_new, threshold=args.threshold, k_max=k_max, pass_cost=c, **common)
         for layout in args.layouts:
             strategies[f"verify {layout}, {block}"] = lambda prompt, c=c, layout=layout: generate(
                 model, prompt, n_new, verify=True, k_max=k_max, layout=layout, draft_threshold=args.draft_threshold,
-                stop_ids=stop, pass_cost=c)
+                pass_cost=c, **common)
     for run in strategies.values():  # warm-up: every kernel has chosen for its rows
         run(prompts[0][:16])
     run_hf(prompts[0][:16])
@@ -273,13 +279,30 @@ def against_original_report(init, model, tok, prompts, args, k_max) -> dict:
     """(h) against the original model's k=1 (a full fine-tune's own k=1 is another model), and (i)."""
     reference = default_reference(init, model)
     original = model if getattr(model, "lora", None) or reference == init else load(reference, args.device, args.dtype)[0]
+    sampler = sampler_of(args, model.embed_tokens.weight.device)
     table, _ = against_original(original, model, tok, prompts, args.max_new_tokens, args.threshold, k_max,
-                                teacher_loss=True, trees=args.trees)
+                                teacher_loss=True, trees=args.trees, sampler=sampler)
     report = {"h_against_original": {"original": reference, **table}, "i_pass_profile": pass_profile(model)}
+    if sampler is not None:  # the same distribution as k=1 sampling's (--verify): the losses' difference
+        report["h_teacher_loss_difference"] = {name: bootstrap_difference(t["teacher_nll_and_tokens"],
+                                                                          table["original k=1"]["teacher_nll_and_tokens"])
+                                               for name, t in table.items() if name != "original k=1"}
     if args.dtype != "float32":  # how often rounding alone changes the original's own text and answer
         in_float32 = load(reference, args.device, "float32")[0]
         report["h_original_vs_float32"] = k1_agreement(original, in_float32, tok, prompts, args.max_new_tokens)
     return report
+
+
+def bootstrap_difference(ours, base, resamples: int = 10_000, seed: int = 0) -> dict:
+    """The teacher loss per token of our texts less that of base's, over the same prompts ((nll, tokens) per
+    prompt), and its 95% bootstrap interval: prompts drawn with replacement, the two losses of each draw
+    taken over the same prompts."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.tensor(ours, dtype=torch.float64), torch.tensor(base, dtype=torch.float64)
+    draws = torch.randint(len(a), (resamples, len(a)), generator=g)
+    loss = lambda t: t[draws, 0].sum(1) / t[draws, 1].sum(1).clamp(min=1)  # noqa: E731
+    lo, hi = (loss(a) - loss(b)).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"difference": (a[:, 0].sum() / a[:, 1].sum() - b[:, 0].sum() / b[:, 1].sum()).item(), "low": lo, "high": hi}
 
 
 def k1_agreement(original, in_float32, tok, prompts, max_new_tokens: int) -> dict:
@@ -298,10 +321,14 @@ def print_against_original(report: dict, args):
         print(f"{args.device} {args.dtype}, {report['threads']} threads, GSM8K test prompts {args.offset}-"
               f"{args.offset + report['prompts'] - 1}, up to {args.max_new_tokens} new tokens, k_max {report['k_max']}")
     table = {name: t for name, t in report["h_against_original"].items() if name != "original"}
+    drawn = f", sampled at temperature {args.temperature:g}" if args.temperature else ""
     print(f"(h) against the original model's k=1 ({report['h_against_original']['original']}), passes sized, "
-          f"interleaved:")
+          f"interleaved{drawn}:")
     for line in describe_against_original(table):
         print("    " + line)
+    for name, d in report.get("h_teacher_loss_difference", {}).items():
+        print(f"    {name}: teacher loss less k=1 sampling's {d['difference']:+.3f}, 95% bootstrap interval "
+              f"[{d['low']:+.3f}, {d['high']:+.3f}] over the prompts")
     if agree := report.get("h_original_vs_float32"):
         print(f"    the original's k=1 in {args.dtype} against its k=1 in float32: final answer the same "
               f"{agree['same_answer']:.0%}, text {agree['same_text']:.0%}")

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from support.cli import decode_args
+from support.cli import check_fits, decode_args
 from support.cpu_kernels import packed_summary, use_decode_kernels
 from support.sizing import Acceptance, PassCost, RankAcceptance, best_n, draft_tree, measure_pass_cost
-from support.static_passes import static_passes, uses_static_passes
+from support.sampling import Sampler, sampler_of
+from support.static_passes import decode_cache
 from support.stream import TextStream, chunk_legend, print_result, strategy_name
 from support.tokenizer import encode_prompt
 from support.weights import load
@@ -55,12 +56,20 @@ class Result:
         return len(self.tokens) / max(self.seconds, 1e-9)
 
 
-def candidates(model, logits, top: int | None = None):
-    """(top-1 probability, argmax) per slot; top c: (probabilities, tokens) of the c likeliest, (slots, c).
+def next_token_probs(model, logits, sampler: Sampler | None = None):
+    """Each slot's next-token distribution, tempered and truncated by the sampler if there is one.
     <MTP> is an input, never a token of the text."""
     if model.cfg.mask_id is not None:
         logits[:, model.cfg.mask_id] = -float("inf")
-    probs = logits.softmax(-1)
+    return logits.softmax(-1) if sampler is None else sampler.probs(logits)
+
+
+def candidates(model, logits, top: int | None = None, sampler: Sampler | None = None):
+    """(top-1 probability, argmax) per slot; top c: (probabilities, tokens) of the c likeliest, (slots, c);
+    with a sampler, (top-1 probability, a token drawn) of the sampler's distribution."""
+    probs = next_token_probs(model, logits, sampler)
+    if sampler is not None:
+        return probs.max(-1).values, sampler.draw(probs)
     return probs.max(-1) if top is None else probs.topk(top, -1)
 
 
@@ -78,20 +87,6 @@ def to_host(finite: torch.Tensor, *tensors: torch.Tensor) -> list[list]:
     return out
 
 
-def check_fits(model, n_prompt: int, max_new_tokens: int, n_masks: int):
-    """The last position a decode can reach, n_prompt + max_new_tokens + n_masks, must lie within the
-    model's context; if not, the message names the setting that takes the room."""
-    context = model.cfg.max_seq_len
-    if n_masks + 2 > context:
-        raise ValueError(f"k_max {n_masks + 1} (--k-max) does not fit the model's context of {context} positions")
-    if max_new_tokens + n_masks + 1 > context:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} with {n_masks} mask slots leaves no room for a prompt "
-                         f"in the model's context of {context} positions")
-    if n_prompt + max_new_tokens + n_masks > context:
-        raise ValueError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's context of "
-                         f"{context}; shorten the prompt or --max-new-tokens")
-
-
 def commit(tokens: list[int], stop_ids, out: list[int], chunks: list[int], on_tokens) -> bool:
     """Append one pass's accepted tokens to the output, cut after a stop token; True if it stopped."""
     stop_at = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
@@ -107,10 +102,12 @@ def commit(tokens: list[int], stop_ids, out: list[int], chunks: list[int], on_to
 def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, threshold: float | None = None,
              k_max: int = 16, stop_ids=(), on_tokens=None, cache=None, verify: bool = False,
              draft_threshold: float | None = None, layout: str = "quadratic", pass_cost: PassCost | None = None,
-             tree: int = 1, static: bool | None = None) -> Result:
-    """Greedy batch-1 decoding. threshold None: static k (k=1 is plain next-token decoding).
-    threshold T: ConfAdapt, up to k_max - 1 masks per pass, accept the longest leading run of
-    candidates whose top-1 probability is >= T, and always at least one.
+             tree: int = 1, static: bool | None = None, sampler: Sampler | None = None) -> Result:
+    """Batch-1 decoding, greedy or, with a sampler, each slot's token drawn from its distribution.
+    threshold None: static k (k=1 is plain next-token decoding). threshold T: ConfAdapt, up to
+    k_max - 1 masks per pass, accept the longest leading run of candidates whose top-1 probability
+    is >= T, and always at least one (sampled: the top-1 probability of the sampler's distribution,
+    whose drawn tokens are accepted; docs/METHOD.md, "Sampling", says what that changes).
     verify: the output of k=1 decoding, with up to k_max - 1 drafts per pass checked by the model
     itself (generate_verify; draft_threshold, layout and tree are its options).
     pass_cost None: every pass feeds the whole block (the paper's ConfAdapt); a PassCost: each pass
@@ -121,7 +118,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
         if k != 1 or threshold is not None:
             raise ValueError("--verify checks its own drafts; it takes no --k or --threshold")
         return generate_verify(model, prompt, max_new_tokens, k_max, draft_threshold, layout, stop_ids,
-                               on_tokens, cache, pass_cost, tree, static)
+                               on_tokens, cache, pass_cost, tree, static, sampler)
     if draft_threshold is not None or tree != 1:
         raise ValueError("a draft threshold and a tree are options of --verify")
     n_masks = (k_max if threshold is not None else k) - 1
@@ -149,7 +146,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
             cache.truncate(cache.length - m)  # drop the mask slots' keys/values
         rows += inp.size(1) if chunks else 0
         finite = torch.isfinite(logits[:k if threshold is None else 1]).all()
-        conf, cand = candidates(model, logits.float())
+        conf, cand = candidates(model, logits.float(), sampler=sampler)
         if threshold is None:
             n = torch.tensor(k, device=device)
         else:  # ConfAdapt: the leading run that clears the threshold (a NaN never does), at least one
@@ -167,22 +164,6 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
     if device.type == "cuda":
         torch.cuda.synchronize()
     return Result(out, len(chunks), time.perf_counter() - t0, chunks, rows_fed=rows)
-
-
-def cache_for(model, cache, need: int):
-    """A KV cache of at least `need` positions and a scratch slot (StaticPasses), emptied."""
-    if cache is None or cache.max_len < need + 1:
-        cache = model.new_cache(need + 1)
-    cache.truncate(0)
-    return cache
-
-
-def decode_cache(model, cache, need: int, static: bool | None):
-    """(the model's StaticPasses and their cache, on a GPU; None and a cache of its own, on a CPU)."""
-    if uses_static_passes(model, static):
-        passes = static_passes(model, need)
-        return passes, passes.cache
-    return None, cache_for(model, cache, need)
 
 
 # -----------------------------------------------------------------------------
@@ -227,10 +208,36 @@ def draft_rules(branch, mask_id, threshold, stop_ids):
     return usable, lambda depth, rank: cand[depth - 1][rank] in stop_ids
 
 
+def speculative_step(p, q, drafts, sampler: Sampler):
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) of one pass, on the device. p (n + 1,
+    vocab): the model's distributions at the fed tokens, before each of the n drafts and after the last;
+    q (n, vocab): those the drafts were drawn from. Draft j is kept with probability min(1, p_j(d_j) /
+    q_j(d_j)) if every draft before it was; at the first that is not, the token is drawn from
+    residual(p_j, q_j); if all are kept, from p_n+1. Each token emitted is then distributed as p's, as if
+    k=1 sampling drew it (tests/test_sampling.py). Returns (drafts kept, the token after them)."""
+    n = len(drafts)
+    kept = (sampler.uniform(n, p.device) < keep_probability(p[:n], q, drafts)).int().cumprod(0).sum()
+    q_after = torch.cat([q, torch.zeros_like(p[:1])])  # after the last draft, p itself
+    return kept, sampler.draw(residual(p[kept], q_after[kept]))
+
+
+def keep_probability(p, q, drafts):
+    """min(1, p(d) / q(d)) per draft d, drawn from q (so q(d) > 0)."""
+    at = torch.arange(len(drafts), device=p.device)
+    return (p[at, drafts] / q[at, drafts]).clamp(max=1)
+
+
+def residual(p, q):
+    """max(0, p - q), normalized: what a draft that was not kept leaves of p (p itself where q covers none of it)."""
+    r = (p - q).clamp(min=0)
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 0, r / total.clamp(min=1e-30), p)
+
+
 @torch.no_grad()
 def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, draft_threshold=None,
                     layout: str = "quadratic", stop_ids=(), on_tokens=None, cache=None, pass_cost=None,
-                    tree: int = 1, static: bool | None = None) -> Result:
+                    tree: int = 1, static: bool | None = None, sampler: Sampler | None = None) -> Result:
     """Each pass feeds, as real inputs, the pending token (the whole prompt in the first pass) and the
     drafts the previous pass proposed. The logit at each fed token is the model's own next-token
     prediction there; drafts are kept while they equal it, and the first mismatch is replaced by it (if
@@ -243,7 +250,10 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
     that whichever drafts are accepted, the branch after the last of them holds drafts conditioned on
     them. "simple" (a chain only): one branch after the last draft; after a rejection the next pass has
     no drafts. pass_cost (support/sizing.py): each pass feeds the drafts, and branches, that pay off;
-    else the whole block. Which drafts are fed never changes the output, only the number of passes."""
+    else the whole block. Which drafts are fed never changes the output, only the number of passes.
+    sampler: speculative sampling (speculative_step) over a chain of drafts, each drawn from its slot's
+    distribution: the output is distributed as k=1 sampling's."""
+    tree = 1 if sampler is not None else tree
     n_masks, max_nodes = k_max - 1, (k_max - 1) * tree
     if n_masks < 1:
         raise ValueError(f"--verify needs k_max >= 2 (k_max - 1 drafts per pass), not {k_max}")
@@ -259,6 +269,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
     device = model.embed_tokens.weight.device
     mask_id, stop_ids = model.cfg.mask_id, set(stop_ids)
     known, branch = list(prompt), None  # branch: (probabilities, tokens) (slots, tree) of the branch after known
+    drafted_from = None  # sampled: the distributions (slots, vocab) the branch's tokens were drawn from
     out, chunks, fed_drafts, accepted_drafts, rows = [], [], 0, 0, 0
     ranks = RankAcceptance(n_masks, tree)
     rows_of = lambda n, depth: (1 + n) * (1 + depth) if layout == "quadratic" else 1 + n + depth  # noqa: E731
@@ -291,17 +302,28 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
         else:
             logits = model(idx, pos, mask, cache=cache, slots=torch.arange(first, idx.size(1), device=device)[None])[0]
         finite = torch.isfinite(logits[:len(nodes) + 1]).all()
-        conf, cand = candidates(model, logits.float(), top=tree)
-        conf, cand = to_host(finite, conf, cand)
-        cand = [[int(t) for t in row] for row in cand]
         rows += idx.size(1) if chunks else 0
-        # walk down the tree while a draft is the model's own next token after the path before it
-        child = {(parents[i], fed[i]): i for i in range(len(known), len(fed))}
-        path, at = [], first
-        while (at, cand[at - first][0]) in child:
-            at = child[at, cand[at - first][0]]
-            path.append(at)
-        new = [fed[i] for i in path] + [cand[at - first][0]]  # accepted drafts + the model's token
+        if sampler is None:
+            conf, cand = candidates(model, logits.float(), top=tree)
+            conf, cand = to_host(finite, conf, cand)
+            cand = [[int(t) for t in row] for row in cand]
+            # walk down the tree while a draft is the model's own next token after the path before it
+            child = {(parents[i], fed[i]): i for i in range(len(known), len(fed))}
+            path, at = [], first
+            while (at, cand[at - first][0]) in child:
+                at = child[at, cand[at - first][0]]
+                path.append(at)
+            new = [fed[i] for i in path] + [cand[at - first][0]]  # accepted drafts + the model's token
+        else:  # the chain's drafts kept by speculative sampling, and a draw for every slot of every branch
+            probs = next_token_probs(model, logits.float(), sampler)
+            drafts = torch.tensor(fed[len(known):], dtype=torch.long, device=device)
+            q = drafted_from[:len(nodes)] if nodes else probs[:0]
+            kept, token = speculative_step(probs[:len(nodes) + 1], q, drafts, sampler)
+            kept_token, conf, cand = to_host(finite, torch.stack([kept, token]), probs.max(-1).values, sampler.draw(probs))
+            conf, cand = [[c] for c in conf], [[int(t)] for t in cand]
+            path = list(range(len(known), len(known) + int(kept_token[0])))
+            at = path[-1] if path else first
+            new = [fed[i] for i in path] + [int(kept_token[1])]
         cache.keep(base + len(known), [base + i for i in path])  # the committed inputs: known + the path
         if branch is not None:  # where the model's tokens ranked among the branch's candidates
             ranks.record([row.index(t) if t in row else tree for t, row in zip(new, branch[1])])
@@ -315,6 +337,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
         if at in anchors:
             row = len(fed) - first + anchors.index(at) * width
             branch = (conf[row:row + width], cand[row:row + width])
+            drafted_from = probs[row:row + width] if sampler is not None else None  # q: the drafts' distributions
     if device.type == "cuda":
         torch.cuda.synchronize()
     return Result(out, len(chunks), time.perf_counter() - t0, chunks, fed_drafts, accepted_drafts, rows)
@@ -344,7 +367,8 @@ def main(argv=None):
     stream = None if args.json else TextStream(tok, args.show_chunks)
     r = generate(model, prompt, args.max_new_tokens, k=k, threshold=args.threshold, k_max=args.k_max,
                  stop_ids=tok.stop_ids, on_tokens=stream, verify=args.verify, draft_threshold=args.draft_threshold,
-                 pass_cost=pass_cost, tree=args.tree if args.verify else 1, static=False if args.eager else None)
+                 pass_cost=pass_cost, tree=args.tree if args.verify else 1, static=False if args.eager else None,
+                 sampler=sampler_of(args, model.embed_tokens.weight.device))
     if stream:
         stream.finish()
     if args.show_chunks:

@@ -27,6 +27,7 @@ import torch
 from data.evalsets import humaneval_program, is_correct, load_eval_tasks, read_answer
 from decode import generate
 from support.cli import check_decoding_args
+from support.sampling import add_sampling_args, check_sampling_args, sampler_of
 from support.stream import strategy_name
 from support.tokenizer import encode_prompt
 from support.weights import default_init, load
@@ -116,6 +117,7 @@ def evaluate_model(model, tok, reference, k1_is_reference: bool, tasks, args, k_
     model's k=1 decoding is the reference's (the model itself, or a gated adapter on it), so the
     reference row is not decoded again."""
     strategies = strategies_of(args, k_max)
+    sampler = sampler_of(args, model.embed_tokens.weight.device)  # None: greedy
     verify = args.eval_verify or args.sweep  # lossless: its text must equal k=1's (decode.generate_verify)
     names = [strategy_name(k, t) for k, t in strategies] + (["verify"] if verify else []) + [REFERENCE_ROW]
     per_task = {}
@@ -124,13 +126,13 @@ def evaluate_model(model, tok, reference, k1_is_reference: bool, tasks, args, k_
         for problem in problems:
             prompt = encode_prompt(tok, problem.prompt, args.chat and problem.chat)
             results = {strategy_name(k, t): generate(model, prompt, args.max_new_tokens, k=k, threshold=t,
-                                                     k_max=k_max, stop_ids=tok.stop_ids)
+                                                     k_max=k_max, stop_ids=tok.stop_ids, sampler=sampler)
                        for k, t in strategies}
             if verify:
                 results["verify"] = generate(model, prompt, args.max_new_tokens, k_max=k_max, verify=True,
-                                             stop_ids=tok.stop_ids)
+                                             stop_ids=tok.stop_ids, sampler=sampler)
             results[REFERENCE_ROW] = results["k=1"] if k1_is_reference else \
-                generate(reference, prompt, args.max_new_tokens, stop_ids=tok.stop_ids)
+                generate(reference, prompt, args.max_new_tokens, stop_ids=tok.stop_ids, sampler=sampler)
             texts = {name: tok.decode([t for t in r.tokens if t not in tok.stop_ids]) for name, r in results.items()}
             k1_tokens, k1_answer = results["k=1"].tokens, read_answer(problem.kind, texts["k=1"])
             for name, r in results.items():
@@ -366,6 +368,7 @@ def get_args(argv=None):
                    "reports of --offset chunks (with --out-json: write it and its figure), and evaluate nothing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
+    add_sampling_args(p)
     a = p.parse_args(argv)
     if (a.limit is not None and a.limit < 0) or a.offset < 0:
         p.error("--limit and --offset must not be negative")
@@ -373,6 +376,7 @@ def get_args(argv=None):
         if not 0 < t <= 1:
             p.error(f"threshold {t} is outside (0, 1]")
     check_decoding_args(a, p)
+    check_sampling_args(a, p)
     return a
 
 

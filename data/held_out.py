@@ -15,7 +15,7 @@ from support.sizing import measure_pass_cost
 @torch.no_grad()
 def against_original(original, model, tok, prompts, max_new_tokens: int, threshold: float = 0.9,
                      k_max: int | None = None, deadline: float = float("inf"), teacher_loss: bool = False,
-                     trees=(None,), rank0_on: str | None = None) -> tuple[dict, int]:
+                     trees=(None,), rank0_on: str | None = None, sampler=None) -> tuple[dict, int]:
     """The tuned model's decoding against the ORIGINAL model's k=1, prompt by prompt, interleaved so
     that load on the machine hits every strategy alike: tokens/s and its ratio to the original's, tokens
     per pass, how often the text and the final number are the original's, and if asked the teacher loss
@@ -24,27 +24,30 @@ def against_original(original, model, tok, prompts, max_new_tokens: int, thresho
     No prompt starts after the deadline (time.time()). rank0_on: a device, in a sharded run, whose every process
     measures alike and takes rank 0's decisions (the deadline, the passes' sizes: sizing.PassCost.agreed).
     Returns the table ({} if no prompt was measured)
-    and the number of prompts it measured. trees: the --verify trees to measure (None: decode.py's)."""
+    and the number of prompts it measured. trees: the --verify trees to measure (None: decode.py's).
+    sampler (support/sampling.py): every strategy samples, the original's k=1 too."""
     k_max = k_max or model.cfg.k_max or 16
-    stop = sorted(tok.stop_ids)
     tuned_k1 = original is not model
-    strategies = {"original k=1": lambda p, _, n=max_new_tokens: generate(original, p, n, k=1, stop_ids=stop)}
+    stop = dict(stop_ids=sorted(tok.stop_ids), sampler=sampler)  # how every strategy ends and draws
+    strategies = {"original k=1": lambda p, _, n=max_new_tokens: generate(original, p, n, k=1, **stop)}
     if tuned_k1:  # full fine-tuning: the tuned model's own k=1 is another model
-        strategies["k=1"] = lambda p, _, n=max_new_tokens: generate(model, p, n, k=1, stop_ids=stop)
+        strategies["k=1"] = lambda p, _, n=max_new_tokens: generate(model, p, n, k=1, **stop)
     strategies[f"ConfAdapt({threshold})"] = lambda p, c, n=max_new_tokens: generate(
-        model, p, n, threshold=threshold, k_max=k_max, stop_ids=stop, pass_cost=c)
+        model, p, n, threshold=threshold, k_max=k_max, pass_cost=c, **stop)
     costs = {"original k=1": None, "k=1": None, f"ConfAdapt({threshold})": measure_pass_cost(model, k_max, False)}
     for tree in trees:
         name = "--verify" if len(trees) == 1 else f"--verify, tree {tree or TREE}"
-        strategies[name] = lambda p, c, n=max_new_tokens, tree=tree or TREE: generate(
-            model, p, n, verify=True, k_max=k_max, stop_ids=stop, pass_cost=c, tree=tree)
-        costs[name] = measure_pass_cost(model, k_max, True, tree or TREE)
+        tree = 1 if sampler is not None else tree or TREE  # speculative sampling checks a chain
+        strategies[name] = lambda p, c, n=max_new_tokens, tree=tree: generate(
+            model, p, n, verify=True, k_max=k_max, pass_cost=c, tree=tree, **stop)
+        costs[name] = measure_pass_cost(model, k_max, True, tree)
     for cost in costs.values():
         if cost is not None:
             cost.rank0_on = rank0_on
     for name, run in strategies.items():  # warm-up: every kernel has chosen for its rows
         run(prompts[0][:16], costs[name], 8)
-    totals = {name: dict(tokens=0, seconds=0.0, passes=0, same=0, same_answer=0, nll=0.0) for name in strategies}
+    totals = {name: dict(tokens=0, seconds=0.0, passes=0, same=0, same_answer=0, nll=0.0, per_prompt=[])
+              for name in strategies}
     measured = 0
     for prompt in prompts:
         late = time.time() > deadline
@@ -63,14 +66,17 @@ def against_original(original, model, tok, prompts, max_new_tokens: int, thresho
             t["passes"] += r.passes
             t["same"] += r.tokens == ref
             t["same_answer"] += extract_number(tok.decode(r.tokens)) == extract_number(tok.decode(ref))
-            t["nll"] += teacher_nll(original, prompt, r.tokens) if teacher_loss else 0.0
+            nll = teacher_nll(original, prompt, r.tokens) if teacher_loss else 0.0
+            t["nll"] += nll
+            t["per_prompt"].append((nll, len(r.tokens)))
     if not measured:
         return {}, 0
     base = totals["original k=1"]["tokens"] / totals["original k=1"]["seconds"]
     return {name: {"tokens_per_s": t["tokens"] / t["seconds"], "vs_original": t["tokens"] / t["seconds"] / base,
                    "tokens_per_pass": t["tokens"] / max(t["passes"], 1), "same_text": t["same"] / measured,
                    "same_answer": t["same_answer"] / measured,
-                   **({"teacher_loss": t["nll"] / max(t["tokens"], 1)} if teacher_loss else {})}
+                   **({"teacher_loss": t["nll"] / max(t["tokens"], 1), "teacher_nll_and_tokens": t["per_prompt"]}
+                      if teacher_loss else {})}
             for name, t in totals.items()}, measured
 
 

@@ -10,6 +10,7 @@ import torch
 
 from support.cpu_kernels import cpu_bf16_is_fast
 from support.files import IN_USE, folder_holder
+from support.sampling import add_sampling_args, check_sampling_args
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -128,7 +129,8 @@ def decode_args(argv, description: str):
     p.add_argument("--draft-threshold", type=float, default=None, help="--verify: feed only the leading drafts "
                    "whose top-1 prob is >= this (default: as many as pay off)")
     p.add_argument("--tree", type=int, default=None, help=f"--verify: the candidates tried at each draft position, "
-                   f"a tree of the likeliest paths (default {TREE}; 1: a chain of drafts)")
+                   f"a tree of the likeliest paths (default {TREE}; 1: a chain of drafts, the only kind with "
+                   f"--temperature > 0, whose speculative sampling checks one draft per position)")
     p.add_argument("--full-block", action="store_true", help="ConfAdapt and --verify: feed the whole block every "
                    "pass, as the paper does (default: the masks and drafts that pay off on this machine, measured; "
                    "also the case when --k-max or --draft-threshold is given)")
@@ -140,6 +142,7 @@ def decode_args(argv, description: str):
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
     p.add_argument("--eager", action="store_true", help="on a GPU, run the passes as on a CPU: one kernel at a "
                    "time, of the shapes they have (default: fixed shapes, captured; support/static_passes.py)")
+    add_sampling_args(p)
     a = p.parse_args(argv)
     if a.show_chunks and a.json:
         p.error("--show-chunks colours the streamed text: not with --json")
@@ -154,13 +157,16 @@ def decode_args(argv, description: str):
             p.error(f"{option} is an option of --verify")
     if a.tree is not None and not 1 <= a.tree <= 8:
         p.error(f"--tree must be 1..8, not {a.tree}")
-    a.tree = a.tree or TREE
+    if a.temperature and (a.tree or 1) > 1:
+        p.error("--verify with --temperature > 0 samples over a chain of drafts: --tree 1, or leave --tree out")
+    a.tree = a.tree or (1 if a.temperature else TREE)
     if a.verify and a.k_max is not None and a.k_max < 2:
         p.error(f"--verify needs --k-max >= 2 (k_max - 1 drafts per pass), not {a.k_max}")
     for t in (a.threshold, a.draft_threshold):
         if t is not None and not 0 < t <= 1:
             p.error(f"threshold {t} is outside (0, 1]")
     check_decoding_args(a, p)
+    check_sampling_args(a, p)
     return a, p
 
 
@@ -174,3 +180,17 @@ def check_decoding_args(a, p):
         p.error(f"--device {a.device}: CUDA is not available here (use --device cpu)")
     if a.dtype not in (None, "float32", "bfloat16", "float16"):
         p.error(f"--dtype must be float32, bfloat16 or float16, not {a.dtype}")
+
+
+def check_fits(model, n_prompt: int, max_new_tokens: int, n_masks: int):
+    """The last position a decode can reach, n_prompt + max_new_tokens + n_masks, must lie within the
+    model's context; if not, the message names the setting that takes the room."""
+    context = model.cfg.max_seq_len
+    if n_masks + 2 > context:
+        raise ValueError(f"k_max {n_masks + 1} (--k-max) does not fit the model's context of {context} positions")
+    if max_new_tokens + n_masks + 1 > context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} with {n_masks} mask slots leaves no room for a prompt "
+                         f"in the model's context of {context} positions")
+    if n_prompt + max_new_tokens + n_masks > context:
+        raise ValueError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+                         f"{context}; shorten the prompt or --max-new-tokens")

@@ -10,6 +10,22 @@ def uses_static_passes(model, static: bool | None) -> bool:
     return weight.is_cuda and type(weight).__name__ != "DTensor" if static is None else static
 
 
+def cache_for(model, cache, need: int):
+    """A KV cache of at least `need` positions and a scratch slot (StaticPasses), emptied."""
+    if cache is None or cache.max_len < need + 1:
+        cache = model.new_cache(need + 1)
+    cache.truncate(0)
+    return cache
+
+
+def decode_cache(model, cache, need: int, static: bool | None):
+    """(the model's StaticPasses and their cache, on a GPU; None and a cache of its own, on a CPU)."""
+    if uses_static_passes(model, static):
+        passes = static_passes(model, need)
+        return passes, passes.cache
+    return None, cache_for(model, cache, need)
+
+
 def static_passes(model, need: int) -> "StaticPasses":
     """The model's StaticPasses, over a cache of at least `need` positions and the scratch slot, emptied.
     One per model, kept on it between decodes, as gpt-fast sets its caches up once: a captured graph reads

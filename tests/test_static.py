@@ -5,9 +5,9 @@ and a pass that compiles whole and does not compile again."""
 import pytest
 import torch
 
-from decode import branch_layout, cache_for, generate
-from support.static_passes import ROW_BUCKETS, StaticPasses
+from decode import branch_layout, generate
 from lora import add_lora
+from support.static_passes import ROW_BUCKETS, StaticPasses, cache_for
 from support.weights import load_model
 
 LOGITS_TOL, TIE = 1e-5, 1e-4
