@@ -39,9 +39,10 @@ import torch.nn as nn
 from data import extract_number, gsm8k_prompt, load_gsm8k
 from data.held_out import against_original, describe_against_original
 from decode import generate
+from support.cli import TREE, add_cpu_kernels_arg
 from support.cpu_kernels import machine
 from support.sampling import add_sampling_args, check_sampling_args, sampler_of
-from support.sizing import PassCost, mask_pass
+from support.sizing import PassCost, mask_pass, measure_pass_cost
 from support.step_timing import mtp_step_cost
 from support.timing import bandwidth_gbs, matmul_gflops
 from support.tokenizer import encode_prompt
@@ -127,6 +128,8 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=8, help="GSM8K test questions used as prompts")
     p.add_argument("--against-original", action="store_true", help="only (h) and (i): the tuned model "
                    "against the original's k=1, and where a pass's time goes")
+    p.add_argument("--kernels-against-plain", action="store_true", help="only: decoding with the CPU's few-row "
+                   "kernels against the plain layers (--no-cpu-kernels), the same model loaded twice, interleaved")
     p.add_argument("--offset", type=int, default=0, help="the first GSM8K test question used (time problems "
                    "the model was neither trained nor tuned on)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -146,6 +149,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile our model's forward (GPU)")
     p.add_argument("--json", action="store_true")
     add_sampling_args(p)
+    add_cpu_kernels_arg(p)
     args = p.parse_args(argv)
     check_sampling_args(args, p)
     if args.threads:
@@ -155,15 +159,23 @@ def main(argv=None):
     except ImportError:
         sys.exit("error: bench.py compares against transformers: pip install transformers")
 
-    init = args.init or default_init()
-    model, tok = load(init, args.device, args.dtype)
-    k_max = args.k_max or model.cfg.k_max or 16
-    prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), True)
-               for r in load_gsm8k("test")[args.offset:args.offset + args.prompts]]
-    if not prompts:
+    questions = load_gsm8k("test")[args.offset:args.offset + args.prompts]
+    if not questions:
         raise ValueError(f"--offset {args.offset} is past the last of GSM8K's 1319 test questions")
+    init = args.init or default_init()
+    model, tok = load(init, args.device, args.dtype, args.cpu_kernels)
+    k_max = args.k_max or model.cfg.k_max or 16
+    prompts = [encode_prompt(tok, gsm8k_prompt(r["question"]), True) for r in questions]
     header = {"machine": machine(), "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
               "prompts": len(prompts), "offset": args.offset, "k_max": k_max}
+    if args.kernels_against_plain:
+        report = {**header, "kernels_against_plain": kernels_against_plain(init, tok, prompts, args, k_max)}
+        print(json.dumps(report) if args.json else "\n".join(
+            [f"machine: {report['machine']}", f"{args.dtype}, {report['threads']} threads, GSM8K test prompts "
+             f"{args.offset}-{args.offset + len(prompts) - 1}, interleaved: tokens/s with the few-row kernels, plain"] +
+            [f"    {name:<16} {t['kernels']:6.1f} {t['plain']:6.1f}  {t['kernels'] / t['plain']:.2f}x"
+             for name, t in report["kernels_against_plain"].items()]))
+        return
     if args.against_original:
         report = {**header, **against_original_report(init, model, tok, prompts, args, k_max)}
         if args.json:
@@ -278,7 +290,7 @@ def main(argv=None):
 def against_original_report(init, model, tok, prompts, args, k_max) -> dict:
     """(h) against the original model's k=1 (a full fine-tune's own k=1 is another model), and (i)."""
     reference = default_reference(init, model)
-    original = model if getattr(model, "lora", None) or reference == init else load(reference, args.device, args.dtype)[0]
+    original = model if getattr(model, "lora", None) or reference == init else load(reference, args.device, args.dtype, args.cpu_kernels)[0]
     sampler = sampler_of(args, model.embed_tokens.weight.device)
     table, _ = against_original(original, model, tok, prompts, args.max_new_tokens, args.threshold, k_max,
                                 teacher_loss=True, trees=args.trees, sampler=sampler)
@@ -288,9 +300,34 @@ def against_original_report(init, model, tok, prompts, args, k_max) -> dict:
                                                                           table["original k=1"]["teacher_nll_and_tokens"])
                                                for name, t in table.items() if name != "original k=1"}
     if args.dtype != "float32":  # how often rounding alone changes the original's own text and answer
-        in_float32 = load(reference, args.device, "float32")[0]
+        in_float32 = load(reference, args.device, "float32", args.cpu_kernels)[0]
         report["h_original_vs_float32"] = k1_agreement(original, in_float32, tok, prompts, args.max_new_tokens)
     return report
+
+
+def kernels_against_plain(init, tok, prompts, args, k_max) -> dict:
+    """tokens/s of k=1, ConfAdapt and --verify (passes sized by their cost) with the few-row kernels and with
+    the plain layers, the same model loaded twice, each prompt decoded every way in turn."""
+    runs, n, stop = {}, args.max_new_tokens, sorted(tok.stop_ids)
+    for way, kernels in (("kernels", True), ("plain", False)):
+        m = load(init, args.device, args.dtype, kernels)[0]
+        confadapt, verify = measure_pass_cost(m, k_max, False), measure_pass_cost(m, k_max, True, TREE)
+        runs["k=1", way] = lambda p, m=m: generate(m, p, n, k=1, stop_ids=stop)
+        runs[f"ConfAdapt({args.threshold})", way] = lambda p, m=m, c=confadapt: generate(
+            m, p, n, threshold=args.threshold, k_max=k_max, stop_ids=stop, pass_cost=c)
+        runs["--verify", way] = lambda p, m=m, c=verify: generate(m, p, n, verify=True, k_max=k_max, stop_ids=stop,
+                                                                  pass_cost=c, tree=TREE)
+    for run in runs.values():  # warm-up
+        run(prompts[0][:16])
+    tokens, seconds = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)
+    for prompt in prompts:
+        for key, run in runs.items():
+            r = run(prompt)
+            tokens[key], seconds[key] = tokens[key] + len(r.tokens), seconds[key] + r.seconds
+    table = {}
+    for (name, way) in runs:
+        table.setdefault(name, {})[way] = tokens[name, way] / seconds[name, way]
+    return table
 
 
 def bootstrap_difference(ours, base, resamples: int = 10_000, seed: int = 0) -> dict:

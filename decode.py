@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from support.cli import check_fits, decode_args
-from support.cpu_kernels import packed_summary, use_decode_kernels
 from support.sizing import Acceptance, PassCost, RankAcceptance, best_n, draft_tree, measure_pass_cost
 from support.sampling import Sampler, sampler_of
 from support.static_passes import decode_cache
 from support.stream import TextStream, chunk_legend, print_result, strategy_name
 from support.tokenizer import encode_prompt
-from support.weights import load
+from support.weights import load, use_cpu_kernels
 
 
 @dataclass
@@ -349,7 +348,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
 
 def main(argv=None):
     args, parser = decode_args(argv, __doc__)
-    model, tok = load(args.init, args.device, args.dtype, kernels=False)  # the settings are checked first
+    model, tok = load(args.init, args.device, args.dtype, cpu_kernels=False)  # the settings are checked first
     k_max_given = args.k_max is not None
     args.k_max = args.k_max or model.cfg.k_max or 16
     k = 1 if args.k is None else args.k
@@ -358,9 +357,7 @@ def main(argv=None):
     prompt = encode_prompt(tok, args.prompt, args.chat)
     block = args.threshold is not None or args.verify
     check_fits(model, len(prompt), args.max_new_tokens, (args.k_max if block else k) - 1)  # before any output
-    use_decode_kernels(model)
-    if summary := packed_summary(model):
-        print(summary, file=sys.stderr)
+    use_cpu_kernels(model, args.cpu_kernels, say=True)
     pass_cost = None
     if block and not (args.full_block or k_max_given or args.draft_threshold):
         pass_cost = measure_pass_cost(model, args.k_max, args.verify, args.tree)

@@ -26,7 +26,7 @@ import torch
 
 from data.evalsets import humaneval_program, is_correct, load_eval_tasks, read_answer
 from decode import generate
-from support.cli import check_decoding_args
+from support.cli import add_cpu_kernels_arg, check_decoding_args
 from support.sampling import add_sampling_args, check_sampling_args, sampler_of
 from support.stream import strategy_name
 from support.tokenizer import encode_prompt
@@ -183,7 +183,7 @@ def run_eval(args) -> dict:
     report = {"eval": args.tasks, "limit": args.limit, "offset": args.offset, "max_new_tokens": args.max_new_tokens,
               "exec_code": args.exec_code, "problems": {task: len(p) for task, p in tasks.items()}, "models": []}
     for init in args.init or [default_init()]:
-        model, tok = load(init, args.device, args.dtype)
+        model, tok = load(init, args.device, args.dtype, args.cpu_kernels)
         k_max = args.k_max or model.cfg.k_max or 16
         ref_name = args.reference or default_reference(init, model)
         if ref_name not in references:
@@ -369,6 +369,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
     add_sampling_args(p)
+    add_cpu_kernels_arg(p)
     a = p.parse_args(argv)
     if (a.limit is not None and a.limit < 0) or a.offset < 0:
         p.error("--limit and --offset must not be negative")

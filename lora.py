@@ -61,7 +61,7 @@ class GatedLoRALinear(nn.Module):
         if rows is True:
             return y + (x @ self.lora_a.t() * self.scale) @ self.lora_b.t()
         # some rows are <MTP> rows (a decode pass): the update, zeroed on the real tokens' rows, in one fused
-        # product (a pass runs 7 of these per block; support/cpu_kernels.py gives the CPU its own kernels)
+        # product (a pass runs 7 of these per block)
         h = (x @ self.lora_a.t()) * rows
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_b.t(), alpha=self.scale).view_as(y)
 

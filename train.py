@@ -30,7 +30,7 @@ from distill import FrozenStore, build_batch, distill_loss
 from lora import add_lora
 from support.budget import Budget, resume_command, stop_line
 from support.checkpoint import Diverged, load_checkpoint, prepare_out, restore_last_good, save_checkpoint, save_final_model
-from support.cli import ArgumentParser, check_model_settings, check_train_args, fill_from_recipe, recipe_table
+from support.cli import ArgumentParser, add_cpu_kernels_arg, check_model_settings, check_train_args, fill_from_recipe, recipe_table
 from support.cpu_kernels import use_few_row_kernels
 from support.files import release_folders
 from support.optim import autocast, describe_setup, make_optimizer, plan_memory
@@ -49,7 +49,7 @@ RECIPES = {
     # the paper's recipe on one GPU, stopped after 8 hours: about 10,700 steps at the 2.7 s a step of
     # Qwen3-4B's shape took on an H200 (docs/GPU.md), a tenth of the paper's 100,000
     "one-gpu": dict(PAPER, max_minutes=480),
-    # what decoded fastest against the original model after the same CPU time (docs/RESULTS.md, "Choosing
+    # what decoded fastest against the original model after the same CPU time (docs/LOG.md, "Choosing
     # the CPU hour's recipe"): gated LoRA in the top 4 blocks, the model's own answers to 512 GSM8K
     # questions, k up to 4, a branch after every answer token, no quick eval (one costs ~20 steps' time)
     "cpu-hour": dict(data="gsm8k", dtype="float32", amp="auto", lora=128, lora_layers=4, lr=1e-4, lora_lr=1e-3,
@@ -74,6 +74,7 @@ def get_args(argv=None, fresh_out: bool = True):
     p.add_argument("--amp", help="autocast matmuls to this dtype, none for off, auto: on a CPU with fast bfloat16, "
                    "bfloat16 or float32, whichever runs a step of this job faster (timed at start)")
     p.add_argument("--checkpoint-activations", default="auto", choices=["auto", "on", "off"], help="recompute blocks in backward")
+    add_cpu_kernels_arg(p)
     p.add_argument("--lora", type=int, help="gated LoRA of this rank, 0: full fine-tuning (lora.py)")
     p.add_argument("--lora-layers", type=int, help="gated LoRA in the top N blocks only (0: all), fixed <MTP> embedding")
     p.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / rank (default alpha = rank)")
@@ -210,7 +211,7 @@ def load_student_and_teacher(args, world, log):
         teacher = add_lora(student, args.lora, args.lora_alpha, base=init, layers=args.lora_layers or None)
     else:
         teacher = copy.deepcopy(student).requires_grad_(False).eval()
-    if args.device == "cpu":  # the quick eval and the own answers decode a few rows at a time
+    if args.device == "cpu" and args.cpu_kernels:  # the own answers decode a few rows at a time
         use_few_row_kernels(student), use_few_row_kernels(teacher)
     student.train()
     log(describe_setup(student, args, world))

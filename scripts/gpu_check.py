@@ -2,7 +2,8 @@
 
     python -m scripts.gpu_check --part correctness --out gpu              # about a minute on an H200
     python -m scripts.gpu_check --part rest --gguf SmolLM2.gguf --out gpu  # about 5 minutes on an H200
-    python -m scripts.gpu_check --tiny --out /tmp/gpu                      # both parts, tiny, on the CPU
+    python -m scripts.gpu_check --part plans --out gpu                     # each card's plan, about 4 minutes
+    python -m scripts.gpu_check --tiny --out /tmp/gpu                      # every part, tiny, on the CPU
 
 correctness: tiny random models, CPU float32 logits against the device's (plain, cached, the <MTP>
   layout); k=1 against greedy over plain forwards; --verify against k=1 (float32 and bfloat16); which
@@ -13,6 +14,9 @@ rest: SmolLM2-135M tuned by train.py on its own GSM8K answers, then measured aga
   step, what one step at lr 1e-5 moves); the cost of a decode pass by rows and context, k=1 against
   the bandwidth bound, the captured fixed-shape passes (time to first token, capture, cost by rows);
   SmolLM2 in bfloat16 against transformers' own generate on the same device.
+plans: Qwen3-4B's shape under the plan picked for each card up to this one's size (smaller cards simulated
+  by capping the process's memory): peak memory against the estimate, step time, and the MTP step against
+  a plain step, warm, with the layout's floor.
 Every figure is appended to OUT/results.jsonl the moment it is measured, so a run cut short keeps
 what it measured. --tiny runs the same code on tiny shapes on the CPU, so that a test keeps it alive.
 """
@@ -355,6 +359,75 @@ def qwen3_4b_shape(record, device, tiny, out):
     return model
 
 
+CARDS = (24, 47.5, 79.6, 140.4)  # GiB: the cards people own or rent (README, "On a GPU")
+
+
+def plans_on_this_card(record, device, tiny, out, steps=10):
+    """Qwen3-4B's shape with random bfloat16 weights under the plan `train.py --plan --gpu-memory GIB` picks
+    for each card up to this one's size, a smaller card simulated by capping this process's memory
+    (torch.cuda.set_per_process_memory_fraction: "H200, memory capped" is not that card): the peak memory
+    against the plan's estimate, the mean step time after one warm-up step, and on the largest the MTP step
+    against a plain step over the same rows, warm, with the layout's floor (3 + 1) S / (3 R)."""
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.startswith("cuda") else 150.0
+    for card in [c for c in CARDS if c <= total]:
+        flags = ["--init", "qwen3-4b", "--gpu-memory", str(card), "--device", device, "--out", str(out),
+                 "--overwrite", "--warmup", "1"]
+        if tiny:
+            flags += ["--seq-len", "48", "--k-max", "4", "--branch-every", "8", "--batch-size", "2", "--grad-accum", "2"]
+        try:
+            run, plan = planned_run(flags, TINY_4B if tiny else QWEN3_4B, device, out)
+            if device.startswith("cuda"):
+                torch.cuda.set_per_process_memory_fraction(min(1.0, card / total), device)
+                torch.cuda.reset_peak_memory_stats()
+            seconds = []
+            for step in range(1 + (2 if tiny else 3)):
+                wait_for(device)
+                t0 = time.perf_counter()
+                train.train_step(run, step)
+                wait_for(device)
+                seconds.append(time.perf_counter() - t0)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+            record("plan_on_card", card_gib=card, capped=card < total, plan=plan.line(), estimate_gib=plan.gib,
+                   peak_gib=peak, step_seconds=sum(seconds[1:]) / len(seconds[1:]), warm_up_seconds=seconds[0])
+            if card == max(c for c in CARDS if c <= total):
+                slots = real = 0
+                for step in range(1, 1 + steps):
+                    for b in train.micro_batches(run, step):
+                        slots, real = slots + b.idx.numel(), real + b.idx.size(0) * (b.idx.size(1) - b.fill.size(1))
+                ratio = mtp_step_cost(run, 2 if tiny else steps, train.micro_batches, train.batch_loss)
+                record("mtp_vs_plain_warm", card_gib=card, steps=steps, ratio=ratio, floor=4 * slots / (3 * real),
+                       within_15_percent=ratio <= 1.15 * 4 * slots / (3 * real))
+        except torch.OutOfMemoryError as e:
+            record("plan_on_card", card_gib=card, capped=card < total, error=f"out of memory: {e}"[:300])
+        finally:
+            run = None
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def planned_run(flags, cfg, device, out):
+    """train.py's Run under the plan for these flags, on a random model of this shape and random token rows."""
+    from lora import add_lora
+    from support.plan import apply_plan, plan_run
+    args = train.get_args(flags)
+    args.device = device  # --gpu-memory plans for a card; --tiny runs the plan on the CPU
+    plan = plan_run(args, ModelConfig(**cfg))
+    apply_plan(plan, args, out)
+    student = random_model(cfg, device, torch.bfloat16).train()
+    if args.lora:
+        teacher = add_lora(student, args.lora, args.lora_alpha, layers=args.lora_layers or None)
+    else:
+        teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    student.checkpointing = args.checkpoint_activations == "on"
+    g = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(0, cfg["mask_id"], (args.seq_len,), generator=g).tolist(), 16) for _ in range(256)]
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    run = train.Run(args, student, student, teacher, make_optimizer(student, args), SimpleNamespace(eos_id=0), examples,
+                    [], out, log=log, hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
+    return run, plan
+
+
 @torch.no_grad()
 def decode_cost(record, model, device, tiny):
     """A decode pass of 1..64 rows over contexts of 512 and 4096 (ms), and k=1 tokens/s against the
@@ -503,7 +576,7 @@ def tiny_checkpoint(tokenizer: str | None = None) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["correctness", "rest", "all"], default="all")
+    p.add_argument("--part", choices=["correctness", "rest", "plans", "all"], default="all")
     p.add_argument("--out", required=True, help="folder for results.jsonl, train.log and the adapter")
     p.add_argument("--gguf", help="the real SmolLM2-135M-Instruct GGUF (the rest part)")
     p.add_argument("--minutes", type=float, default=3.0, help="train.py's --max-minutes in the rest part")
@@ -524,6 +597,8 @@ def main(argv=None):
         correctness(record, device, args.tiny)
     if args.part in ("rest", "all"):
         rest(record, out, device, args.tiny, args.gguf, args.minutes, args.tokenizer)
+    if args.part in ("plans", "all"):
+        plans_on_this_card(record, device, args.tiny, Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_check_plans")
     record("done", seconds=time.time() - t0)
 
 

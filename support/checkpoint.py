@@ -73,7 +73,7 @@ class Diverged(ValueError):
 # on a fixed probe batch may not jump far above that of the last good checkpoint. Loss spikes are what
 # large runs watch for (PaLM, Chowdhery et al. 2022, section 5.1, restarts from a checkpoint before
 # one). The bound allows 1.5x plus 0.1 nats: on a fixed batch a healthy run's probe loss falls or
-# drifts by a few percent between checkpoints (docs/RESULTS.md, "Loss spikes"), while one diverging
+# drifts by a few percent between checkpoints (docs/LOG.md, "Loss spikes"), while one diverging
 # step multiplies it.
 SPIKE_FACTOR, SPIKE_MARGIN = 1.5, 0.1
 

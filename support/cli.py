@@ -143,6 +143,7 @@ def decode_args(argv, description: str):
     p.add_argument("--eager", action="store_true", help="on a GPU, run the passes as on a CPU: one kernel at a "
                    "time, of the shapes they have (default: fixed shapes, captured; support/static_passes.py)")
     add_sampling_args(p)
+    add_cpu_kernels_arg(p)
     a = p.parse_args(argv)
     if a.show_chunks and a.json:
         p.error("--show-chunks colours the streamed text: not with --json")
@@ -168,6 +169,12 @@ def decode_args(argv, description: str):
     check_decoding_args(a, p)
     check_sampling_args(a, p)
     return a, p
+
+
+def add_cpu_kernels_arg(p):
+    p.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false", help="on a CPU, keep every layer "
+                   "the plain one model.py and lora.py define (default: the few-row kernels measured fastest here, "
+                   "support/cpu_kernels.py; the same tokens)")
 
 
 def check_decoding_args(a, p):

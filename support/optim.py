@@ -126,7 +126,7 @@ def _malloc_trim():
 def return_freed_memory():
     """Hand the C heap's free pages back to the system (glibc's malloc_trim). A CPU step frees tensors of
     many sizes and glibc keeps their pages for later use: without this, the CPU hour's process held about
-    twice the memory it used by its second pass over the data (docs/RESULTS.md)."""
+    twice the memory it used by its second pass over the data (docs/LOG.md)."""
     if trim := _malloc_trim():
         trim(0)
 

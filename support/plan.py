@@ -29,7 +29,7 @@ FROZEN_GIB = 8  # at most this much memory for the frozen rows kept between pass
 # a CPU run's process beyond what memory_estimate counts: torch, the tokenizer, the data, the weights' loading
 # (a process that loads SmolLM2 peaks at 1.3 GiB resident, 0.5 of it the float32 weights)
 PROCESS_GIB = 1.0
-LORA_LR = 1e-3  # the CPU hour's gated-LoRA learning rate, chosen on SmolLM2 (docs/RESULTS.md)
+LORA_LR = 1e-3  # the CPU hour's gated-LoRA learning rate, chosen on SmolLM2 (docs/LOG.md)
 # seconds per step measured for Qwen3-4B's shape under the paper's recipe on one H200 (docs/GPU.md)
 STEP_SECONDS = {("qwen3-4b", "full", False): 2.7, ("qwen3-4b", "full", True): 3.98}
 
@@ -134,7 +134,8 @@ def finish_plan(args, cfg, lora, layers, ckpt, batch, accum, gib, free, where) -
     blocks = f"the top {layers}" if layers and layers < cfg.n_layers else f"all {cfg.n_layers}"
     method = f"gated LoRA rank {lora} in {blocks} blocks" if lora else "full fine-tune"
     preset = next((name for name, repo in PRESETS.items() if args.init in (name, repo)), args.init)
-    step = STEP_SECONDS.get((preset, "lora" if lora else "full", ckpt)) if batch == args.batch_size else None
+    recipe_batch = batch == args.batch_size and not {"batch_size", "grad_accum", "seq_len"} & set(args.given)
+    step = STEP_SECONDS.get((preset, "lora" if lora else "full", ckpt)) if recipe_batch else None  # measured so only
     steps = int(args.max_minutes * 60 / step) if step and args.max_minutes else None
     frozen = min(FROZEN_GIB, FITS * free - gib) if lora and args.cache_frozen == "on" else 0.0
     return Plan(method, lora, layers, ckpt, batch, accum, gib, free, where, state_bytes / 2**30, step, steps,

@@ -19,7 +19,7 @@ from lora import add_lora, adapter_state, is_adapter_param
 from model import ModelConfig, Transformer, rope_frequencies
 from support.files import (CACHE_DIR, check_checksums, cleanup_on_failure, file_from_pypi_wheel, recover_dir,
                            swap_in_dir, write_checksums)
-from support.cpu_kernels import fast_dtype, use_decode_kernels
+from support.cpu_kernels import fast_dtype, packed_summary, use_decode_kernels
 from support.tokenizer import Tokenizer
 
 PRESETS = {  # short name -> hub repo id
@@ -524,15 +524,25 @@ def default_init() -> str:
     return init
 
 
-def load(init: str | None, device: str, dtype: str | None, kernels: bool = True):
-    """Load a model for decoding (init None: default_init()), with the CPU's fastest few-row kernels
-    for the passes its block can feed (kernels=False: use_decode_kernels(model) later)."""
+def load(init: str | None, device: str, dtype: str | None, cpu_kernels: bool = True):
+    """Load a model for decoding (init None: default_init()). On a CPU its linear layers get the fastest
+    few-row kernels measured here for the passes its block can feed (support/cpu_kernels.py), unless
+    cpu_kernels is False (--no-cpu-kernels): then every layer is the plain one the lesson files define."""
     init = init or default_init()
     model = load_model(init, device=device, dtype=getattr(torch, dtype) if dtype else None)
     weights = model.embed_tokens.weight.dtype
     if dtype is None and fast_dtype(device, weights) != weights:  # a bf16 checkpoint on an AVX2-only CPU
         print(f"{weights} is slow on this CPU (no bf16 hardware): decoding in float32", file=sys.stderr)
         model.float()
-    if kernels:
+    return use_cpu_kernels(model, cpu_kernels), model.tokenizer
+
+
+def use_cpu_kernels(model, on: bool = True, say: bool = False):
+    """On a CPU, the few-row kernels measured fastest here for the passes the model's block can feed
+    (support/cpu_kernels.py); say: a line on the packed weights they keep, if any. on=False
+    (--no-cpu-kernels): nothing, every layer stays the plain one model.py and lora.py define."""
+    if on:
         use_decode_kernels(model)
-    return model, model.tokenizer
+        if say and (summary := packed_summary(model)):
+            print(summary, file=sys.stderr)
+    return model

@@ -406,6 +406,15 @@ def test_cli_verify_json_is_k1_output(script, smollm2_gguf):
     assert json.loads(sized.stdout)["tokens"] == k1["tokens"]
 
 
+def test_cli_without_cpu_kernels_gives_the_same_tokens(script, smollm2_gguf):
+    """--no-cpu-kernels keeps every layer the plain one model.py and lora.py define: the same tokens."""
+    common = ["--init", smollm2_gguf, "--prompt", "Name three colors.", "--max-new-tokens", "12", "--json", "--verify"]
+    fast, plain = script("decode.py", *common), script("decode.py", *common, "--no-cpu-kernels")
+    assert fast.returncode == 0 and plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout)["tokens"] == json.loads(fast.stdout)["tokens"]
+    assert "kernels:" not in plain.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "hi", "--threshold", "0"], "outside (0, 1]"),

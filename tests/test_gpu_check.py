@@ -24,7 +24,10 @@ def test_the_gpu_run_runs_tiny_on_the_cpu(tmp_path, fixtures, tiny_tokenizer):
     assert "error" not in by_name, by_name.get("error")
     assert set(by_name) >= {"logits_cpu_vs_device", "k1_equals_greedy", "verify_equals_k1", "attention_path",
                             "training", "against_original", "qwen3_4b_setup", "qwen3_4b_step", "decode_pass_ms",
-                            "k1_vs_bandwidth", "captured_pass_ms", "smollm2_vs_transformers", "done"}
+                            "k1_vs_bandwidth", "captured_pass_ms", "smollm2_vs_transformers", "plan_on_card",
+                            "mtp_vs_plain_warm", "done"}
+    assert len(by_name["plan_on_card"]) == 4 and all(x["step_seconds"] > 0 for x in by_name["plan_on_card"])
+    assert by_name["mtp_vs_plain_warm"][0]["floor"] > 1
     checks = [x for name in ("logits_cpu_vs_device", "k1_equals_greedy", "verify_equals_k1") for x in by_name[name]]
     assert all(x["ok"] in (True, None) for x in checks) and len(checks) == 12
     assert by_name["training"][0]["exit"] == 0

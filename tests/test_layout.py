@@ -79,3 +79,19 @@ def test_no_import_circles(level):
         done.add(m)
     for m in graph:
         visit(m)
+
+
+def test_the_lesson_knows_nothing_of_the_cpu_kernels():
+    """The few-row kernels sit behind one call at load time (support/weights.load, --no-cpu-kernels): of the
+    lesson, only train.py's set-up names them."""
+    for module, imports in files().items():
+        if module in LESSON or module.startswith("data"):
+            assert "support.cpu_kernels" not in imports or module == "train", f"{module} imports support.cpu_kernels"
+
+
+def test_results_fit_one_page():
+    """docs/RESULTS.md is what a user gets, on one page; the history is docs/LOG.md, each entry dated."""
+    results, log = (ROOT / "docs" / name for name in ("RESULTS.md", "LOG.md"))
+    assert len(results.read_text().splitlines()) <= 250
+    entries = [line for line in log.read_text().splitlines() if line.startswith("## ")]
+    assert entries and all(line[3:13].count("-") == 2 and " · " in line for line in entries), entries[:3]

@@ -89,7 +89,7 @@ def test_a_loss_spike_is_not_kept_as_the_last_good_checkpoint(train_tiny, tmp_pa
     run ends non-zero and says so, with the model of step 16 in place."""
     out = tmp_path / "out"
     # (full fine-tuning: gated LoRA on this random model stays near the uniform loss, with nothing to lose;
-    # docs/RESULTS.md, "Loss spikes", shows the refusal on SmolLM2 with gated LoRA)
+    # docs/LOG.md, "Loss spikes", shows the refusal on SmolLM2 with gated LoRA)
     # a random model is near the uniform loss already (ln of TINY_VOCAB rows: 8.3): first learn something
     assert train_tiny(out, steps=16, lr=3e-2, warmup=1, save_every=16).returncode == 0
     good = load_file(out / "model" / "model.safetensors")

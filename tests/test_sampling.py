@@ -1,7 +1,7 @@
 """Decoding that samples (support/sampling.py, decode.speculative_step): the acceptance step equals p in
 closed form; --verify's speculative sampling is distributed as k=1 sampling, end to end, within a bound
-derived from the number of samples, while a wrong acceptance rule is not; greedy decoding is unchanged;
-a seed gives its text again; bad settings get one line."""
+derived from the number of samples, while a wrong acceptance rule is not; temperature 0 is greedy
+decoding; a seed gives its text again; bad settings get one line."""
 import json
 import math
 
@@ -116,13 +116,11 @@ def test_speculative_step_keeps_a_chain_as_p_would():
     assert int(kept) == 2
 
 
-def test_greedy_is_unchanged_and_seeds_repeat(tiny8):
-    """No sampler is today's greedy decoding; a seed gives the same text again in every mode whose passes
-    have fixed sizes, and at temperature 1 other seeds give other texts."""
+def test_seeds_repeat(tiny8):
+    """A seed gives the same text again in every mode whose passes have fixed sizes, and at temperature 1
+    other seeds give other texts."""
     prompt = [1, 2, 3]
     for mode in (dict(k=1), dict(k=2), dict(threshold=0.3, k_max=4), dict(verify=True, k_max=4)):
-        greedy = generate(tiny8, prompt, 12, **mode).tokens
-        assert generate(tiny8, prompt, 12, sampler=None, **mode).tokens == greedy
         texts = [generate(tiny8, prompt, 12, sampler=Sampler(1.0, generator=seeded("cpu", s)), **mode).tokens
                  for s in (0, 0, 1, 2, 3)]
         assert texts[0] == texts[1] and len({tuple(t) for t in texts}) >= 3, (mode, texts)
@@ -130,9 +128,12 @@ def test_greedy_is_unchanged_and_seeds_repeat(tiny8):
 
 
 def test_cli_samples_and_refuses_bad_settings(script, smollm2_gguf):
+    """Temperature 0 is greedy decoding, as without the option, in every mode (greedy k=1 equals transformers'
+    and --verify equals k=1: tests/test_decode.py); a seed repeats its text; bad settings get one line."""
     common = ["--init", smollm2_gguf, "--prompt", "Name three colors.", "--max-new-tokens", "12", "--json"]
-    greedy = json.loads(script("decode.py", *common).stdout)["tokens"]
-    assert json.loads(script("decode.py", *common, "--temperature", "0").stdout)["tokens"] == greedy
+    for mode in ([], ["--threshold", "0.9", "--full-block"], ["--verify", "--full-block"]):
+        greedy = json.loads(script("decode.py", *common, *mode).stdout)["tokens"]
+        assert json.loads(script("decode.py", *common, *mode, "--temperature", "0").stdout)["tokens"] == greedy
     runs = [script("decode.py", *common, "--temperature", "1", "--seed", s, *mode)
             for s, mode in ((0, []), (0, []), (1, []), (0, ["--verify", "--full-block", "--top-p", "0.9"]))]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
