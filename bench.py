@@ -152,6 +152,8 @@ def main(argv=None):
     add_cpu_kernels_arg(p)
     args = p.parse_args(argv)
     check_sampling_args(args, p)
+    if args.kernels_against_plain and not args.cpu_kernels:
+        p.error("--kernels-against-plain times the kernels against --no-cpu-kernels: give only one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -169,7 +171,7 @@ def main(argv=None):
     header = {"machine": machine(), "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
               "prompts": len(prompts), "offset": args.offset, "k_max": k_max}
     if args.kernels_against_plain:
-        report = {**header, "kernels_against_plain": kernels_against_plain(init, tok, prompts, args, k_max)}
+        report = {**header, "kernels_against_plain": kernels_against_plain(init, model, tok, prompts, args, k_max)}
         print(json.dumps(report) if args.json else "\n".join(
             [f"machine: {report['machine']}", f"{args.dtype}, {report['threads']} threads, GSM8K test prompts "
              f"{args.offset}-{args.offset + len(prompts) - 1}, interleaved: tokens/s with the few-row kernels, plain"] +
@@ -305,12 +307,11 @@ def against_original_report(init, model, tok, prompts, args, k_max) -> dict:
     return report
 
 
-def kernels_against_plain(init, tok, prompts, args, k_max) -> dict:
-    """tokens/s of k=1, ConfAdapt and --verify (passes sized by their cost) with the few-row kernels and with
-    the plain layers, the same model loaded twice, each prompt decoded every way in turn."""
+def kernels_against_plain(init, model, tok, prompts, args, k_max) -> dict:
+    """tokens/s of k=1, ConfAdapt and --verify (passes sized by their cost) with the few-row kernels (model,
+    as main loaded it) and with the plain layers (init loaded again), each prompt decoded every way in turn."""
     runs, n, stop = {}, args.max_new_tokens, sorted(tok.stop_ids)
-    for way, kernels in (("kernels", True), ("plain", False)):
-        m = load(init, args.device, args.dtype, kernels)[0]
+    for way, m in (("kernels", model), ("plain", load(init, args.device, args.dtype, cpu_kernels=False)[0])):
         confadapt, verify = measure_pass_cost(m, k_max, False), measure_pass_cost(m, k_max, True, TREE)
         runs["k=1", way] = lambda p, m=m: generate(m, p, n, k=1, stop_ids=stop)
         runs[f"ConfAdapt({args.threshold})", way] = lambda p, m=m, c=confadapt: generate(

@@ -11,6 +11,8 @@ micro-batches at the same global batch, then gated LoRA with fewer trained block
 the command line (--lora, --checkpoint-activations, --batch-size) is kept, or the run is refused.
 """
 import argparse
+import bisect
+import itertools
 import os
 import shutil
 from dataclasses import dataclass
@@ -182,12 +184,10 @@ def keep_frozen_rows(frozen, model, args, n_texts: int, log):
     precision = getattr(torch, args.amp) if args.amp != "none" else None
     dtype = model.embed_tokens.weight.dtype
     limit = getattr(args, "frozen_gib", FROZEN_GIB) * 2**30
-    sizes = [frozen.text_bytes(i, model.cfg, dtype, precision) for i in range(n_texts)]
-    kept, total = 0, sum(sizes)
-    while kept < n_texts and sum(sizes[:kept + 1]) <= limit:
-        kept += 1
+    running = list(itertools.accumulate(frozen.text_bytes(i, model.cfg, dtype, precision) for i in range(n_texts)))
+    kept, total = bisect.bisect_right(running, limit), running[-1] if running else 0
     say = "all kept between passes over the data" if kept == n_texts else \
-        f"{sum(sizes[:kept]) / 2**30:.2f} GiB of them kept (about {kept} texts), the rest made every step"
+        f"{running[kept - 1] / 2**30:.2f} GiB of them kept (about {kept} texts), the rest made every step"
     log(f"frozen rows: {total / 2**30:.2f} GiB for {n_texts} texts, {say}" if kept else
         f"frozen rows: {total / 2**30:.2f} GiB for {n_texts} texts, none fit in {limit / 2**30:.1f} GiB: computed every step")
     frozen.limit_bytes = limit
