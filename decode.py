@@ -141,7 +141,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 256, k: int = 1, th
             logits = passes(inp, cache.length)[first:]
             cache.length += len(pending)  # the masks' keys and values stay in their slots, hidden from now on
         else:
-            logits = model(inp, cache=cache, slots=torch.arange(first, inp.size(1), device=device)[None])[0]
+            logits = model.output(model.hidden(inp, cache=cache)[0, first:])
             cache.truncate(cache.length - m)  # drop the mask slots' keys/values
         rows += inp.size(1) if chunks else 0
         finite = torch.isfinite(logits[:k if threshold is None else 1]).all()
@@ -299,7 +299,7 @@ def generate_verify(model, prompt: list[int], max_new_tokens: int, k_max: int, d
             logits = passes(idx, base, pos, mask)[first:]
             cache.length = base + idx.size(1)
         else:
-            logits = model(idx, pos, mask, cache=cache, slots=torch.arange(first, idx.size(1), device=device)[None])[0]
+            logits = model.output(model.hidden(idx, pos, mask, cache)[0, first:])
         finite = torch.isfinite(logits[:len(nodes) + 1]).all()
         rows += idx.size(1) if chunks else 0
         if sampler is None:

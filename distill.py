@@ -81,54 +81,42 @@ def build_batch(tokens, lengths, k, mask_id, branch_every, start=None, generator
                     valid=valid, offset=offset, fill=branch_slots.view(-1)[None].expand(B, -1), k=k)
 
 
-def mtp_loss(student, teacher, batch: MTPBatch, soft: bool = False, denom=None):
-    """Student-forced online distillation. Returns (loss, metrics). denom: how many predictions the
-    loss is averaged over (default: the valid ones here; train.py passes the global count so that
-    gradient accumulation and data parallelism average over the whole global batch)."""
+# -----------------------------------------------------------------------------
+# the objective
+
+@dataclass
+class Student:
+    """The student's forward over a batch's layout, at its P = n_branches * k predictions."""
+    logits: torch.Tensor    # (N, V) float32, with gradient, at the predictions `computed` marks, in order
+    computed: torch.Tensor  # (B, P) where it ran: the valid predictions (gated LoRA: but for the cuts, see below)
+    guess: torch.Tensor     # (B, P) its argmax at every prediction
+
+
+@dataclass
+class Teacher:
+    """The teacher's forward over the same layout, its branches holding the student's rollout."""
+    target: torch.Tensor         # (B, P) its argmax at every prediction
+    logits: torch.Tensor | None  # (N, V) at the student's computed predictions, for the soft loss
+    own_loss: torch.Tensor       # (B, P) where the student did not run: the loss there, without gradient; 0 elsewhere
+
+
+def mtp_loss(forwards, batch: MTPBatch, soft: bool = False, denom=None):
+    """Student-forced online distillation, one batch: returns (loss, metrics). forwards runs the student
+    and the frozen teacher over the batch's layout: TwoModels, as the paper does; under gated LoRA the
+    same numbers from less work (SharedGroundTruth, FrozenRowsForwards below). denom: how many
+    predictions the loss is averaged over (default: the valid ones here; train.py passes the global count
+    so that gradient accumulation and data parallelism average over the whole global batch)."""
     k, B = batch.k, batch.idx.size(0)
-    s = student(batch.idx, batch.pos, batch.mask, slots=batch.pred).float()  # (B, P, V)
-    guess = s.detach().argmax(-1)
-    # the student's own block: its guesses at offsets 1..k-1 fill the k-1 slots of its branch
-    y = guess.view(B, -1, k)[:, :, :k - 1].reshape(B, -1)
+    s = forwards.student(batch)  # 1. the student's forward, with gradient
+    y = s.guess.view(B, -1, k)[:, :, :k - 1].flatten(1)  # 2. its argmax at offsets 1..k-1 fills the k-1 slots of its branch
     with torch.no_grad():
-        t = teacher(batch.idx.scatter(1, batch.fill, y), batch.pos, batch.mask, slots=batch.pred)
-    per, agree = per_prediction(s, t, guess, soft)
-    return reduce(per, agree, batch, denom)
-
-
-def mtp_loss_gated(model, batch: MTPBatch, soft: bool = False, denom=None):
-    """mtp_loss for a gated-LoRA model (lora.add_lora), the same loss and gradients, cheaper.
-    Real tokens see the original weights, so the teacher is the model itself, and the ground truth
-    part of a row is the same in student and teacher: it runs once, without gradient, and leaves its
-    keys and values in a cache. Only the branch slots run twice over that cache: as <MTP> slots for
-    the student (with gradient), then holding the student's own tokens for the teacher. Offset 1 of
-    every branch is the logit at its cut, where student and teacher are one: its loss has no gradient."""
-    k, (B, S), n_slots = batch.k, batch.idx.shape, batch.fill.size(1)
-    L = S - n_slots  # ground-truth slots; the branch slots follow
-    cache = getattr(model, "module", model).new_cache(L, B)  # model may be the DDP wrapper
-    with torch.no_grad():
-        at_cut = model(batch.idx[:, :L], cache=cache, slots=batch.pred[:, ::k]).float()  # (B, n_branches, V)
-    branches = dict(pos=batch.pos[:, L:], mask=batch.mask[:, L:], cache=cache, keep=False)
-    s = model(batch.idx[:, L:], **branches).float()  # (B, n_slots, V): offsets 2..k of every branch
-    cut_guess, guess = at_cut.argmax(-1), s.detach().argmax(-1)
-    y = torch.cat([cut_guess[:, :, None], guess.view(B, -1, k - 1)[:, :, :k - 2]], 2).flatten(1)
-    with torch.no_grad():
-        t = model(y, **branches)
-    per_cut, agree_cut = per_prediction(at_cut, at_cut, cut_guess, soft)
-    per, agree = per_prediction(s, t, guess, soft)
-    in_order = lambda at, rest: torch.cat([at[:, :, None], rest.view(B, -1, k - 1)], 2).flatten(1)  # noqa: E731
-    return reduce(in_order(per_cut, per), in_order(agree_cut, agree), batch, denom)  # in batch.pred's order
-
-
-def per_prediction(s, t, s_argmax, soft: bool):
-    """Student logits s (float32) and teacher logits t, (B, P, V) -> the loss of every prediction and
-    whether the student's argmax is the teacher's, (B, P). The hard loss reads only t's argmax."""
-    target = t.argmax(-1)
-    if soft:
-        per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t.float(), -1), log_target=True, reduction="none").sum(-1)
+        t = forwards.teacher(batch, y, s.computed, soft)  # 3. the frozen teacher on that rollout
+    if soft:  # 4. KL(t || s), or the cross-entropy of s to t's argmax ("hard", the default)
+        per = F.kl_div(F.log_softmax(s.logits, -1), F.log_softmax(t.logits.float(), -1), log_target=True,
+                       reduction="none").sum(-1)
     else:
-        per = F.cross_entropy(s.transpose(1, 2), target, reduction="none")
-    return per, s_argmax == target
+        per = F.cross_entropy(s.logits, t.target[s.computed], reduction="none")
+    return reduce(t.own_loss.masked_scatter(s.computed, per), s.guess == t.target, batch, denom)
 
 
 def reduce(per, agree, batch: MTPBatch, denom):
@@ -144,15 +132,86 @@ def reduce(per, agree, batch: MTPBatch, denom):
     return loss, {"n": n.item(), "agree_n": per_offset_n, "agree_hit": per_offset_hit, "loss_sum": per_offset_loss}
 
 
+def at_predictions(h, slots, computed):
+    """The rows of h (B, S, dim) at the slots (B, P) of the predictions `computed` marks: (N, dim)."""
+    b, p = computed.nonzero(as_tuple=True)
+    return h[b, slots[b, p]]
+
+
+def scattered(values, where):
+    """A (B, P) tensor holding values (N,) where `where` is True, 0 elsewhere."""
+    return torch.zeros(where.shape, dtype=values.dtype, device=values.device).masked_scatter(where, values)
+
+
+class TwoModels:
+    """The paper's forwards: the student and the frozen teacher (a copy of the original), each over the
+    whole layout; the output layer runs at the valid predictions only."""
+
+    def __init__(self, student, teacher):
+        self.student_model, self.teacher_model = student, teacher
+
+    def student(self, batch: MTPBatch) -> Student:
+        h = self.student_model.hidden(batch.idx, batch.pos, batch.mask)
+        logits = self.student_model.output(at_predictions(h, batch.pred, batch.valid)).float()
+        return Student(logits, batch.valid, scattered(logits.detach().argmax(-1), batch.valid))
+
+    def teacher(self, batch: MTPBatch, y, computed, soft: bool) -> Teacher:
+        h = self.teacher_model.hidden(batch.idx.scatter(1, batch.fill, y), batch.pos, batch.mask)
+        logits = self.teacher_model.output(at_predictions(h, batch.pred, computed))
+        return Teacher(scattered(logits.argmax(-1), computed), logits if soft else None,
+                       torch.zeros(computed.shape, device=h.device))
+
+
 # -----------------------------------------------------------------------------
-# what is known before a step begins
+# gated LoRA: the same numbers from less work
 #
-# Under gated LoRA much of mtp_loss_gated's work is the same in every pass over the data: the real
-# rows see the frozen original, so their keys and values are fixed; with adapters in the top blocks
-# only and a fixed <MTP> embedding, a mask slot below the lowest adapter depends only on its prefix;
-# and along a rollout that equals the text, the teacher at slot j is the original at the real row
-# i+j, whose argmax is known. FrozenRows keeps these per training text, and mtp_loss_frozen computes
-# only the rest: the adapted blocks on the mask slots, and the teacher where the rollout left the text.
+# With gated LoRA (lora.py) real rows see the original weights, so the model is its own teacher, and
+# the ground truth part of a row is the same in student and teacher. At a cut (offset 1), a real row,
+# the student is the original: its logits there are the teacher's, without gradient, and the loss there
+# is the teacher's own (KL(t || t) = 0 for the soft loss). tests/test_lora.py and tests/test_frozen.py
+# check that both forwards below give TwoModels(model, model)'s loss and gradients.
+
+class SharedGroundTruth:
+    """The ground truth runs once, without gradient, and leaves its keys and values in a cache that both
+    passes read; only the branch slots run twice: as <MTP> slots for the student, with gradient, then
+    holding the student's rollout for the teacher."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def student(self, batch: MTPBatch) -> Student:
+        k, (B, S), model = batch.k, batch.idx.shape, self.model
+        L = S - batch.fill.size(1)  # ground-truth slots; the branch slots follow
+        self.cache = model.new_cache(L, B)
+        with torch.no_grad():
+            h = model.hidden(batch.idx[:, :L], cache=self.cache)
+            self.at_cut = model.output(h.gather(1, batch.pred[:, ::k, None].expand(-1, -1, h.size(-1)))).float()
+        self.cache.read_only = True
+        computed = batch.valid & (batch.offset > 1)
+        h = model.hidden(batch.idx[:, L:], batch.pos[:, L:], batch.mask[:, L:], self.cache)
+        logits = model.output(at_predictions(h, batch.pred - L, computed)).float()
+        guess = scattered(logits.detach().argmax(-1), computed)
+        guess[:, ::k] = self.at_cut.argmax(-1)
+        return Student(logits, computed, guess)
+
+    def teacher(self, batch: MTPBatch, y, computed, soft: bool) -> Teacher:
+        k, L = batch.k, self.cache.length
+        h = self.model.hidden(y, batch.pos[:, L:], batch.mask[:, L:], self.cache)
+        logits = self.model.output(at_predictions(h, batch.pred - L, computed))
+        target = scattered(logits.argmax(-1), computed)
+        target[:, ::k] = self.at_cut.argmax(-1)
+        own_loss = torch.zeros(computed.shape, device=h.device)
+        if not soft:
+            own_loss[:, ::k] = F.cross_entropy(self.at_cut.transpose(1, 2), target[:, ::k], reduction="none")
+        return Teacher(target, logits if soft else None, own_loss)
+
+
+# What is known before a step begins. Much of SharedGroundTruth's work is the same in every pass over
+# the data: the real rows see the frozen original, so their keys and values are fixed; with adapters in
+# the top blocks only and a fixed <MTP> embedding, a mask slot below the lowest adapter depends only on
+# its prefix; and along a rollout that equals the text, the teacher at slot j is the original at the real
+# row i+j, whose argmax is known. FrozenRows keeps these per training text, and FrozenRowsForwards
+# computes only the rest: the adapted blocks on the mask slots, and the teacher where the rollout left the text.
 
 @dataclass
 class FrozenRows:
@@ -181,7 +240,7 @@ def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: 
     L, device = len(ids), model.embed_tokens.weight.device
     cache = model.new_cache(L)
     cuts = torch.arange(first_cut, L - 1, device=device)
-    logits = model(torch.tensor([ids], device=device), cache=cache, slots=cuts[None])[0].float()
+    logits = model.output(model.hidden(torch.tensor([ids], device=device), cache=cache)[0, cuts]).float()
     argmax = torch.zeros(L, dtype=torch.long, device=device)
     cut_loss = torch.zeros(L, device=device)
     argmax[cuts] = logits.argmax(-1)
@@ -192,7 +251,8 @@ def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: 
         made = made[(made >= first_cut) & (made < L - 1)]  # a cut past this text's end is not valid in its row
         pos, mask = branch_layout(L, made, n_masks)
         idx = torch.full((1, len(made) * n_masks), model.cfg.mask_id, device=device)
-        hidden = model(idx, pos[L:], mask[L:], cache=cache, keep=False, blocks=range(first_block))
+        cache.read_only = True
+        hidden = model.run_blocks(model.embed_tokens(idx), True, pos[L:], mask[L:], cache, range(first_block))
         masks = torch.zeros(len(cuts), k_max - 1, model.cfg.dim, dtype=hidden.dtype, device=device)
         masks[made - first_cut, :n_masks] = hidden[0].view(len(made), n_masks, -1)
     kv_dtype = kv_dtype or cache.k.dtype
@@ -200,53 +260,65 @@ def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: 
                       cut_loss, masks, first_cut)
 
 
-def mtp_loss_frozen(model, batch: MTPBatch, frozen: list[FrozenRows], first_block: int, soft: bool = False,
-                    denom=None):
-    """mtp_loss_gated's loss and gradients, with what is known before the step read from `frozen`
-    (frozen_rows of each row's text): only the adapted blocks run on the mask slots, and the teacher
-    only on the slots whose rollout left the text (every slot for the soft loss, which needs the
-    teacher's whole distribution)."""
-    k, (B, S), n_slots = batch.k, batch.idx.shape, batch.fill.size(1)
-    L, m = S - n_slots, k - 1
-    cuts = batch.pred[0, ::k]  # (n_branches,) the same in every row
-    at = lambda t, i: t[i.clamp(0, len(t) - 1)]  # noqa: E731  (a cut outside a row's text is not valid there)
-    cache = model_of(model).new_cache(L, B)
-    for b, f in enumerate(frozen):
-        cache.k[:, b, :, :f.k.size(2)], cache.v[:, b, :, :f.v.size(2)] = f.k, f.v
-    cache.length = L
-    # the student: the mask slots enter the lowest adapted block as the frozen blocks below left them
-    hidden = torch.stack([at(f.masks, cuts - f.first_cut)[:, :m].flatten(0, 1) for f in frozen]) if first_block else None
-    valid = batch.valid.view(B, -1, k)[:, :, 1:].flatten(1)  # (B, n_slots): the output layer runs on these only
-    s = model(batch.idx[:, L:], batch.pos[:, L:], batch.mask[:, L:], cache=cache, keep=False, hidden=hidden,
-              blocks=range(first_block, len(model_of(model).layers)), slots=valid).float()  # (N, V)
-    guess = torch.zeros(B, n_slots, dtype=torch.long, device=s.device).masked_scatter(valid, s.detach().argmax(-1))
-    # offset 1, the logit at the cut, is the original's own: its argmax and loss are known
-    cut_guess = torch.stack([at(f.argmax, cuts) for f in frozen])  # (B, n_branches)
-    per_cut = torch.stack([at(f.cut_loss, cuts) for f in frozen]) * (not soft)  # KL(t || t) = 0
-    # the rollout: slot j holds y_j, the guess for row i+j; on the text, the teacher is the original there
-    y = torch.cat([cut_guess[:, :, None], guess.view(B, -1, m)[:, :, :m - 1]], 2)  # (B, n_branches, m)
-    rows = (cuts[:, None] + torch.arange(1, m + 1, device=cuts.device)).clamp(max=L - 1)  # i+1 .. i+m
-    on_text = (y == batch.idx[:, rows]).cumprod(2).bool()
-    known = torch.stack([at(f.argmax, rows) for f in frozen])
-    need = (torch.ones_like(on_text) if soft else ~on_text) & batch.valid.view(B, -1, k)[:, :, :1]
-    target, t = teacher_where_needed(model, cache, y, need, cuts, soft)
-    target = torch.where(need, target, known).flatten(1)
-    if soft:
-        per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t[valid].float(), -1), log_target=True, reduction="none").sum(-1)
-    else:
-        per = F.cross_entropy(s, target[valid], reduction="none")
-    per = torch.zeros(B, n_slots, dtype=per.dtype, device=per.device).masked_scatter(valid, per)
-    in_order = lambda at, rest: torch.cat([at[:, :, None], rest.view(B, -1, m)], 2).flatten(1)  # noqa: E731
-    return reduce(in_order(per_cut, per), in_order(torch.ones_like(y[:, :, 0], dtype=torch.bool), guess == target),
-                  batch, denom)
+def at(t, i):
+    """t[i], an index past t's end clamped to its last entry (a cut outside a row's text is not valid there)."""
+    return t[i.clamp(0, len(t) - 1)]
+
+
+class FrozenRowsForwards:
+    """SharedGroundTruth's numbers, with what is known before the step read from a FrozenStore: only
+    the adapted blocks run on the mask slots, and the teacher only on the slots whose rollout left the
+    text (every slot for the soft loss, which needs the teacher's whole distribution)."""
+
+    def __init__(self, model, store):
+        self.model, self.store = model, store
+
+    def student(self, batch: MTPBatch) -> Student:
+        k, (B, S), model = batch.k, batch.idx.shape, self.model
+        L, m, first_block = S - batch.fill.size(1), k - 1, self.store.first_block
+        self.cuts = cuts = batch.pred[0, ::k]  # (n_branches,) the same in every row
+        self.rows = rows = self.store.get(model, batch.texts, cuts, k)
+        self.cache = model.new_cache(L, B)
+        for b, f in enumerate(rows):
+            self.cache.k[:, b, :, :f.k.size(2)], self.cache.v[:, b, :, :f.v.size(2)] = f.k, f.v
+        self.cache.length, self.cache.read_only = L, True
+        # the mask slots enter the lowest adapted block as the frozen blocks below left them
+        x = torch.stack([at(f.masks, cuts - f.first_cut)[:, :m].flatten(0, 1) for f in rows]) if first_block else \
+            model.embed_tokens(batch.idx[:, L:])
+        h = model.run_blocks(x, True, batch.pos[:, L:], batch.mask[:, L:], self.cache, range(first_block, len(model.layers)))
+        computed = batch.valid & (batch.offset > 1)
+        logits = model.output(at_predictions(h, batch.pred - L, computed)).float()
+        guess = scattered(logits.detach().argmax(-1), computed)
+        guess[:, ::k] = torch.stack([at(f.argmax, cuts) for f in rows])  # the original's, known
+        return Student(logits, computed, guess)
+
+    def teacher(self, batch: MTPBatch, y, computed, soft: bool) -> Teacher:
+        k, B, L, cuts = batch.k, batch.idx.size(0), self.cache.length, self.cuts
+        m = k - 1
+        y = y.view(B, -1, m)
+        # slot j holds y_j, the guess for row i+j; on the text, the teacher is the original there
+        rows = (cuts[:, None] + torch.arange(1, m + 1, device=cuts.device)).clamp(max=L - 1)  # i+1 .. i+m
+        on_text = (y == batch.idx[:, rows]).cumprod(2).bool()
+        known = torch.stack([at(f.argmax, rows) for f in self.rows])
+        need = (torch.ones_like(on_text) if soft else ~on_text) & batch.valid.view(B, -1, k)[:, :, :1]
+        target, logits = teacher_where_needed(self.model, self.cache, y, need, cuts, soft)
+        target = torch.cat([torch.stack([at(f.argmax, cuts) for f in self.rows])[:, :, None],
+                            torch.where(need, target, known)], 2).flatten(1)
+        own_loss = torch.zeros(computed.shape, device=y.device)
+        if not soft:
+            own_loss[:, ::k] = torch.stack([at(f.cut_loss, cuts) for f in self.rows])
+        if soft and logits is None:  # no valid branch: nothing was needed
+            logits = torch.zeros(B, 0, self.model.cfg.vocab_size, device=y.device)
+        return Teacher(target, logits[computed.view(B, -1, k)[:, :, 1:].flatten(1)] if soft else None, own_loss)
 
 
 @torch.no_grad()
 def teacher_where_needed(model, cache, y, need, cuts, soft: bool):
     """The teacher on the slots `need` marks, (B, n_branches, m) with m = k - 1, each a suffix of its
     branch: slots d..m-1 of a branch whose rollout y follows the text for d slots see the real rows up
-    to i+d (the same tokens as y_1..y_d) and their own earlier slots. Returns the teacher's argmax per
-    slot (0 where not needed) and, for the soft loss, its logits (B, n_branches * m, V)."""
+    to i+d (the same tokens as y_1..y_d) and their own earlier slots. cache: the real rows, read-only.
+    Returns the teacher's argmax per slot (0 where not needed) and, for the soft loss, its logits
+    (B, n_branches * m, V)."""
     B, nb, m = y.shape
     L, device = cache.length, y.device
     flat = need.flatten(1)
@@ -267,17 +339,13 @@ def teacher_where_needed(model, cache, y, need, cuts, soft: bool):
     real = torch.arange(L, device=device)[None, None] <= sees[:, :, None]  # (B, T, L)
     qi = torch.arange(T, device=device)
     own = (group[:, :, None] == group[:, None, :]) & (qi[None, None] <= qi[None, :, None])
-    logits = model(tokens, pos, torch.cat([real, own], 2), cache=cache, keep=False)
-    target[b, p] = logits[b, q].argmax(-1)
+    logits = model.output(model.hidden(tokens, pos, torch.cat([real, own], 2), cache)[b, q])
+    target[b, p] = logits.argmax(-1)
     t = None
     if soft:
         t = torch.zeros(B, nb * m, logits.size(-1), dtype=logits.dtype, device=device)
-        t[b, p] = logits[b, q]
+        t[b, p] = logits
     return target.view(B, nb, m), t
-
-
-def model_of(model):
-    return getattr(model, "module", model)  # model may be a DDP wrapper
 
 
 class FrozenStore:
@@ -286,7 +354,7 @@ class FrozenStore:
     autocast attention reads keys and values in the autocast dtype (scaled_dot_product_attention is
     one of autocast's operators), so they are kept in it: the same products, half the memory.
     Texts are kept while their rows fit in limit_bytes; a text met after that has the rows of its
-    step's branches made for that step alone, about what mtp_loss_gated computes."""
+    step's branches made for that step alone, about what SharedGroundTruth computes."""
 
     def __init__(self, examples, starts: list[int], k_max: int, first_block: int):
         self.examples, self.starts, self.k_max, self.first_block = examples, starts, k_max, first_block
@@ -304,7 +372,6 @@ class FrozenStore:
         return sum(self.text_bytes(i, cfg, dtype, precision) for i in range(len(self.examples)))
 
     def get(self, model, texts: list[int], cuts: torch.Tensor, k: int) -> list[FrozenRows]:
-        model = model_of(model)
         device = model.embed_tokens.weight.device.type
         precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if precision != self.precision:
@@ -324,16 +391,12 @@ class FrozenStore:
         return rows
 
 
-def distill_loss(student, teacher, batch: MTPBatch, gated: bool, soft: bool = False, denom=None,
-                 frozen: FrozenStore | None = None):
-    """The objective of one batch: mtp_loss against the frozen teacher, or for a gated-LoRA student
-    (its own teacher) mtp_loss_gated; given a FrozenStore of the texts, mtp_loss_frozen."""
-    if gated and frozen is not None:
-        rows = frozen.get(student, batch.texts, batch.pred[0, ::batch.k], batch.k)
-        return mtp_loss_frozen(student, batch, rows, frozen.first_block, soft, denom)
-    if gated:
-        return mtp_loss_gated(student, batch, soft=soft, denom=denom)
-    return mtp_loss(student, teacher, batch, soft=soft, denom=denom)
+def forwards(student, teacher, frozen: FrozenStore | None = None):
+    """How mtp_loss runs the student and the teacher of a batch: two models; a student with gated LoRA
+    is its own teacher: the ground truth shared, or given a FrozenStore of the texts, read from it."""
+    if teacher is not student:
+        return TwoModels(student, teacher)
+    return FrozenRowsForwards(student, frozen) if frozen is not None else SharedGroundTruth(student)
 
 
 @torch.no_grad()
@@ -348,6 +411,5 @@ def teacher_nll(reference, prompt: list[int], new_tokens: list[int]) -> float:
                          f"({reference.cfg.vocab_size}); pass a --reference with the same tokenizer")
     device = reference.embed_tokens.weight.device
     idx = torch.tensor([prompt + new_tokens], device=device)
-    slots = torch.arange(len(prompt) - 1, idx.size(1) - 1, device=device)[None]  # each predicts the next
-    logits = reference(idx, slots=slots)[0].float()
+    logits = reference.output(reference.hidden(idx)[0, len(prompt) - 1:-1]).float()  # each predicts the next
     return F.cross_entropy(logits, idx[0, len(prompt):], reduction="sum").item()

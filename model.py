@@ -4,6 +4,7 @@
     logits = model(idx)                                    # plain causal forward, (B, T, V)
     cache = model.new_cache(max_len=2048)                  # decoding: static KV cache
     logits = model(chunk, cache=cache); cache.truncate(n)  # feed a chunk, drop what follows n
+    logits = model.output(model.hidden(idx)[:, -1])        # the output layer at a few rows only
 
 Parameter names and layout are those of the Hugging Face checkpoint, so a tuned model is saved back
 in the format it came in: multi-token prediction changes no part of the architecture (docs/METHOD.md,
@@ -79,25 +80,34 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class Linear(nn.Linear):
+    """A projection of a block. gate says which rows of x are <MTP> rows (None: none, True: all, or a
+    (..., 1) factor of ones on those rows): a plain projection ignores it, gated LoRA (lora.py) adds its
+    update on those rows only."""
+
+    def forward(self, x, gate=None):
+        return super().forward(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.attn_bias)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.o_proj = Linear(cfg.n_heads * hd, cfg.dim, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None):
+    def forward(self, x, gate, cos, sin, mask, kv=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd)
-        k = self.k_proj(x).view(B, T, -1, hd)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        q = self.q_proj(x, gate).view(B, T, -1, hd)
+        k = self.k_proj(x, gate).view(B, T, -1, hd)
+        v = self.v_proj(x, gate).view(B, T, -1, hd).transpose(1, 2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
@@ -107,10 +117,10 @@ class Attention(nn.Module):
             cache_k.index_copy_(2, at, k.to(cache_k.dtype))
             cache_v.index_copy_(2, at, v.to(cache_v.dtype))
             y = folded_attention(q, cache_k.to(q.dtype), cache_v.to(q.dtype), mask)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), gate)
         if kv is not None:  # static cache: attend to [0, start) and this chunk
-            cache_k, cache_v, start, keep = kv
-            if keep:  # write this chunk at [start, start + T)
+            cache_k, cache_v, start, read_only = kv
+            if not read_only:  # write this chunk at [start, start + T)
                 cache_k[:, :, start:start + T] = k
                 cache_v[:, :, start:start + T] = v
                 k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
@@ -118,7 +128,7 @@ class Attention(nn.Module):
                 k, v = torch.cat([cache_k[:, :, :start], k], 2), torch.cat([cache_v[:, :, :start], v], 2)
             k, v = k.to(q.dtype), v.to(q.dtype)  # autocast computes q in its dtype, the cache keeps the model's
         y = attention(q, k, v, mask, is_causal=mask is None and T > 1)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), gate)
 
 
 def attention(q, k, v, mask, is_causal: bool):
@@ -145,12 +155,12 @@ def folded_attention(q, k, v, mask):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, gate):
+        return self.down_proj(F.silu(self.gate_proj(x, gate)) * self.up_proj(x, gate), gate)
 
 
 class Block(nn.Module):
@@ -161,9 +171,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, gate, cos, sin, mask, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), gate, cos, sin, mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x), gate)
 
 
 class KVCache:
@@ -176,6 +186,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        self.read_only = False  # attended to, not written: training's passes over a shared prefix (distill.py)
         self.inv_freq, self._rope = inv_freq, None
 
     @property
@@ -211,61 +222,64 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.tokenizer = None  # the checkpoint's tokenizer, attached by support.weights.load_model
         self.checkpointing = False  # recompute each block in backward instead of keeping its activations
-        self.recompute_context = torch.utils.checkpoint.noop_context_fn  # what a swapped-in module restores then
+        self.lora = None  # gated LoRA's settings, once lora.add_lora has given it adapters
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         weight = self.embed_tokens.weight
         return KVCache(self.cfg, max_len, batch, weight.device, weight.dtype, self.inv_freq)
 
-    def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None, slots=None, keep=True, hidden=None,
-                blocks: range | None = None):
-        """idx: (B, T) token ids. Four ways to call it:
+    def forward(self, idx, pos=None, mask=None, cache: KVCache | None = None):
+        """idx: (B, T) token ids -> logits (B, T, vocab). Four ways to call it:
         - model(idx): plain causal forward over positions 0..T-1.
         - model(idx, pos, mask): explicit positions (B, T) or (T,) and a boolean mask (B, T, T) or
           (T, T), True = may attend. Training feeds its branch layout this way (distill.py).
         - model(idx, cache=cache): the next T tokens after cache.length; the cache advances by T.
-        - model(idx, pos, mask, cache=cache): the same with explicit positions (T,) and a boolean mask
+        - model(idx, pos, mask, cache): the same with explicit positions (T,) and a boolean mask
           (T, S) or (B, T, S) over the S = cache.length + T cached and new keys (decode.py --verify).
-        keep=False attends to the cache without adding this chunk to it (distill.mtp_loss_gated).
-        blocks: run these blocks only, from `hidden` (the input of the first, default the embedding);
-        if they stop below the top, the result is the hidden state they leave (distill.frozen_rows).
-        Returns logits (B, T, vocab), or (B, P, vocab) at the given slots (B, P) only, or (N, vocab) at
-        the N True entries of a boolean (B, T) `slots`: the output layer is the costliest part of a step,
-        and training needs it at few slots."""
-        B, T = idx.shape
+        Its two halves, hidden() and output(), serve callers that need the logits at a few rows only:
+        the output layer is the costliest part of a training step, which needs it at few rows."""
+        return self.output(self.hidden(idx, pos, mask, cache))
+
+    def hidden(self, idx, pos=None, mask=None, cache: KVCache | None = None):
+        """The last block's output (B, T, dim): forward without the output layer."""
+        x = self.embed_tokens(idx)
+        gate = self.embed_tokens.gate(idx, x.dtype) if self.lora else None  # which rows are <MTP> rows (lora.py)
+        return self.run_blocks(x, gate, pos, mask, cache)
+
+    def output(self, x):
+        """Logits (..., vocab) of last-block outputs x (..., dim)."""
+        return self.lm_head(self.norm(x))
+
+    def run_blocks(self, x, gate, pos=None, mask=None, cache: KVCache | None = None, blocks: range | None = None):
+        """Blocks `blocks` (default: all) on x (B, T, dim), the input of the first of them; gate: which
+        rows are <MTP> rows (lora.py), pos, mask and cache as forward takes them. A read-only cache
+        (cache.read_only) is attended to but not written. Returns the last block's output."""
+        B, T = x.shape[:2]
         start = cache.length if cache is not None else 0
         if cache is not None:
-            if keep and start + T > cache.max_len:
+            if not cache.read_only and start + T > cache.max_len:
                 raise ValueError(f"sequence of {start + T} tokens does not fit the KV cache of "
                                  f"{cache.max_len}; use a shorter prompt or fewer new tokens")
             if mask is not None and mask.shape[-2:] != (T, start + T):
                 raise ValueError(f"a mask over a cache of {start} and {T} new tokens must end in shape "
                                  f"({T}, {start + T}), not {tuple(mask.shape)}")
         if pos is None:
-            pos = torch.arange(start, start + T, device=idx.device)
+            pos = torch.arange(start, start + T, device=x.device)
         if mask is not None and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, T, S): the same mask for every head
         if cache is not None and mask is None and T > 1 and start > 0:  # each sees the cache and the chunk up to itself
-            mask = causal_after(T, start, idx.device)
-        x = self.embed_tokens(idx)  # also tells gated LoRA which rows are <MTP> rows (lora.py)
-        if hidden is not None:
-            x = hidden
+            mask = causal_after(T, start, x.device)
         cos, sin = (t.to(x.dtype).expand(B, T, -1)[:, None] for t in rope_cos_sin(pos, self.inv_freq))  # (B, 1, T, D)
         for i in blocks if blocks is not None else range(len(self.layers)):
             layer = self.layers[i]
-            kv = (cache.k[i], cache.v[i], start, keep) if cache is not None else None
+            kv = (cache.k[i], cache.v[i], start, cache.read_only) if cache is not None else None
             if self.checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv, use_reentrant=False,
-                                                      context_fn=self.recompute_context)
+                x = torch.utils.checkpoint.checkpoint(layer, x, gate, cos, sin, mask, kv, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv)
-        if cache is not None and keep:
+                x = layer(x, gate, cos, sin, mask, kv)
+        if cache is not None and not cache.read_only:
             cache.length += T
-        if blocks is not None and blocks.stop < len(self.layers):
-            return x
-        if slots is not None:
-            x = x[slots] if slots.dtype == torch.bool else x.gather(1, slots[..., None].expand(-1, -1, x.size(-1)))
-        return self.lm_head(self.norm(x))
+        return x
 
     def decode_pass(self, idx, pos, at, mask, cache: KVCache):
         """A decode pass whose tensors keep their shapes from pass to pass, so that one captured graph
@@ -274,10 +288,11 @@ class Transformer(nn.Module):
         slots each may see (True), over the whole cache of L slots: what is not committed is hidden by the
         mask, not cut off. RoPE is read from a table of every position. Returns logits (1, T, vocab)."""
         x = self.embed_tokens(idx)
+        gate = self.embed_tokens.gate(idx, x.dtype, decided_on_values=False) if self.lora else None
         cos, sin = (table[pos].to(x.dtype)[None, None] for table in cache.rope)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, (cache.k[i], cache.v[i], at))
-        return self.lm_head(self.norm(x))
+            x = layer(x, gate, cos, sin, mask, (cache.k[i], cache.v[i], at))
+        return self.output(x)
 
     def add_mask_token(self, n_named: int) -> int:
         """Choose the id of <MTP> (docs/METHOD.md, "Mask id"): the first embedding row the tokenizer

@@ -12,7 +12,6 @@ Output: OUT/model, a Hugging Face folder that decode.py and transformers load (w
 adapter and the name of the original). A recipe gives every setting a default; a flag overrides it.
 """
 import argparse
-import contextlib
 import copy
 import math
 import sys
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from data import check_branches, first_cuts, get_rows, gsm8k_prompt, load_rows, tokenize
 from data.own_answers import own_answer_examples
 from data.held_out import closing_table, quick_eval
-from distill import FrozenStore, build_batch, distill_loss
+from distill import FrozenStore, build_batch, forwards, mtp_loss
 from lora import add_lora
 from support.budget import Budget, resume_command, stop_line
 from support.checkpoint import Diverged, load_checkpoint, prepare_out, restore_last_good, save_checkpoint, save_final_model
@@ -35,7 +34,7 @@ from support.cpu_kernels import use_few_row_kernels
 from support.files import release_folders
 from support.optim import autocast, describe_setup, make_optimizer, plan_memory
 from support.plan import keep_frozen_rows, plan_before_download
-from support.processes import end_processes, make_logger, rank0_values, shard_or_replicate, start_processes, summed_over_processes
+from support.processes import average_gradients, end_processes, make_logger, rank0_values, shard_or_replicate, start_processes, summed_over_processes
 from support.step_timing import faster_precision
 from support.tokenizer import encode_prompt
 from support.weights import load_model, model_config
@@ -126,7 +125,6 @@ def lr_at(step, args, progress=0.0):
 class Run:
     args: argparse.Namespace
     student: torch.nn.Module          # the model being tuned (FSDP-sharded in place with --fsdp)
-    model: torch.nn.Module            # what the step calls: the student, or its DDP wrapper
     teacher: torch.nn.Module          # the frozen original
     optimizer: torch.optim.Optimizer
     tok: object
@@ -182,8 +180,8 @@ def setup(args) -> Run:
     log(f"data {args.data}: {len(examples)} examples, {sum(len(e[0]) for e in examples) / len(examples):.0f} "
         f"tokens on average (format {args.format}, at most {args.seq_len})")
 
-    model = shard_or_replicate(student, args.fsdp, world, teacher, log)  # what the step calls: the student, or its wrapper
-    run = Run(args, student, model, teacher, make_optimizer(student, args), tok, examples, eval_prompts, out, rank, world, log,
+    shard_or_replicate(student, args.fsdp, world, teacher, log)
+    run = Run(args, student, teacher, make_optimizer(student, args), tok, examples, eval_prompts, out, rank, world, log,
               budget=budget, hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
     if args.resume:
         run.step = run.last_good_step = load_checkpoint(run)  # also the precision the run started in
@@ -253,16 +251,15 @@ def probe(run) -> dict:
     training = run.student.training
     run.student.eval()
     with autocast(run.args, run.student):  # every process calls it: an FSDP-sharded student needs them all
-        loss, metrics = distill_loss(run.student, run.teacher, run.probe, bool(run.args.lora), frozen=run.frozen)
+        loss, metrics = mtp_loss(forwards(run.student, run.teacher, run.frozen), run.probe)
     run.student.train(training)
     n = metrics["agree_n"][0].clamp(min=1)
     return {"loss": loss.item(), "teacher": (metrics["loss_sum"][0] / n).item()}
 
 
 def batch_loss(run, batch, denom=None):
-    """distill's loss of one micro-batch and its metrics: with gated LoRA the model is its own teacher
-    (mtp_loss_gated), else the student against the frozen copy (mtp_loss)."""
-    return distill_loss(run.model, run.teacher, batch, bool(run.args.lora), run.args.loss == "soft", denom, run.frozen)
+    """The objective of one micro-batch (distill.mtp_loss) and its metrics."""
+    return mtp_loss(forwards(run.student, run.teacher, run.frozen), batch, run.args.loss == "soft", denom)
 
 
 def train_step(run, step):
@@ -275,19 +272,18 @@ def train_step(run, step):
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loss_sum, preds = 0.0, 0
-    for m, batch in enumerate(batches):
-        sync = m == len(batches) - 1 or not run.ddp or args.fsdp
-        with run.model.no_sync() if not sync else contextlib.nullcontext():
-            # DDP averages gradients over processes; the loss is a sum over the global batch
-            with autocast(args, run.student):
-                loss, metrics = batch_loss(run, batch, denom=denom.clamp(min=1) / run.world)
-            loss.backward()
+    for batch in batches:
+        with autocast(args, run.student):  # gradients are averaged over processes: the loss is a sum over the global batch
+            loss, metrics = batch_loss(run, batch, denom=denom.clamp(min=1) / run.world)
+        loss.backward()
         loss_sum += loss.item() / run.world
         run.hits[:batch.k] += metrics["agree_hit"].cpu()
         run.counts[:batch.k] += metrics["agree_n"].cpu()
         preds += metrics["n"]
     if run.ddp:
         loss_sum = summed_over_processes(args.device, loss_sum)
+        if not args.fsdp:  # sharded, FSDP has averaged them
+            average_gradients(run.student, run.world)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), args.clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP
     ok = denom.item() > 0 and math.isfinite(loss_sum) and math.isfinite(grad_norm)

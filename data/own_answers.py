@@ -31,8 +31,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
     cache = model.new_cache(T + max_new_tokens, batch=B)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    last = torch.full((B, 1), T - 1, device=device)
-    logits = model(idx, cache=cache, slots=last)
+    logits = model.output(model.hidden(idx, cache=cache)[:, -1:])
     out = []
     for _ in range(max_new_tokens):
         nxt = logits[:, -1].argmax(-1)

@@ -113,7 +113,8 @@ def logits_against_cpu(record, name, cfg, device):
     cached = (torch.cat(chunks, 1) - want).abs().max().item()
     tokens, lengths = idx, torch.tensor([48, 37])
     b = build_batch(tokens, lengths, 5, cfg["mask_id"], branch_every=3, generator=torch.Generator().manual_seed(5))
-    layout = dev(b.idx.to(device), b.pos.to(device), b.mask.to(device), slots=b.pred.to(device)).cpu()
+    hidden = dev.hidden(b.idx.to(device), b.pos.to(device), b.mask.to(device))
+    layout = dev.output(hidden.gather(1, b.pred.to(device)[..., None].expand(-1, -1, hidden.size(-1)))).cpu()
     worst = 0.0
     for row in range(2):
         for p0 in range(0, b.pred.size(1), 5):
@@ -215,7 +216,9 @@ def attention_paths(record, cfg, device, tiny):
             train_model = random_model(cfg, device, dtype).train()
 
             def step():
-                train_model(b.idx, b.pos, b.mask, slots=b.pred).float().logsumexp(-1).mean().backward()
+                hidden = train_model.hidden(b.idx, b.pos, b.mask)
+                logits = train_model.output(hidden.gather(1, b.pred[..., None].expand(-1, -1, hidden.size(-1))))
+                logits.float().logsumexp(-1).mean().backward()
             calls["training layout, forward + backward (4 x 235 slots)"] = step
         with torch.no_grad():
             for name, fn in calls.items():
@@ -307,7 +310,7 @@ def paper_run(cfg, device, tiny, out):
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     plan_memory(student, args, 1, log)
     tok = SimpleNamespace(eos_id=0)
-    return train.Run(args, student, student, teacher, make_optimizer(student, args), tok, examples, [], out, log=log,
+    return train.Run(args, student, teacher, make_optimizer(student, args), tok, examples, [], out, log=log,
                      hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
 
 
@@ -423,7 +426,7 @@ def planned_run(flags, cfg, device, out):
     g = torch.Generator().manual_seed(0)
     examples = [(torch.randint(0, cfg["mask_id"], (args.seq_len,), generator=g).tolist(), 16) for _ in range(256)]
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-    run = train.Run(args, student, student, teacher, make_optimizer(student, args), SimpleNamespace(eos_id=0), examples,
+    run = train.Run(args, student, teacher, make_optimizer(student, args), SimpleNamespace(eos_id=0), examples,
                     [], out, log=log, hits=torch.zeros(args.k_max), counts=torch.zeros(args.k_max))
     return run, plan
 

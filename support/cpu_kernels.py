@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import GatedLoRALinear
+from model import Linear
 from support.timing import best_seconds
 
 
@@ -118,12 +119,12 @@ class FewRowLinear(nn.Linear):
         layer.weight, layer.bias = weight, bias
         return layer
 
-    def forward(self, x):
+    def forward(self, x, gate=None):  # gate: as model.Linear, which this stands in for, it is not read
         rows = x.numel() // x.size(-1)
         run = self.plan.get(rows)
         if run is None or torch.is_grad_enabled() or not x.is_cpu or torch.is_autocast_enabled("cpu") or \
                 (self.packed_version is not None and self.weight._version != self.packed_version):
-            return super().forward(x)
+            return F.linear(x, self.weight, self.bias)
         kernel, run_rows = run
         if run_rows == rows and kernel in ("linear", "dnnl-packed"):  # these take x as it is (..., in)
             return KERNELS[kernel](self, x)
@@ -208,12 +209,11 @@ class FewRowGatedLoRA(GatedLoRALinear):
     base's products in a pass with masks. The products are FewRowLinear on the same weights, held as a
     plain attribute, not submodules, so that nothing is saved twice."""
 
-    def forward(self, x):
-        rows = self.gate.rows
-        if rows is None or rows is True:  # no <MTP> row, or training's branch passes: as lora.py computes it
-            return super().forward(x)
+    def forward(self, x, gate):
+        if gate is None or gate is True:  # no <MTP> row, or training's branch passes: as lora.py computes it
+            return super().forward(x, gate)
         down, up = self.products
-        return torch.add(self.base(x), up(down(x) * rows), alpha=self.scale)
+        return torch.add(self.base(x), up(down(x) * gate), alpha=self.scale)
 
 
 def adapter_products(layer: GatedLoRALinear, give: bool = True) -> tuple:
@@ -264,7 +264,7 @@ def use_few_row_kernels(model: nn.Module, max_rows: int = 32, pack: bool = False
         return model
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            if type(child) is nn.Linear:
+            if type(child) in (nn.Linear, Linear):
                 setattr(parent, name, FewRowLinear.on(child.weight, child.bias))
     groups = {}  # layers by weight dtype and shape: each group gets one plan
     for layer in few_row_layers(model):

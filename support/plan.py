@@ -179,7 +179,7 @@ def apply_plan(plan: Plan, args, out: Path):
 
 def keep_frozen_rows(frozen, model, args, n_texts: int, log):
     """Under gated LoRA the real rows, the mask slots below the lowest adapter and the original's argmax are
-    the same in every pass over the data (distill.py, mtp_loss_frozen): the texts whose rows fit in the
+    the same in every pass over the data (distill.py, FrozenRowsForwards): the texts whose rows fit in the
     plan's frozen_gib are kept, and the others' are made for each step alone. None where none fit."""
     precision = getattr(torch, args.amp) if args.amp != "none" else None
     dtype = model.embed_tokens.weight.dtype

@@ -84,18 +84,40 @@ def make_logger(master: bool):
 
 
 def shard_or_replicate(student, fsdp: bool, world: int, teacher=None, log=print):
-    """What a training step calls: with --fsdp the student sharded in place across processes (FSDP2), and
-    the frozen teacher (a copy under full fine-tuning) sharded alike, each process holding its share of
-    it; with several processes the student's DDP wrapper; else the student itself."""
+    """With --fsdp the student sharded in place across processes (FSDP2), and the frozen teacher (a copy
+    under full fine-tuning) sharded alike, each process holding its share of it; training calls their
+    hidden() and output() (distill.TwoModels), so FSDP gathers the weights around those as around forward.
+    With several processes unsharded, every process starts from rank 0's trained weights, and
+    average_gradients keeps them equal."""
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
         for model in (student, teacher) if teacher is not None and teacher is not student else (student,):
             whole = sum(p.numel() * p.element_size() for p in model.parameters())
             for block in model.layers:
                 fully_shard(block)
             fully_shard(model)
+            for method in ("hidden", "output"):
+                register_fsdp_forward_method(model, method)
             held = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
             log(f"{'teacher' if model is teacher else 'student'} weights sharded: {held / 2**20:.2f} MiB on this "
                 f"process of {whole / 2**20:.2f} MiB")
-        return student
-    return torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    elif world > 1:
+        with torch.no_grad():
+            for p in student.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p, 0)
+
+
+def average_gradients(model, world: int):
+    """Every process's gradients replaced by their mean over the processes (data parallelism), one
+    all-reduce per dtype, after the step's last backward."""
+    by_dtype = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))

@@ -79,11 +79,4 @@ class StaticPasses:
             sees[:T, base:base + T] = mask[:, base:]
             sees[T:, self.scratch] = True
         padded = torch.cat([idx, idx[:, :1].expand(1, R - T)], 1)
-        gate = getattr(self.model.embed_tokens, "gate", None)  # gated LoRA decides nothing on values here
-        if gate is not None:
-            gate.static = True
-        try:
-            return self.run(padded, pos, at, sees, self.cache)[0, :T]
-        finally:
-            if gate is not None:
-                gate.static = False
+        return self.run(padded, pos, at, sees, self.cache)[0, :T]

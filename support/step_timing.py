@@ -50,7 +50,7 @@ def mtp_step_cost(run, n_steps: int, micro_batches, batch_loss) -> float:
         tokens = b.idx[:, :b.idx.size(1) - b.fill.size(1)]
         for p in frozen:
             p.requires_grad_(True)
-        logits = run.model(tokens)[:, :-1].float()
+        logits = run.student(tokens)[:, :-1].float()
         F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         for p in frozen:
             p.requires_grad_(False), setattr(p, "grad", None)

@@ -61,14 +61,17 @@ class Scripted(torch.nn.Module):
     def new_cache(self, max_len, batch=1):
         return KVCache(self.cfg, max_len, batch, "cpu", torch.float32, torch.ones(4))
 
-    def forward(self, idx, pos=None, mask=None, cache=None, slots=None):
+    def output(self, x):  # hidden() gives the logits themselves
+        return x
+
+    def hidden(self, idx, pos=None, mask=None, cache=None):
         start, T = cache.length, idx.size(1)
         ids = idx[0].tolist()
         pos = list(range(start, start + T)) if pos is None else pos.tolist()
         self.calls.append((start, ids))
         cache.length += T
         out = []
-        for s in slots[0].tolist():
+        for s in range(T):
             target = pos[s] + 1  # the absolute position this slot predicts
             j = 0
             if ids[s] == MASK:  # offset from the last real token this slot sees

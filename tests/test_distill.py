@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from distill import build_batch, mtp_loss
+from distill import TwoModels, build_batch, mtp_loss
 from support.weights import load_model
 
 TOL = 1e-4
@@ -20,6 +20,12 @@ def tiny(make_tiny, tmp_path):
     return model
 
 
+def at_predictions(model, b, idx=None):
+    """model's logits (B, P, V) at every prediction slot of batch b (its tokens, or idx), from a plain forward."""
+    logits = model(b.idx if idx is None else idx, b.pos, b.mask)
+    return logits.gather(1, b.pred[..., None].expand(-1, -1, logits.size(-1)))
+
+
 def rows(B=2, L=40):
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, MASK, (B, L), generator=g)
@@ -33,7 +39,7 @@ def test_branch_logits_equal_plain_forward(tiny):
     for k in (2, 5, 16):
         b = build_batch(tokens, lengths, k, MASK, branch_every=3, generator=torch.Generator().manual_seed(k))
         with torch.no_grad():
-            logits = model(b.idx, b.pos, b.mask, slots=b.pred)
+            logits = at_predictions(model, b)
         P = b.pred.size(1)
         assert b.valid.any()
         for row in range(2):
@@ -76,25 +82,26 @@ def test_teacher_is_student_forced_and_frozen(tiny):
     b = build_batch(tokens, lengths, k, MASK, branch_every=5, generator=torch.Generator().manual_seed(0))
 
     seen = {}
-    orig_forward = teacher.forward
+    hidden = teacher.hidden
 
-    def spy(idx, *a, **kw):
+    def spy(idx, *a):
         seen["idx"] = idx.clone()
-        out = orig_forward(idx, *a, **kw)
-        seen["logits"] = out
-        return out
+        return hidden(idx, *a)
 
-    teacher.forward = spy
-    loss, metrics = mtp_loss(student, teacher, b)
-    teacher.forward = orig_forward
+    teacher.hidden = spy
+    loss, metrics = mtp_loss(TwoModels(student, teacher), b)
+    del teacher.hidden
     loss.backward()
 
     with torch.no_grad():
-        s = student(b.idx, b.pos, b.mask, slots=b.pred)
+        s = at_predictions(student, b)
+        seen["logits"] = at_predictions(teacher, b, seen["idx"])
     y = s.argmax(-1)
-    # the teacher's logit at slot j of a branch = plain forward over prefix + y'_1..y'_{j-1}
+    # the teacher's logit at slot j of a valid branch = plain forward over prefix + y'_1..y'_{j-1}
     for row in range(2):
         for p0 in range(0, b.pred.size(1), k):
+            if not b.valid[row, p0]:  # past the end of its text: no prediction of it counts
+                continue
             cut = b.pred[row, p0].item()
             rollout = y[row, p0:p0 + k - 1]
             with torch.no_grad():
@@ -114,13 +121,14 @@ def test_losses_against_their_formulas(tiny):
     tokens, lengths = rows()
     b = build_batch(tokens, lengths, 4, MASK, branch_every=4, generator=torch.Generator().manual_seed(1))
     captured = []
-    orig_forward = teacher.forward
-    teacher.forward = lambda *a, **kw: captured.append(orig_forward(*a, **kw)) or captured[-1]
-    hard, m = mtp_loss(student, teacher, b)
-    soft, _ = mtp_loss(student, teacher, b, soft=True)
+    hidden = teacher.hidden
+    teacher.hidden = lambda idx, *a: captured.append(idx) or hidden(idx, *a)
+    hard, m = mtp_loss(TwoModels(student, teacher), b)
+    soft, _ = mtp_loss(TwoModels(student, teacher), b, soft=True)
+    del teacher.hidden
     with torch.no_grad():
-        s = student(b.idx, b.pos, b.mask, slots=b.pred)
-    t = captured[0]
+        s = at_predictions(student, b)
+        t = at_predictions(teacher, b, captured[0])
     v = b.valid
     lp_s, lp_t = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     want_hard = -(lp_s.gather(-1, t.argmax(-1, keepdim=True))[..., 0] * v).sum() / v.sum()

@@ -1,10 +1,11 @@
-"""distill.mtp_loss_frozen: what is known before a step, read from FrozenRows, gives mtp_loss_gated's
-loss, metrics and gradients (in float64, where no rounding can flip an argmax), and the teacher's
-targets along any rollout, on the text or off it."""
+"""distill.FrozenRowsForwards: what is known before a step, read from FrozenRows, gives the loss, metrics
+and gradients of the plain objective (TwoModels(model, model)) and of SharedGroundTruth (in float64,
+where no rounding can flip an argmax), and the teacher's targets along any rollout, on the text or off it."""
 import pytest
 import torch
 
-from distill import build_batch, distill_loss, frozen_rows, mtp_loss_frozen, mtp_loss_gated, teacher_where_needed
+from distill import (FrozenRowsForwards, FrozenStore, SharedGroundTruth, TwoModels, build_batch, frozen_rows, mtp_loss,
+                     teacher_where_needed)
 from lora import adapter_state, add_lora
 from support.weights import load_model
 
@@ -44,20 +45,30 @@ def tiny(make_tiny, tmp_path):
     return model, texts, [len(p) - 1 for p in prompts]
 
 
+def store_of(texts, starts, first_block, kv_dtype=None, model=None):
+    """A FrozenStore of the texts (k_max 5); given kv_dtype and the model, its rows made with it beforehand."""
+    store = FrozenStore([(t, None) for t in texts], starts, 5, first_block)
+    if kv_dtype is not None:
+        store.rows = {i: frozen_rows(model, ids, s, 5, first_block, kv_dtype) for i, (ids, s) in enumerate(zip(texts, starts))}
+        store.precision = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return store
+
+
 def batch_of(texts, starts, k, seed=0):
     L = max(map(len, texts))
     tokens = torch.zeros(len(texts), L, dtype=torch.long)
     for r, ids in enumerate(texts):
         tokens[r, :len(ids)] = torch.tensor(ids)
     lengths = torch.tensor([len(t) for t in texts])
-    return build_batch(tokens, lengths, k, MASK, branch_every=1, start=torch.tensor(starts),
-                       generator=torch.Generator().manual_seed(seed))
+    b = build_batch(tokens, lengths, k, MASK, branch_every=1, start=torch.tensor(starts),
+                    generator=torch.Generator().manual_seed(seed))
+    b.texts = list(range(len(texts)))
+    return b
 
 
 @pytest.mark.parametrize("k,soft", [(2, False), (4, False), (4, True)])
-def test_frozen_rows_give_the_gated_loss_and_gradients(tiny, k, soft):
+def test_frozen_rows_give_the_plain_loss_and_gradients(tiny, k, soft):
     model, texts, starts = tiny
-    frozen = [frozen_rows(model, ids, s, 5, first_block=2) for ids, s in zip(texts, starts)]
     b = batch_of(texts, starts, k)
     assert b.valid.any()
 
@@ -66,17 +77,18 @@ def test_frozen_rows_give_the_gated_loss_and_gradients(tiny, k, soft):
         loss, metrics = fn()
         loss.backward()
         return loss.item(), metrics, {n: p.grad.clone() for n, p in adapter_state(model).items() if p.requires_grad}
-    gated = run(lambda: mtp_loss_gated(model, b, soft=soft))
-    cached = run(lambda: mtp_loss_frozen(model, b, frozen, first_block=2, soft=soft))
-    assert cached[0] == pytest.approx(gated[0], rel=1e-6)
-    for key in ("agree_n", "agree_hit"):
-        assert torch.equal(cached[1][key], gated[1][key]), key
-    torch.testing.assert_close(cached[1]["loss_sum"], gated[1]["loss_sum"], rtol=1e-6, atol=1e-6)
-    assert gated[2]
-    for name, grad in gated[2].items():
-        assert grad.abs().max() > 0, name
-        # RMSNorm normalizes in float32 (as the reference does), so shapes that differ round differently
-        torch.testing.assert_close(cached[2][name], grad, rtol=1e-6, atol=1e-6 * grad.abs().max().item())
+    plain = run(lambda: mtp_loss(TwoModels(model, model), b, soft=soft))
+    for forwards in (SharedGroundTruth(model), FrozenRowsForwards(model, store_of(texts, starts, first_block=2))):
+        got = run(lambda: mtp_loss(forwards, b, soft=soft))
+        assert got[0] == pytest.approx(plain[0], rel=1e-6)
+        for key in ("agree_n", "agree_hit"):
+            assert torch.equal(got[1][key], plain[1][key]), key
+        torch.testing.assert_close(got[1]["loss_sum"], plain[1]["loss_sum"], rtol=1e-6, atol=1e-6)
+        assert plain[2]
+        for name, grad in plain[2].items():
+            assert grad.abs().max() > 0, name
+            # RMSNorm normalizes in float32 (as the reference does), so shapes that differ round differently
+            torch.testing.assert_close(got[2][name], grad, rtol=1e-6, atol=1e-6 * grad.abs().max().item())
 
 
 def test_the_teacher_on_the_text_and_off_it(tiny):
@@ -95,8 +107,9 @@ def test_the_teacher_on_the_text_and_off_it(tiny):
     follow = torch.randint(0, m + 1, text.shape[:2], generator=g)  # slots on the text, per branch
     off = (text + 1 + torch.randint(0, MASK - 1, text.shape, generator=g)) % MASK  # never the text's token
     y = torch.where(torch.arange(m) < follow[..., None], text, off)
-    with torch.no_grad():  # the reference: the teacher on whole branches holding y (distill.mtp_loss)
-        t = model(b.idx.scatter(1, b.fill, y.flatten(1)), b.pos, b.mask, slots=b.pred)
+    with torch.no_grad():  # the reference: the teacher on whole branches holding y (distill.TwoModels)
+        t = model(b.idx.scatter(1, b.fill, y.flatten(1)), b.pos, b.mask)
+        t = t.gather(1, b.pred[..., None].expand(-1, -1, t.size(-1)))
     want = t.view(B, -1, k, t.size(-1))[:, :, 1:].argmax(-1)  # offsets 2..k, (B, n_branches, m)
     on_text = (y == text).cumprod(2).bool()
     valid = b.valid.view(B, -1, k)[:, :, :1].expand_as(on_text)
@@ -104,7 +117,7 @@ def test_the_teacher_on_the_text_and_off_it(tiny):
     cache = model.new_cache(L, B)
     for r, f in enumerate(frozen):
         cache.k[:, r, :, :f.k.size(2)], cache.v[:, r, :, :f.v.size(2)] = f.k, f.v
-    cache.length = L
+    cache.length, cache.read_only = L, True
     got, _ = teacher_where_needed(model, cache, y, ~on_text & valid, cuts, soft=False)
     known = torch.stack([f.argmax[rows.clamp(max=len(f.argmax) - 1)] for f in frozen])
     got = torch.where(on_text, known, got)
@@ -119,7 +132,6 @@ def test_frozen_weight_copies_give_autocasts_loss_and_gradients(make_tiny, tmp_p
     made again when its weight changes, and the copies can be let go."""
     from types import SimpleNamespace
 
-    from distill import FrozenStore, distill_loss
     from support.cpu_kernels import use_few_row_kernels
     from support.optim import autocast, drop_frozen_copies
     model, g = gated_tiny(make_tiny, tmp_path, torch.float32, tied, layers=2)
@@ -133,9 +145,7 @@ def test_frozen_weight_copies_give_autocasts_loss_and_gradients(make_tiny, tmp_p
         store = FrozenStore([(t, s + 1) for t, s in zip(texts, starts)], starts, 5, first_block=1)
         model.zero_grad()
         with context():
-            b = batch_of(texts, starts, 4)
-            b.texts = [0, 1]
-            loss, _ = distill_loss(model, None, b, gated=True, frozen=store)
+            loss, _ = mtp_loss(FrozenRowsForwards(model, store), batch_of(texts, starts, 4))
             inside = model.lm_head.weight.dtype, model.layers[0].mlp.up_proj.weight.dtype
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in adapter_state(model).items() if p.requires_grad}, inside
@@ -162,7 +172,6 @@ def test_keys_and_values_kept_in_the_autocast_dtype_change_nothing(make_tiny, tm
     """Under bfloat16 autocast, attention reads keys and values in bfloat16, so FrozenStore keeps them so:
     the loss and every gradient equal those from float32 keys and values bit for bit, and the store's size
     estimate (what train.py checks against its memory cap) is what the kept rows take."""
-    from distill import FrozenStore
     model, g = gated_tiny(make_tiny, tmp_path, torch.float32, tied=False, layers=2)
     texts = [torch.randint(0, MASK, (n,), generator=g).tolist() for n in (26, 20)]
     starts = [5, 3]
@@ -171,8 +180,7 @@ def test_keys_and_values_kept_in_the_autocast_dtype_change_nothing(make_tiny, tm
     def run(kv_dtype):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            frozen = [frozen_rows(model, ids, s, 5, first_block=1, kv_dtype=kv_dtype) for ids, s in zip(texts, starts)]
-            loss, _ = mtp_loss_frozen(model, b, frozen, first_block=1)
+            loss, _ = mtp_loss(FrozenRowsForwards(model, store_of(texts, starts, 1, kv_dtype, model)), b)
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in adapter_state(model).items() if p.requires_grad}
     full, half = run(torch.float32), run(torch.bfloat16)
@@ -192,16 +200,14 @@ def test_keys_and_values_kept_in_the_autocast_dtype_change_nothing(make_tiny, tm
 def test_texts_past_the_store_limit_are_made_for_their_step(tiny, soft):
     """A store that keeps only the first text (the memory left for it holds one) makes the second's rows for
     each step alone, for that step's branches: the loss, metrics and gradients are those of keeping both."""
-    from distill import FrozenStore
     model, texts, starts = tiny
     b = batch_of(texts, starts, 4, seed=1)
-    b.texts = [0, 1]
 
     def loss_and_grads(limit):
         store = FrozenStore([(t, None) for t in texts], starts, 5, first_block=2)
         store.limit_bytes = limit(store.text_bytes(0, model.cfg, torch.float64, None))
         model.zero_grad()
-        loss, metrics = distill_loss(model, None, b, gated=True, soft=soft, frozen=store)
+        loss, metrics = mtp_loss(FrozenRowsForwards(model, store), b, soft=soft)
         loss.backward()
         return store, loss.item(), metrics, {n: p.grad.clone() for n, p in adapter_state(model).items() if p.requires_grad}
     every = loss_and_grads(lambda first: float("inf"))

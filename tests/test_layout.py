@@ -95,3 +95,20 @@ def test_results_fit_one_page():
     assert len(results.read_text().splitlines()) <= 250
     entries = [line for line in log.read_text().splitlines() if line.startswith("## ")]
     assert entries and all(line[3:13].count("-") == 2 and " · " in line for line in entries), entries[:3]
+
+
+def test_a_forward_like_gpt_fasts_and_one_objective():
+    """Transformer.forward takes at most 4 arguments (idx, pos, mask, cache); distill.py holds one objective,
+    mtp_loss, which train.py's step calls (gated LoRA's savings are forwards that mtp_loss is given)."""
+    import inspect
+
+    import distill
+    from model import Transformer
+    assert list(inspect.signature(Transformer.forward).parameters) == ["self", "idx", "pos", "mask", "cache"]
+    tree = ast.parse((ROOT / "distill.py").read_text())
+    losses = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and "loss" in n.name]
+    assert losses == ["mtp_loss"] and callable(distill.mtp_loss)
+    train = ast.parse((ROOT / "train.py").read_text())
+    called = {n.func.id for n in ast.walk(train) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    imported = {a.name for n in ast.walk(train) if isinstance(n, ast.ImportFrom) and n.module == "distill" for a in n.names}
+    assert "mtp_loss" in called and not any("loss" in name for name in imported - {"mtp_loss"})

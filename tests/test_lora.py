@@ -1,6 +1,6 @@
 """Gated LoRA (train.py --lora): real tokens see the original model exactly (ours and transformers'),
 the adapter round-trips through save and load beside untouched original weights, and the shared
-ground-truth computation (distill.mtp_loss_gated) gives the loss and gradients of the plain layout."""
+ground-truth computation (distill.SharedGroundTruth) gives the loss and gradients of the plain layout."""
 import copy
 import hashlib
 import json
@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from decode import generate
-from distill import build_batch, mtp_loss, mtp_loss_gated
+from distill import SharedGroundTruth, TwoModels, build_batch, mtp_loss
 from support.cpu_kernels import use_few_row_kernels
 from lora import GatedLoRALinear, adapter_state, add_lora
 from conftest import TINY_MASK
@@ -47,7 +47,7 @@ def test_real_tokens_see_the_original_smollm2(smollm2, smollm2_hf):
     assert torch.equal(mixed[:, :len(prompt)], base)
     assert (mixed[:, len(prompt):] - mixed_base[:, len(prompt):]).abs().max() > 1e-2
     # and the slots of such a mixed pass (decoding) get what a pass of the slots alone over the cached
-    # prompt gives them (the all-<MTP> path that training's branch passes take, distill.mtp_loss_gated)
+    # prompt gives them (the all-<MTP> path that training's branch passes take, distill.SharedGroundTruth)
     cache = lora.new_cache(len(prompt) + 2)
     with torch.no_grad():
         lora(idx, cache=cache)
@@ -155,8 +155,8 @@ def test_shared_ground_truth_gives_the_plain_layout_loss_and_gradients(tiny_llam
         loss, metrics = fn()
         loss.backward()
         return loss.item(), metrics, {n: p.grad.clone() for n, p in adapter_state(model).items()}
-    plain = run(lambda: mtp_loss(model, model, b, soft=soft))
-    shared = run(lambda: mtp_loss_gated(model, b, soft=soft))
+    plain = run(lambda: mtp_loss(TwoModels(model, model), b, soft=soft))
+    shared = run(lambda: mtp_loss(SharedGroundTruth(model), b, soft=soft))
     assert shared[0] == pytest.approx(plain[0], rel=1e-5)
     assert torch.equal(shared[1]["agree_hit"], plain[1]["agree_hit"]) and shared[1]["n"] == plain[1]["n"]
     for name, grad in plain[2].items():

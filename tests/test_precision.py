@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from model import ModelConfig, Transformer
+from model import Linear, ModelConfig, Transformer
 from support.cpu_kernels import (KERNELS, FewRowLinear, cpu_bf16_is_fast, cpu_flags, dnnl_packed_works, few_row_layers,
                                  mkl_packed_works, packed_summary, use_few_row_kernels)
 from support.optim import AdamW, return_freed_memory
@@ -209,7 +209,7 @@ def test_a_model_off_the_cpu_keeps_its_layers():
         model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
                                         hidden_dim=48))
     use_few_row_kernels(model, pack=True)
-    assert not few_row_layers(model) and type(model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert not few_row_layers(model) and type(model.layers[0].mlp.up_proj) is Linear
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only")
