@@ -7,7 +7,7 @@ add_lora(model, rank) freezes every weight and swaps in two kinds of module:
 - each projection of each block becomes GatedLoRALinear: the original linear, plus a rank-r update
   (alpha / r) * B @ A that is added on the gated rows only.
 A real token's row therefore computes exactly what the original model computes: k=1 decoding is
-the original model, and the model is its own teacher (distill.mtp_loss_gated). B starts at zero.
+the original model, and the model is its own teacher (distill.SharedGroundTruth). B starts at zero.
 """
 import math
 

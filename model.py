@@ -134,22 +134,23 @@ class Attention(nn.Module):
 def attention(q, k, v, mask, is_causal: bool):
     """Scaled dot-product attention with grouped keys/values (n_kv_heads <= n_heads). On a GPU the
     fused kernels take no boolean mask together with grouped heads, and a call that has both falls
-    back to the unfused one, which computes every score in memory: there keys and values are first
-    repeated for every head, a copy that lets the memory-efficient kernel take the mask."""
+    back to the unfused one, which computes every score in memory: there the query heads are folded
+    (folded_attention), which lets the memory-efficient kernel take the mask."""
     if q.is_cuda and type(mask) is torch.Tensor and k.size(1) != q.size(1):  # a boolean mask, not a causal bias
-        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+        return folded_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
 
 
 def folded_attention(q, k, v, mask):
     """Attention of q (B, H, T, D) over the grouped keys and values (B, H_kv, S, D) under a boolean mask
-    (T, S), without repeating them for every head: the G = H / H_kv query heads that share a key head
-    are folded into the query axis, (B, H_kv, G * T, D), which any kernel takes together with a mask."""
+    (T, S) or (B, 1, T, S), without repeating them for every head: the G = H / H_kv query heads that
+    share a key head are folded into the query axis, (B, H_kv, G * T, D), which any kernel takes together
+    with a mask."""
     B, H, T, D = q.shape
     G = H // k.size(1)
-    y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), G * T, D), k, v, attn_mask=mask.repeat(G, 1))
-    return y.view(B, H, T, D)
+    folded_mask = mask.repeat(*[1] * (mask.dim() - 2), G, 1)  # (..., G * T, S): row g * T + t is t's
+    y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), G * T, D), k, v, attn_mask=folded_mask)
+    return y.reshape(B, H, T, D)
 
 
 class MLP(nn.Module):

@@ -144,6 +144,26 @@ def test_explicit_positions_and_mask(tiny):
         assert (packed[:, 12:] - model(b)).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("batched_mask", [False, True])
+def test_folded_query_heads_attend_as_grouped_heads(batched_mask):
+    """model.folded_attention (what a GPU runs under a boolean mask with grouped heads): the G query heads
+    of a key head folded into the query axis give scaled_dot_product_attention's grouped-head output and
+    gradients, under a (T, S) mask and a training layout's (B, 1, T, S) one."""
+    from model import folded_attention
+    g = torch.Generator().manual_seed(0)
+    B, H, H_kv, T, S, D = 2, 6, 2, 5, 9, 16
+    q, k, v = (torch.randn(B, h, n, D, generator=g, requires_grad=True) for h, n in ((H, T), (H_kv, S), (H_kv, S)))
+    mask = torch.rand(B if batched_mask else 1, T, S, generator=g) < 0.6
+    mask[..., 0] = True  # every query sees a key
+    mask = mask[:, None] if batched_mask else mask[0]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = folded_attention(q, k, v, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    for a, b in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_save_model_roundtrip_with_transformers(tiny, tmp_path):
     ref, path = tiny("qwen3-untied")
     model = load_model(str(path), add_mask=False)
