@@ -10,6 +10,9 @@ One step, for a batch of token rows and a block size k:
   4. loss: cross-entropy(s_j, argmax t_j) ("hard", the default) or KL(t_j || s_j) ("soft").
 This layout gives the logits of a plain causal forward over `x_1..x_i + (k-1) masks` at every
 branch (tests/test_distill.py checks exactly that), while the ground truth is read only once.
+mtp_loss is these four steps; how the student and the teacher run is the forwards it is given:
+TwoModels (two models, the paper's), or under gated LoRA the same numbers from less work
+(SharedGroundTruth, FrozenRowsForwards), at the end of the file.
 """
 from dataclasses import dataclass
 
