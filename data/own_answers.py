@@ -17,30 +17,38 @@ import torch.distributed as dist
 
 from data import gsm8k_prompt
 from support.files import write_file_atomically
+from support.static_passes import BatchedSteps, uses_static_passes
 from support.tokenizer import encode_prompt
 
 
 @torch.no_grad()
-def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids=()) -> list[list[int]]:
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), steps=None) -> list[list[int]]:
     """Plain greedy decoding of several prompts of the same length at once, each output cut after
     its first stop token. On a CPU a batch costs about what one prompt costs (the weights are read
-    once per step), which makes it cheap to collect a model's own answers as training text."""
-    device = model.embed_tokens.weight.device
+    once per step), which makes it cheap to collect a model's own answers as training text.
+    steps: a BatchedSteps (a GPU's captured passes, support/static_passes.py), else eager passes."""
+    device, n = model.embed_tokens.weight.device, len(prompts)
+    if steps is not None:
+        prompts = prompts + prompts[:1] * (steps.batch - n)  # one batch size: one graph
     idx = torch.tensor(prompts, dtype=torch.long, device=device)
     B, T = idx.shape
-    cache = model.new_cache(T + max_new_tokens, batch=B)
+    if steps is None:
+        cache = model.new_cache(T + max_new_tokens, batch=B)
+        logits = model.output(model.hidden(idx, cache=cache)[:, -1])
+        steps = lambda tokens, position: model(tokens[:, None], cache=cache)[:, -1]  # noqa: E731
+    else:
+        logits = steps.prefill(idx)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model.output(model.hidden(idx, cache=cache)[:, -1:])
+    done = torch.zeros(n, dtype=torch.bool, device=device)
     out = []
-    for _ in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1)
+    for i in range(max_new_tokens):
+        nxt = logits.argmax(-1)
         out.append(nxt)
-        done |= torch.isin(nxt, stop)
+        done |= torch.isin(nxt[:n], stop)
         if done.all():
             break
-        logits = model(nxt[:, None], cache=cache)
-    rows = torch.stack(out, 1).tolist()
+        logits = steps(nxt, T + i)
+    rows = torch.stack(out, 1)[:n].tolist()
     return [row[:next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
 
 
@@ -63,6 +71,8 @@ def write_own_answers(model, tok, rows, n, max_new, prompt_of, path, log, header
     if lines:
         log(f"self-answers: {len(lines)}/{n} kept from an interrupted run")
     t0, done = time.time(), 0
+    longest = max((len(p) for b in batches for p in b), default=0)
+    steps = BatchedSteps(model, batch, longest + max_new) if uses_static_passes(model, None) and batches else None
     for prompts in batches:
         prompts = prompts[:n - done]
         if not prompts:
@@ -75,7 +85,7 @@ def write_own_answers(model, tok, rows, n, max_new, prompt_of, path, log, header
                 f"(--max-minutes); training uses these")
             break
         new = [json.dumps({"ids": p + a, "prompt_len": len(p)})
-               for p, a in zip(prompts, generate_batch(model, prompts, max_new, tok.stop_ids))]
+               for p, a in zip(prompts, generate_batch(model, prompts, max_new, tok.stop_ids, steps))]
         append_lines(path, new)
         done += len(new)
         log(f"self-answers: {done}/{n} in {time.time() - t0:.0f} s")

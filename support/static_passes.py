@@ -41,6 +41,19 @@ def static_passes(model, need: int) -> "StaticPasses":
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # a pass runs padded to the next of these row counts
 
 
+def captured_decode_pass(model, cache, compile_options: dict | None, graphs: int):
+    """model.decode_pass over this cache, compiled with compile_options (default: on CUDA, CUDA graphs by
+    torch.compile's mode reduce-overhead; on a CPU, none: the eager pass), for up to `graphs` shapes."""
+    if compile_options is None and cache.k.is_cuda:
+        compile_options = {"mode": "reduce-overhead"}
+    if compile_options is None:
+        return model.decode_pass
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * graphs)
+    for t in (cache.k, cache.v, *cache.rope):  # written and read in place: no copies into the graph
+        torch._dynamo.mark_static_address(t)
+    return torch.compile(model.decode_pass, fullgraph=True, dynamic=False, **compile_options)
+
+
 class StaticPasses:
     """Decode passes of fixed shapes (Transformer.decode_pass), captured on CUDA. A pass of T rows runs
     padded to the next bucket of rows; its keys and values go to the cache slots after the committed
@@ -55,14 +68,7 @@ class StaticPasses:
         self.model, self.cache = model, cache
         self.slots = torch.arange(cache.max_len, device=cache.k.device)
         self.scratch = cache.max_len - 1
-        self.run = model.decode_pass
-        if compile_options is None and cache.k.is_cuda:
-            compile_options = {"mode": "reduce-overhead"}
-        if compile_options is not None:  # one graph per bucket: as many compilations as buckets
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(ROW_BUCKETS))
-            for t in (cache.k, cache.v, *cache.rope):  # written and read in place: no copies into the graph
-                torch._dynamo.mark_static_address(t)
-            self.run = torch.compile(model.decode_pass, fullgraph=True, dynamic=False, **compile_options)
+        self.run = captured_decode_pass(model, cache, compile_options, graphs=len(ROW_BUCKETS))
 
     def __call__(self, idx, base: int, pos=None, mask=None):
         """Logits (T, vocab) of idx (1, T) fed after `base` committed slots; pos (T,) and mask (T, base + T)
@@ -80,3 +86,26 @@ class StaticPasses:
             sees[T:, self.scratch] = True
         padded = torch.cat([idx, idx[:, :1].expand(1, R - T)], 1)
         return self.run(padded, pos, at, sees, self.cache)[0, :T]
+
+
+class BatchedSteps:
+    """Greedy steps of a fixed batch of rows at one position (the model's own answers, data/own_answers.py:
+    prompts of one length), each a Transformer.decode_pass of one token per row over a cache of fixed
+    size, captured on CUDA: every step of every batch replays the same graph. A batch of fewer prompts
+    runs padded with copies of its first."""
+
+    def __init__(self, model, batch: int, max_len: int, compile_options: dict | None = None):
+        self.model, self.batch = model, batch
+        self.cache = model.new_cache(max_len, batch)
+        self.slots = torch.arange(max_len, device=self.cache.k.device)
+        self.run = captured_decode_pass(model, self.cache, compile_options, graphs=1)
+
+    def prefill(self, idx):
+        """Logits (batch, vocab) after the prompts idx (batch, T), their keys and values from slot 0 on."""
+        self.cache.truncate(0)
+        return self.model.output(self.model.hidden(idx, cache=self.cache)[:, -1])
+
+    def __call__(self, tokens, position: int):
+        """Logits (batch, vocab) after tokens (batch,), fed at `position` (every slot before it committed)."""
+        at = torch.full((1,), position, device=tokens.device)
+        return self.run(tokens[:, None], at, at, self.slots[None] <= at[:, None], self.cache)[:, 0]

@@ -172,3 +172,20 @@ def test_one_bucket_compiled_with_inductor_does_not_compile_again(tiny, monkeypa
         assert margin < TIE, f"compiled and eager part at token {d} (top-2 margin {margin:.2e})"
     with torch.compiler.set_stance("fail_on_recompile"):
         assert generate(tiny, PROMPT[:5], 16, k=4, k_max=4, static=True).tokens
+
+
+@torch.no_grad()
+def test_own_answers_in_fixed_batches_are_the_eager_ones(tiny):
+    """data.own_answers.generate_batch through BatchedSteps (one token per row over a cache of fixed size,
+    the batch padded to a fixed size: what a GPU captures once for every step of every batch) gives the
+    eager batch's answers, for a full batch and a short one, eager and compiled whole (aot_eager)."""
+    from data.own_answers import generate_batch
+    from support.static_passes import BatchedSteps
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 299, (4, 6), generator=g).tolist()
+    for options in (None, {"backend": "aot_eager"}):
+        steps = BatchedSteps(tiny, 4, 64, compile_options=options)
+        for batch in (prompts, prompts[1:3]):
+            eager = generate_batch(tiny, batch, 12, stop_ids=(7,))
+            assert generate_batch(tiny, batch, 12, stop_ids=(7,), steps=steps) == eager and len(eager) == len(batch)
