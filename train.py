@@ -150,7 +150,7 @@ class Run:
         return self.rank == 0
 
     @property
-    def ddp(self):
+    def several(self):  # processes: data parallel, or sharded with --fsdp
         return self.world > 1
 
     @property
@@ -192,7 +192,7 @@ def setup(args) -> Run:
     if args.amp == "auto":  # time a real micro-batch of this job in float32 and in bfloat16; keep the faster
         batch = micro_batches(run, 0)[0]
         faster_precision(lambda: batch_loss(run, batch)[0].backward(), args, run.budget.amp_timing_seconds, log,
-                         run.ddp, run.student)
+                         run.several, run.student)
         run.optimizer.zero_grad(set_to_none=True)
     run.frozen = run.frozen and keep_frozen_rows(run.frozen, run.student, args, len(run.examples), run.log)
     run.probe = probe_batch(run)
@@ -266,7 +266,7 @@ def train_step(run, step):
     """One optimizer step: distill's loss on every micro-batch, clip, AdamW; a non-finite one is skipped."""
     args, batches = run.args, micro_batches(run, step)
     denom = torch.tensor(float(sum(b.valid.sum().item() for b in batches)), device=args.device)
-    if run.ddp:
+    if run.several:
         dist.all_reduce(denom)
     lr = lr_at(step, args, run.progress)
     for group in run.optimizer.param_groups:
@@ -280,7 +280,7 @@ def train_step(run, step):
         run.hits[:batch.k] += metrics["agree_hit"].cpu()
         run.counts[:batch.k] += metrics["agree_n"].cpu()
         preds += metrics["n"]
-    if run.ddp:
+    if run.several:
         loss_sum = summed_over_processes(args.device, loss_sum)
         if not args.fsdp:  # sharded, FSDP has averaged them
             average_gradients(run.student, run.world)
@@ -300,7 +300,7 @@ def train_loop(run):
     t_start, first_step, t_log, preds_since, bad, learned = time.time(), run.step, time.time(), 0, 0, 0
     while run.step < args.steps and not budget.signalled:
         run.progress = budget.spent(run.step, args.steps)
-        if run.ddp:  # one learning rate for every process: rank 0's clock
+        if run.several:  # one learning rate for every process: rank 0's clock
             run.progress, = rank0_values(args.device, run.progress)
         r = train_step(run, run.step)
         if not r["ok"]:
@@ -330,7 +330,7 @@ def train_loop(run):
         if run.step % args.save_every == 0:
             save_checkpoint(run, run.step, probe(run))
         out_of_time = budget.out_of_time()
-        if run.ddp:  # every process stops after the same step: rank 0's clock and signals decide
+        if run.several:  # every process stops after the same step: rank 0's clock and signals decide
             out_of_time, budget.signalled = map(bool, rank0_values(args.device, out_of_time, budget.signalled))
         if out_of_time:
             log(f"time budget: training stops at step {run.step}, {budget.minutes_in():.1f} min into the run")

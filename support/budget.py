@@ -117,7 +117,7 @@ def stop_line(run, e: RuntimeError, argv) -> str | None:
     from support.processes import is_peer_loss, lost_peer
     if isinstance(e, torch.OutOfMemoryError):  # the estimate was wrong, or another program took memory
         return out_of_memory(run, argv)
-    return lost_peer(run, e, resume_command(argv)) if run.ddp and is_peer_loss(e) else None
+    return lost_peer(run, e, resume_command(argv)) if run.several and is_peer_loss(e) else None
 
 
 def out_of_memory(run, argv) -> str:

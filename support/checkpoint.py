@@ -2,7 +2,7 @@
 and put in place as the model when a run diverges. Every function takes train.py's Run.
 
 Model and optimizer state go through torch.distributed.checkpoint's full state dicts, so that one
-file serves one process, DDP and FSDP alike.
+file serves one process, data parallel ones and FSDP alike.
 """
 import json
 import math

@@ -7,7 +7,7 @@ from support.processes import rank0_values
 from support.timing import interleaved_seconds
 
 
-def faster_precision(micro_batch, args, allowed_s: float, log, ddp: bool = False, model=None):
+def faster_precision(micro_batch, args, allowed_s: float, log, several: bool = False, model=None):
     """--amp auto on a CPU with fast bfloat16: time micro_batch() (a real one of the job: student,
     teacher, backward) in float32 and under bfloat16 autocast, after an untimed round of each, and set
     args.amp to the faster. A fast small product is not enough: autocast casts the frozen base again on
@@ -21,7 +21,7 @@ def faster_precision(micro_batch, args, allowed_s: float, log, ddp: bool = False
         return call
     seconds, cut = interleaved_seconds({"none": under("none"), "bfloat16": under("bfloat16")}, allowed_s=allowed_s)
     faster = min(seconds, key=seconds.get) if len(seconds) == 2 else "none"
-    if ddp:
+    if several:
         faster = "bfloat16" if rank0_values(args.device, faster == "bfloat16")[0] else "none"
     args.amp = faster
     if faster == "none" and model is not None:

@@ -113,9 +113,9 @@ def test_k_weights_choose_how_often_each_k_is_drawn(train_tiny, tmp_path):
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_equal_one(train_tiny, tmp_path, sharding):
-    """Same global batch (4 rows): 1 process x 2 micro-batches vs 2 processes x 1 (gloo), with
-    DistributedDataParallel or with the student (and the teacher) sharded by FSDP; sharded, the closing
-    table says what 1 process's says, but for the speeds."""
+    """Same global batch (4 rows): 1 process x 2 micro-batches vs 2 processes x 1 (gloo), with gradients
+    averaged by all-reduce (support.processes.average_gradients) or with the student (and the teacher)
+    sharded by FSDP; sharded, the closing table says what 1 process's says, but for the speeds."""
     one = train_tiny(tmp_path / "one", steps=3, grad_accum=2)
     extra = ["--fsdp"] if sharding == "fsdp" else []
     two = train_tiny(tmp_path / "two", *extra, steps=3, nproc=2)
