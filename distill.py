@@ -12,7 +12,7 @@ This layout gives the logits of a plain causal forward over `x_1..x_i + (k-1) ma
 branch (tests/test_distill.py checks exactly that), while the ground truth is read only once.
 mtp_loss is these four steps; how the student and the teacher run is the forwards it is given:
 TwoModels (two models, the paper's), or under gated LoRA the same numbers from less work
-(SharedGroundTruth, FrozenRowsForwards), at the end of the file.
+(SharedGroundTruth, FrozenRowsForwards), below it.
 """
 from dataclasses import dataclass
 
@@ -92,13 +92,13 @@ class Student:
     """The student's forward over a batch's layout, at its P = n_branches * k predictions."""
     logits: torch.Tensor    # (N, V) float32, with gradient, at the predictions `computed` marks, in order
     computed: torch.Tensor  # (B, P) where it ran: the valid predictions (gated LoRA: but for the cuts, see below)
-    guess: torch.Tensor     # (B, P) its argmax at every prediction
+    guess: torch.Tensor     # (B, P) its argmax at every prediction (0 at those that are not valid)
 
 
 @dataclass
 class Teacher:
     """The teacher's forward over the same layout, its branches holding the student's rollout."""
-    target: torch.Tensor         # (B, P) its argmax at every prediction
+    target: torch.Tensor         # (B, P) its argmax at every prediction (0 at those that are not valid)
     logits: torch.Tensor | None  # (N, V) at the student's computed predictions, for the soft loss
     own_loss: torch.Tensor       # (B, P) where the student did not run: the loss there, without gradient; 0 elsewhere
 
@@ -177,7 +177,8 @@ class TwoModels:
 class SharedGroundTruth:
     """The ground truth runs once, without gradient, and leaves its keys and values in a cache that both
     passes read; only the branch slots run twice: as <MTP> slots for the student, with gradient, then
-    holding the student's rollout for the teacher."""
+    holding the student's rollout for the teacher. One object per batch: teacher() reads what student()
+    left (the cache, the logits at the cuts)."""
 
     def __init__(self, model):
         self.model = model
@@ -255,7 +256,8 @@ def frozen_rows(model, ids: list[int], first_cut: int, k_max: int, first_block: 
         pos, mask = branch_layout(L, made, n_masks)
         idx = torch.full((1, len(made) * n_masks), model.cfg.mask_id, device=device)
         cache.read_only = True
-        hidden = model.run_blocks(model.embed_tokens(idx), True, pos[L:], mask[L:], cache, range(first_block))
+        hidden = model.run_blocks(model.embed_tokens(idx), gate=True, pos=pos[L:], mask=mask[L:], cache=cache,
+                                  blocks=range(first_block))  # gate True: every row is an <MTP> row
         masks = torch.zeros(len(cuts), k_max - 1, model.cfg.dim, dtype=hidden.dtype, device=device)
         masks[made - first_cut, :n_masks] = hidden[0].view(len(made), n_masks, -1)
     kv_dtype = kv_dtype or cache.k.dtype
@@ -271,7 +273,8 @@ def at(t, i):
 class FrozenRowsForwards:
     """SharedGroundTruth's numbers, with what is known before the step read from a FrozenStore: only
     the adapted blocks run on the mask slots, and the teacher only on the slots whose rollout left the
-    text (every slot for the soft loss, which needs the teacher's whole distribution)."""
+    text (every slot for the soft loss, which needs the teacher's whole distribution). One object per
+    batch: teacher() reads what student() left (the cache, the batch's frozen rows)."""
 
     def __init__(self, model, store):
         self.model, self.store = model, store
@@ -288,7 +291,8 @@ class FrozenRowsForwards:
         # the mask slots enter the lowest adapted block as the frozen blocks below left them
         x = torch.stack([at(f.masks, cuts - f.first_cut)[:, :m].flatten(0, 1) for f in rows]) if first_block else \
             model.embed_tokens(batch.idx[:, L:])
-        h = model.run_blocks(x, True, batch.pos[:, L:], batch.mask[:, L:], self.cache, range(first_block, len(model.layers)))
+        h = model.run_blocks(x, gate=True, pos=batch.pos[:, L:], mask=batch.mask[:, L:], cache=self.cache,
+                             blocks=range(first_block, len(model.layers)))  # gate True: every row is an <MTP> row
         computed = batch.valid & (batch.offset > 1)
         logits = model.output(at_predictions(h, batch.pred - L, computed)).float()
         guess = scattered(logits.detach().argmax(-1), computed)
@@ -310,9 +314,10 @@ class FrozenRowsForwards:
         own_loss = torch.zeros(computed.shape, device=y.device)
         if not soft:
             own_loss[:, ::k] = torch.stack([at(f.cut_loss, cuts) for f in self.rows])
-        if soft and logits is None:  # no valid branch: nothing was needed
-            logits = torch.zeros(B, 0, self.model.cfg.vocab_size, device=y.device)
-        return Teacher(target, logits[computed.view(B, -1, k)[:, :, 1:].flatten(1)] if soft else None, own_loss)
+        if soft:  # the logits at the computed predictions, in order (none when no branch is valid)
+            logits = logits[computed.view(B, -1, k)[:, :, 1:].flatten(1)] if logits is not None else \
+                torch.zeros(0, self.model.cfg.vocab_size, device=y.device)
+        return Teacher(target, logits if soft else None, own_loss)
 
 
 @torch.no_grad()
@@ -394,7 +399,7 @@ class FrozenStore:
         return rows
 
 
-def forwards(student, teacher, frozen: FrozenStore | None = None):
+def forwards_for(student, teacher, frozen: FrozenStore | None = None):
     """How mtp_loss runs the student and the teacher of a batch: two models; a student with gated LoRA
     is its own teacher: the ground truth shared, or given a FrozenStore of the texts, read from it."""
     if teacher is not student:

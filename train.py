@@ -25,7 +25,7 @@ import torch.distributed as dist
 from data import check_branches, first_cuts, get_rows, gsm8k_prompt, load_rows, tokenize
 from data.own_answers import own_answer_examples
 from data.held_out import closing_table, quick_eval
-from distill import FrozenStore, build_batch, forwards, mtp_loss
+from distill import FrozenStore, build_batch, forwards_for, mtp_loss
 from lora import add_lora
 from support.budget import Budget, resume_command, stop_line
 from support.checkpoint import Diverged, load_checkpoint, prepare_out, restore_last_good, save_checkpoint, save_final_model
@@ -251,7 +251,7 @@ def probe(run) -> dict:
     training = run.student.training
     run.student.eval()
     with autocast(run.args, run.student):  # every process calls it: an FSDP-sharded student needs them all
-        loss, metrics = mtp_loss(forwards(run.student, run.teacher, run.frozen), run.probe)
+        loss, metrics = mtp_loss(forwards_for(run.student, run.teacher, run.frozen), run.probe)
     run.student.train(training)
     n = metrics["agree_n"][0].clamp(min=1)
     return {"loss": loss.item(), "teacher": (metrics["loss_sum"][0] / n).item()}
@@ -259,7 +259,7 @@ def probe(run) -> dict:
 
 def batch_loss(run, batch, denom=None):
     """The objective of one micro-batch (distill.mtp_loss) and its metrics."""
-    return mtp_loss(forwards(run.student, run.teacher, run.frozen), batch, run.args.loss == "soft", denom)
+    return mtp_loss(forwards_for(run.student, run.teacher, run.frozen), batch, run.args.loss == "soft", denom)
 
 
 def train_step(run, step):

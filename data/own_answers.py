@@ -29,12 +29,14 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
     steps: a BatchedSteps (a GPU's captured passes, support/static_passes.py), else eager passes."""
     device, n = model.embed_tokens.weight.device, len(prompts)
     if steps is not None:
+        assert n <= steps.batch, f"{n} prompts in a batch of {steps.batch}"
         prompts = prompts + prompts[:1] * (steps.batch - n)  # one batch size: one graph
     idx = torch.tensor(prompts, dtype=torch.long, device=device)
     B, T = idx.shape
     if steps is None:
         cache = model.new_cache(T + max_new_tokens, batch=B)
         logits = model.output(model.hidden(idx, cache=cache)[:, -1])
+        # the eager step: the cache knows its position
         steps = lambda tokens, position: model(tokens[:, None], cache=cache)[:, -1]  # noqa: E731
     else:
         logits = steps.prefill(idx)

@@ -113,7 +113,7 @@ def average_gradients(model, world: int):
     all-reduce per dtype, after the step's last backward."""
     by_dtype = {}
     for p in model.parameters():
-        if p.grad is not None:
+        if p.grad is not None:  # the same on every process: every trained weight gets a gradient in every step
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         flat = torch.cat([g.flatten() for g in grads])

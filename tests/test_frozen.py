@@ -216,3 +216,16 @@ def test_texts_past_the_store_limit_are_made_for_their_step(tiny, soft):
     assert one[1] == pytest.approx(every[1], rel=1e-12) and one[2]["n"] == every[2]["n"]
     assert torch.equal(one[2]["agree_hit"], every[2]["agree_hit"])
     assert all(torch.allclose(one[3][n], every[3][n], rtol=1e-10, atol=1e-13) for n in every[3])
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_a_batch_without_a_valid_branch(tiny, soft):
+    """Every cut too close to the end of its text for k = 4 (build_batch keeps its cuts then): the frozen
+    rows' forwards give the plain objective's loss of 0, and no prediction, hard or soft."""
+    model, texts, starts = tiny
+    late = [len(t) - 3 for t in texts]
+    b = batch_of(texts, late, 4)
+    assert not b.valid.any()
+    for forwards in (TwoModels(model, model), FrozenRowsForwards(model, store_of(texts, late, first_block=2))):
+        loss, metrics = mtp_loss(forwards, b, soft=soft)
+        assert loss.item() == 0 and metrics["n"] == 0

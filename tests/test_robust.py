@@ -62,7 +62,7 @@ def test_nan_loss_stops_and_keeps_the_good_model(script, train_tiny, tmp_path):
     assert d.returncode == 0, d.stderr
 
 
-@pytest.mark.parametrize("kind,save_every", [("full", 1), ("lora", 1), ("ddp", 1), ("full", 100), ("lora", 100)])
+@pytest.mark.parametrize("kind,save_every", [("full", 1), ("lora", 1), ("data-parallel", 1), ("full", 100), ("lora", 100)])
 def test_a_diverging_run_leaves_the_last_model_that_works(train_tiny, tmp_path, kind, save_every):
     """lr 1e15 makes finite but enormous weights, whose logits are not finite: no checkpoint and no
     model is written from them. The run ends non-zero, with the last good model in place (the one
@@ -73,11 +73,11 @@ def test_a_diverging_run_leaves_the_last_model_that_works(train_tiny, tmp_path, 
     adapter = kind == "lora"
     good = load_file(out / "model" / ("adapter.safetensors" if adapter else "model.safetensors"))
     r = train_tiny(out, "--resume", steps=5, lr=1e15, warmup=1, save_every=save_every,
-                   nproc=2 if kind == "ddp" else 0, grad_accum=1, **setting)
+                   nproc=2 if kind == "data-parallel" else 0, grad_accum=1, **setting)
     assert r.returncode != 0
     assert re.search(r"non-finite logits at step [345]", r.stderr) and f"{out / 'model'} holds step 2" in r.stderr, \
         r.stderr
-    assert kind == "ddp" or "Traceback" not in r.stderr  # (torchrun adds its own report of the failed processes)
+    assert kind == "data-parallel" or "Traceback" not in r.stderr  # (torchrun adds its own report of the failed processes)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     assert same(load_file(out / "model" / ("adapter.safetensors" if adapter else "model.safetensors")), good)
     assert works(out / "model")

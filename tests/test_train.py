@@ -111,7 +111,7 @@ def test_k_weights_choose_how_often_each_k_is_drawn(train_tiny, tmp_path):
     assert any(a[2] != "-" for a in agree(uniform))
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("sharding", ["data-parallel", "fsdp"])
 def test_two_processes_equal_one(train_tiny, tmp_path, sharding):
     """Same global batch (4 rows): 1 process x 2 micro-batches vs 2 processes x 1 (gloo), with gradients
     averaged by all-reduce (support.processes.average_gradients) or with the student (and the teacher)
