@@ -174,11 +174,21 @@ class TwoModels:
 # is the teacher's own (KL(t || t) = 0 for the soft loss). tests/test_lora.py and tests/test_frozen.py
 # check that both forwards below give TwoModels(model, model)'s loss and gradients.
 
+def at_cuts_only(cut_loss, computed, k: int):
+    """Teacher.own_loss of a gated student, which is the original at the cuts (offset 1): the teacher's own
+    loss there, cut_loss (B, n_branches), and 0 elsewhere; 0 everywhere for the soft loss (cut_loss None),
+    as KL(t || t) = 0."""
+    own_loss = torch.zeros(computed.shape, device=computed.device)
+    if cut_loss is not None:
+        own_loss[:, ::k] = cut_loss
+    return own_loss
+
+
 class SharedGroundTruth:
     """The ground truth runs once, without gradient, and leaves its keys and values in a cache that both
     passes read; only the branch slots run twice: as <MTP> slots for the student, with gradient, then
     holding the student's rollout for the teacher. One object per batch: teacher() reads what student()
-    left (the cache, the logits at the cuts)."""
+    left (the cache, the logits at the cuts and their argmax)."""
 
     def __init__(self, model):
         self.model = model
@@ -194,8 +204,9 @@ class SharedGroundTruth:
         computed = batch.valid & (batch.offset > 1)
         h = model.hidden(batch.idx[:, L:], batch.pos[:, L:], batch.mask[:, L:], self.cache)
         logits = model.output(at_predictions(h, batch.pred - L, computed)).float()
+        self.cut_argmax = self.at_cut.argmax(-1)
         guess = scattered(logits.detach().argmax(-1), computed)
-        guess[:, ::k] = self.at_cut.argmax(-1)
+        guess[:, ::k] = self.cut_argmax
         return Student(logits, computed, guess)
 
     def teacher(self, batch: MTPBatch, y, computed, soft: bool) -> Teacher:
@@ -203,11 +214,9 @@ class SharedGroundTruth:
         h = self.model.hidden(y, batch.pos[:, L:], batch.mask[:, L:], self.cache)
         logits = self.model.output(at_predictions(h, batch.pred - L, computed))
         target = scattered(logits.argmax(-1), computed)
-        target[:, ::k] = self.at_cut.argmax(-1)
-        own_loss = torch.zeros(computed.shape, device=h.device)
-        if not soft:
-            own_loss[:, ::k] = F.cross_entropy(self.at_cut.transpose(1, 2), target[:, ::k], reduction="none")
-        return Teacher(target, logits if soft else None, own_loss)
+        target[:, ::k] = self.cut_argmax
+        cut_loss = None if soft else F.cross_entropy(self.at_cut.transpose(1, 2), self.cut_argmax, reduction="none")
+        return Teacher(target, logits if soft else None, at_cuts_only(cut_loss, computed, k))
 
 
 # What is known before a step begins. Much of SharedGroundTruth's work is the same in every pass over
@@ -274,7 +283,7 @@ class FrozenRowsForwards:
     """SharedGroundTruth's numbers, with what is known before the step read from a FrozenStore: only
     the adapted blocks run on the mask slots, and the teacher only on the slots whose rollout left the
     text (every slot for the soft loss, which needs the teacher's whole distribution). One object per
-    batch: teacher() reads what student() left (the cache, the batch's frozen rows)."""
+    batch: teacher() reads what student() left (the cache, the batch's frozen rows, the argmax at the cuts)."""
 
     def __init__(self, model, store):
         self.model, self.store = model, store
@@ -295,8 +304,9 @@ class FrozenRowsForwards:
                              blocks=range(first_block, len(model.layers)))  # gate True: every row is an <MTP> row
         computed = batch.valid & (batch.offset > 1)
         logits = model.output(at_predictions(h, batch.pred - L, computed)).float()
+        self.cut_argmax = torch.stack([at(f.argmax, cuts) for f in rows])  # the original's, known
         guess = scattered(logits.detach().argmax(-1), computed)
-        guess[:, ::k] = torch.stack([at(f.argmax, cuts) for f in rows])  # the original's, known
+        guess[:, ::k] = self.cut_argmax
         return Student(logits, computed, guess)
 
     def teacher(self, batch: MTPBatch, y, computed, soft: bool) -> Teacher:
@@ -309,15 +319,12 @@ class FrozenRowsForwards:
         known = torch.stack([at(f.argmax, rows) for f in self.rows])
         need = (torch.ones_like(on_text) if soft else ~on_text) & batch.valid.view(B, -1, k)[:, :, :1]
         target, logits = teacher_where_needed(self.model, self.cache, y, need, cuts, soft)
-        target = torch.cat([torch.stack([at(f.argmax, cuts) for f in self.rows])[:, :, None],
-                            torch.where(need, target, known)], 2).flatten(1)
-        own_loss = torch.zeros(computed.shape, device=y.device)
-        if not soft:
-            own_loss[:, ::k] = torch.stack([at(f.cut_loss, cuts) for f in self.rows])
+        target = torch.cat([self.cut_argmax[:, :, None], torch.where(need, target, known)], 2).flatten(1)
+        cut_loss = None if soft else torch.stack([at(f.cut_loss, cuts) for f in self.rows])
         if soft:  # the logits at the computed predictions, in order (none when no branch is valid)
             logits = logits[computed.view(B, -1, k)[:, :, 1:].flatten(1)] if logits is not None else \
                 torch.zeros(0, self.model.cfg.vocab_size, device=y.device)
-        return Teacher(target, logits if soft else None, own_loss)
+        return Teacher(target, logits if soft else None, at_cuts_only(cut_loss, computed, k))
 
 
 @torch.no_grad()
